@@ -1,0 +1,1 @@
+"""BlockMarket serving land: numpy + onnxruntime + aiomqtt + msgpack. Never imports torch."""

@@ -1,0 +1,59 @@
+"""`blockmarket` console script: one entry point, one subcommand per user (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# name -> (module providing `configure_parser(parser)` and `main(args) -> int`, one-line help).
+# Modules are imported lazily so `run` never imports torch and `--help` stays fast.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("conversion.cli", "convert .pth checkpoints to validated ONNX (+ NPU variants)"),
+    "train": ("training.cli", "evolutionary training on the market simulation; writes checkpoints"),
+    "evaluate": ("training.evaluate", "compare trained agents with random ones on a fixed-seed market"),
+    "run": ("runtime.serve", "serve all agents over MQTT (converts what is new first)"),
+    "simulate": ("runtime.simulator", "play the game server over MQTT: publish ticks, apply matrices"),
+    "demo": ("runtime.demo", "the runtime against a live market simulation (what the quick start runs)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blockmarket",
+        description="BlockMarket trading agents: convert checkpoints for the NPU, train, serve over MQTT.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or help_text).strip()
+        sub_parser = sub.add_parser(
+            name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.configure_parser(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def setup_logging(level: str = "INFO", fmt: str | None = None, log_file: str | None = None) -> None:
+    """Configure the root logger once (stderr, plus a file when configured)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=level, format=fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
