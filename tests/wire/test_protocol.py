@@ -1,0 +1,245 @@
+"""The msgpack codec: round trips, and every kind of bad input refused with the right kind."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from wire_helpers import make_tick
+
+from runtime.protocol import (
+    PROTOCOL_VERSION,
+    DropCounter,
+    Limits,
+    MatricesMessage,
+    ProtocolError,
+    Topics,
+    decode_agent_matrix,
+    decode_matrices,
+    decode_status,
+    decode_tick,
+    encode_agent_matrices,
+    encode_matrices,
+    encode_status,
+    encode_tick,
+)
+
+LIMITS = Limits(num_items=5)
+
+
+def tampered(change: Callable[[dict[str, Any]], None]) -> bytes:
+    """A valid tick, unpacked, changed by ``change``, packed again."""
+    data = msgpack.unpackb(encode_tick(make_tick()))
+    change(data)
+    return msgpack.packb(data, use_bin_type=True)
+
+
+def wire(array: np.ndarray, dtype: str = "<f4") -> dict[str, Any]:
+    return {"dtype": dtype, "shape": list(array.shape), "data": np.ascontiguousarray(array, dtype).tobytes()}
+
+
+def test_tick_round_trip_is_exact_and_copy_free() -> None:
+    tick = make_tick(count=300)
+    payload = encode_tick(tick)
+    back = decode_tick(payload, LIMITS)
+    assert back.tick == tick.tick and back.sent_at == tick.sent_at and back.agent_ids == tick.agent_ids
+    for name in ("inventory", "successful", "attempted", "market_mean"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tick, name))
+        assert getattr(back, name).dtype == np.float32
+    assert not back.inventory.flags.writeable  # a view of the payload, not a copy
+
+
+def test_tick_without_market_mean() -> None:
+    tick = make_tick()
+    payload = encode_tick(
+        type(tick)(tick.tick, tick.sent_at, tick.agent_ids, tick.inventory, tick.successful, tick.attempted)
+    )
+    assert decode_tick(payload, LIMITS).market_mean is None
+    assert msgpack.unpackb(payload)["market_mean"] is None
+
+
+def test_matrices_round_trip() -> None:
+    matrices = np.random.default_rng(1).uniform(0.1, 10, (130, 5, 5)).astype(np.float32)
+    msg = MatricesMessage(
+        tick=9,
+        sent_at=1.5,
+        served_at=2.5,
+        agent_ids=tuple(f"a{i}" for i in range(130)),
+        matrices=matrices,
+        latency_ms=3.25,
+        model_versions={"agent_gen5_rank1": "3f2a"},
+    )
+    back = decode_matrices(encode_matrices(msg), LIMITS)
+    np.testing.assert_array_equal(back.matrices, matrices)
+    assert (back.tick, back.sent_at, back.served_at, back.latency_ms) == (9, 1.5, 2.5, 3.25)
+    assert back.agent_ids == msg.agent_ids and dict(back.model_versions) == {"agent_gen5_rank1": "3f2a"}
+    per_agent = dict(encode_agent_matrices(msg))
+    assert list(per_agent) == list(msg.agent_ids)
+    one = decode_agent_matrix(per_agent["a7"], LIMITS)
+    assert one.agent_id == "a7" and one.tick == 9
+    np.testing.assert_array_equal(one.matrix, matrices[7])
+
+
+def test_status_round_trip_and_state_check() -> None:
+    status = {"state": "online", "agent_ids": ["a", "b"], "desired": ["gold", "apple"], "ticks_served": 3}
+    assert decode_status(encode_status(status), LIMITS) == status
+    with pytest.raises(ValueError, match="state"):
+        encode_status({"state": "sleeping"})
+    bad = msgpack.packb({"v": PROTOCOL_VERSION, "type": "status", "state": "sleeping"})
+    with pytest.raises(ProtocolError) as err:
+        decode_status(bad, LIMITS)
+    assert err.value.kind == "schema"
+
+
+def test_inbound_float64_and_int_arrays_become_float32() -> None:
+    def to_other_dtypes(data: dict[str, Any]) -> None:
+        data["inventory"] = wire(np.full((4, 5), 3.5), "<f8")
+        data["successful"] = wire(np.arange(4), "<i8")
+        data["attempted"] = wire(np.arange(4) + 2, "<i4")
+
+    tick = decode_tick(tampered(to_other_dtypes), LIMITS)
+    assert tick.inventory.dtype == tick.successful.dtype == tick.attempted.dtype == np.float32
+    np.testing.assert_array_equal(tick.successful, [0, 1, 2, 3])
+    assert float(tick.inventory[0, 0]) == 3.5
+
+
+def test_topics() -> None:
+    topics = Topics("game/eu")
+    assert topics.tick == "game/eu/market/tick"
+    assert topics.matrices == "game/eu/agents/matrices"
+    assert topics.status == "game/eu/runtime/status"
+    assert topics.agent_matrix("a1") == "game/eu/agents/a1/matrix"
+    for bad in ("", "game/#", "a/+/b", "trailing/"):
+        with pytest.raises(ValueError, match="prefix"):
+            Topics(bad)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda data: data.__setitem__(key, value)
+
+
+def _nan_inventory(data: dict[str, Any]) -> None:
+    values = np.ones((4, 5), np.float32)
+    values[2, 3] = np.nan
+    data["inventory"] = wire(values)
+
+
+BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
+    "garbage": ("malformed", b"\xc1\x00garbage"),
+    "empty": ("malformed", b""),
+    "truncated": ("malformed", encode_tick(make_tick())[:-7]),
+    "trailing bytes": ("malformed", encode_tick(make_tick()) + b"\x00"),
+    "just a number": ("schema", msgpack.packb(42)),
+    "not a map": ("schema", msgpack.packb([1, 2, 3])),
+    "no version": ("version", tampered(lambda d: d.pop("v"))),
+    "future version": ("version", tampered(_set("v", 2))),
+    "string version": ("version", tampered(_set("v", "1"))),
+    "wrong type": ("schema", tampered(_set("type", "matrices"))),
+    "missing key": ("schema", tampered(lambda d: d.pop("attempted"))),
+    "unknown key": ("schema", tampered(_set("market_means", None))),
+    "tick is a string": ("schema", tampered(_set("tick", "7"))),
+    "negative tick": ("schema", tampered(_set("tick", -1))),
+    "bool sent_at": ("schema", tampered(_set("sent_at", True))),
+    "agent id not a string": ("schema", tampered(_set("agent_ids", ["a", 2, "c", "d"]))),
+    "duplicate agent ids": ("schema", tampered(_set("agent_ids", ["a", "b", "a", "d"]))),
+    "empty agent id": ("schema", tampered(_set("agent_ids", ["a", "", "c", "d"]))),
+    "no agents": ("schema", tampered(_set("agent_ids", []))),
+    "array not a map": ("schema", tampered(_set("inventory", [1.0, 2.0]))),
+    "unsupported dtype": ("schema", tampered(_set("inventory", wire(np.ones((4, 5)), ">f4")))),
+    "data as text": (
+        "schema",
+        tampered(_set("successful", {"dtype": "<f4", "shape": [4], "data": "abcd" * 4})),
+    ),
+    "negative inventory": ("schema", tampered(_set("inventory", wire(-np.ones((4, 5)))))),
+    "nan inventory": ("non_finite", tampered(_nan_inventory)),
+    "inf sent_at": ("non_finite", tampered(_set("sent_at", float("inf")))),
+    "huge float64": ("non_finite", tampered(_set("attempted", wire(np.full(4, 1e300), "<f8")))),
+    "wrong item count": ("shape", tampered(_set("inventory", wire(np.ones((4, 6)))))),
+    "rows != agents": ("shape", tampered(_set("successful", wire(np.ones(3))))),
+    "extra axis": ("shape", tampered(_set("attempted", wire(np.ones((4, 1)))))),
+    "non-square market": ("shape", tampered(_set("market_mean", wire(np.ones((5, 4)))))),
+    "data length lies": (
+        "shape",
+        tampered(_set("inventory", {"dtype": "<f4", "shape": [4, 5], "data": b"\x00" * 76})),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PAYLOADS, ids=list(BAD_PAYLOADS))
+def test_bad_tick_raises_the_right_kind(case: str) -> None:
+    kind, payload = BAD_PAYLOADS[case]
+    with pytest.raises(ProtocolError) as err:
+        decode_tick(payload, LIMITS)
+    assert err.value.kind == kind, err.value
+
+
+def test_oversized_refused_before_unpacking_and_by_msgpack_limits() -> None:
+    payload = encode_tick(make_tick(count=50))
+    with pytest.raises(ProtocolError) as err:
+        decode_tick(payload, Limits(max_payload_bytes=len(payload) - 1))
+    assert err.value.kind == "oversized" and str(len(payload)) in err.value.detail
+    with pytest.raises(ProtocolError) as err:
+        decode_tick(payload, Limits(max_agents=49))
+    assert err.value.kind == "oversized" and "max_array_len" in err.value.detail
+    long_id = tampered(_set("agent_ids", ["x" * 200, "b", "c", "d"]))
+    with pytest.raises(ProtocolError) as err:
+        decode_tick(long_id, LIMITS)
+    assert err.value.kind == "oversized"
+    many_items = tampered(lambda d: d.update(inventory=wire(np.ones((4, 70))), market_mean=None))
+    with pytest.raises(ProtocolError) as err:
+        decode_tick(many_items, Limits())
+    assert err.value.kind == "shape" and "70" in err.value.detail
+    assert decode_tick(payload, Limits(max_payload_bytes=len(payload))).agent_ids[0] == "agent-0000"
+
+
+def test_any_item_count_accepted_without_a_fixed_one() -> None:
+    tick = decode_tick(encode_tick(make_tick(items=8)), Limits())
+    assert tick.inventory.shape == (4, 8) and tick.market_mean is not None
+
+
+def test_random_and_mutated_payloads_only_ever_raise_protocol_error() -> None:
+    rng = np.random.default_rng(42)
+    valid = bytearray(encode_tick(make_tick()))
+    outcomes: dict[str, int] = {}
+    for trial in range(3000):
+        if trial % 2:
+            payload = bytes(rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8))
+        else:
+            payload = bytearray(valid)
+            for pos in rng.integers(0, len(payload), int(rng.integers(1, 6))):
+                payload[pos] = int(rng.integers(0, 256))
+            payload = bytes(payload)
+        try:
+            decode_tick(payload, LIMITS)
+            outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+        except ProtocolError as err:
+            outcomes[err.kind] = outcomes.get(err.kind, 0) + 1
+    assert outcomes.get("malformed", 0) > 500  # random bytes are mostly not msgpack
+    assert len(outcomes) >= 3
+
+
+def test_protocol_error_kinds_are_closed() -> None:
+    with pytest.raises(ValueError, match="unknown protocol error kind"):
+        ProtocolError("typo", "x")
+
+
+def test_drop_counter_counts_everything_and_logs_each_kind_once_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    counter = DropCounter(logging.getLogger("test.drops"), window_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.drops"):
+        for _ in range(50):
+            counter.record_error(ProtocolError("malformed", "bad bytes"), "x/market/tick")
+        counter.record_error(ProtocolError("oversized", "too big"), "x/market/tick")
+        assert len(caplog.records) == 2
+        now[0] += 10.5
+        counter.record_error(ProtocolError("malformed", "bad bytes"), "x/market/tick")
+    assert counter.snapshot() == {"malformed": 51, "oversized": 1} and counter.total == 52
+    assert len(caplog.records) == 3
+    last = caplog.records[-1].getMessage()
+    assert "49 more since the last report" in last and "51 dropped" in last and "x/market/tick" in last
