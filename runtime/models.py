@@ -1,0 +1,143 @@
+"""The converted models a runtime can serve: `<name>.onnx` + `<name>_metadata.json` in the model directory.
+
+Read-only and torch-free: the converter writes these files, the runtime (startup and hot reload) reads
+them. A model's *version* is the start of its ONNX sha256, so a reconverted file is a new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METADATA_SUFFIX = "_metadata.json"
+MATRIX_OUTPUT = "trading_matrix"
+
+
+class ModelError(ValueError):
+    """A model file or its metadata cannot be served (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class NpuVariant:
+    """A static-batch model exported for the QNN HTP backend next to the fp32 one."""
+
+    path: Path
+    precision: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One converted checkpoint: where its ONNX file is and what it computes."""
+
+    key: str  # file stem, unique within the model directory
+    onnx_path: Path
+    metadata_path: Path
+    model_type: str
+    input_dim: int
+    output_dim: int
+    items: tuple[str, ...]
+    agent_id: str | None
+    desired_item: str | None
+    version: str
+    hidden_dim: int | None = None
+    variants: tuple[NpuVariant, ...] = ()
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def architecture(self) -> tuple[str, int, int | None, int]:
+        """Models with equal architecture can share a population pack."""
+        return (self.model_type, self.input_dim, self.hidden_dim, self.output_dim)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _field(data: dict[str, Any], section: str, key: str, path: Path) -> Any:
+    try:
+        return data[section][key]
+    except (KeyError, TypeError):
+        raise ModelError(f"{path}: metadata has no {section}.{key}; convert the checkpoint again") from None
+
+
+def read_model(metadata_path: Path) -> ModelInfo:
+    """Parse one `<name>_metadata.json` and check its ONNX file is there and produces a trading matrix."""
+    try:
+        data = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{metadata_path}: unreadable metadata ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{metadata_path}: metadata is not a JSON object")
+    key = metadata_path.name[: -len(METADATA_SUFFIX)]
+    onnx_path = metadata_path.with_name(
+        Path(str(_field(data, "model_info", "onnx_path", metadata_path))).name
+    )
+    if not onnx_path.is_file():
+        raise ModelError(f"{metadata_path}: its model file {onnx_path.name} is missing")
+    items = tuple(str(i) for i in _field(data, "model_info", "items_list", metadata_path))
+    output_dim = int(_field(data, "model_info", "output_dim", metadata_path))
+    if output_dim != len(items) ** 2:
+        raise ModelError(
+            f"{onnx_path}: output_dim {output_dim} is not a {len(items)}x{len(items)} trading matrix "
+            f"(model_type {data['model_info'].get('model_type')}); only matrix-producing models can serve"
+        )
+    agent = data.get("agent_info") or {}
+    conversion = data.get("conversion_info") or {}
+    sha = conversion.get("onnx_sha256") or _sha256(onnx_path)
+    variants = tuple(
+        NpuVariant(
+            metadata_path.with_name(Path(v["onnx_path"]).name), str(v["precision"]), int(v["batch_size"])
+        )
+        for v in (data.get("npu_optimization") or {}).get("variants", [])
+        if isinstance(v, dict) and v.get("batch_size")
+    )
+    return ModelInfo(
+        key=key,
+        onnx_path=onnx_path,
+        metadata_path=metadata_path,
+        model_type=str(_field(data, "model_info", "model_type", metadata_path)),
+        input_dim=int(_field(data, "model_info", "input_dim", metadata_path)),
+        output_dim=output_dim,
+        items=items,
+        agent_id=agent.get("agent_id"),
+        desired_item=agent.get("desired_item"),
+        version=str(sha)[:12],
+        hidden_dim=data["model_info"].get("hidden_dim"),
+        variants=variants,
+    )
+
+
+def metadata_files(model_dir: Path) -> list[Path]:
+    """The metadata files of a model directory, in a stable order (the agent assignment depends on it)."""
+    return sorted(model_dir.glob(f"*{METADATA_SUFFIX}")) if model_dir.is_dir() else []
+
+
+def discover_models(model_dir: Path, items: tuple[str, ...]) -> tuple[list[ModelInfo], list[str]]:
+    """Every servable model for this item list, plus one problem line per model skipped."""
+    models: list[ModelInfo] = []
+    problems: list[str] = []
+    for path in metadata_files(model_dir):
+        try:
+            info = read_model(path)
+        except ModelError as exc:
+            problems.append(str(exc))
+            continue
+        if info.items != items:
+            problems.append(
+                f"{info.onnx_path}: trained for items {list(info.items)}, "
+                f"the config has {list(items)}; skipped"
+            )
+            continue
+        models.append(info)
+    return models, problems

@@ -1,0 +1,277 @@
+"""The session pool: every agent's model served with one inference call per model group per tick.
+
+Agents sharing a model share one batched session. When the population needs more models than
+``runtime.max_sessions`` allows, the distinct-weight models of one architecture are served through a
+*population pack* (runtime.pack): one static-shape graph, agent row i evaluated with its own weights.
+
+What serves a tick is an immutable :class:`PoolGeneration`. Sessions are built and validated off the
+event loop; a new generation replaces the old one by a single reference assignment on the loop thread,
+so each tick runs entirely on one generation and a swap always falls between two ticks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.agents import AgentPopulation
+from runtime.config import NpuConfig
+from runtime.models import MATRIX_OUTPUT, ModelInfo
+from runtime.state import FloatArray, IntArray, realistic_states
+
+log = logging.getLogger(__name__)
+
+PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks at top-level files
+VALIDATION_SEED = 20240601
+
+# (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
+SessionFactory = Callable[[Path, bool], tuple[Any, str]]
+
+
+class PoolError(RuntimeError):
+    """The models cannot be served as configured (the message says which and why)."""
+
+
+def default_session_factory(npu: NpuConfig, intra_op_threads: int) -> SessionFactory:
+    """Sessions from runtime.providers: the QNN HTP NPU when the model can run there, else CPU."""
+    from runtime.providers import create_session
+
+    def make(path: Path, prefer_npu: bool) -> tuple[Any, str]:
+        session, placement = create_session(
+            path, npu, prefer_npu=prefer_npu, intra_op_threads=intra_op_threads
+        )
+        return session, placement.provider
+
+    return make
+
+
+@dataclass(frozen=True)
+class InferenceUnit:
+    """One live session and the population rows it answers for (a model group or a pack)."""
+
+    name: str
+    rows: IntArray  # ascending population rows, in the session's input row order
+    models: Mapping[str, ModelInfo]  # model key -> the version this unit was built from
+    session: Any
+    provider: str
+    model_path: Path
+    batch_size: int | None  # static batch of the session's input; None = dynamic
+    input_name: str = field(init=False)
+    output_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        outputs = [o.name for o in self.session.get_outputs()]
+        object.__setattr__(self, "input_name", self.session.get_inputs()[0].name)
+        object.__setattr__(self, "output_name", MATRIX_OUTPUT if MATRIX_OUTPUT in outputs else outputs[0])
+
+    def run(self, states: FloatArray) -> FloatArray:
+        """Proposed matrices [M, n^2] for the unit's M agents' states [M, D]; called off the loop thread."""
+        if self.batch_size is None or self.batch_size == len(states):
+            return np.asarray(self.session.run([self.output_name], {self.input_name: states})[0])
+        padded = np.zeros((self.batch_size, states.shape[1]), dtype=np.float32)
+        padded[: len(states)] = states
+        return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[: len(states)]
+
+
+@dataclass(frozen=True)
+class PoolGeneration:
+    """The units serving ticks right now; replaced as a whole, never mutated."""
+
+    number: int
+    units: tuple[InferenceUnit, ...]
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {key: info.version for unit in self.units for key, info in unit.models.items()}
+
+    @property
+    def providers(self) -> list[str]:
+        return sorted({unit.provider for unit in self.units})
+
+    def describe(self) -> str:
+        return ", ".join(f"{u.name} ({len(u.rows)} agents, {u.provider})" for u in self.units)
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """What one session will serve: its rows and the models behind them (one model, or a pack)."""
+
+    name: str
+    rows: IntArray
+    models: Mapping[str, ModelInfo]
+
+    @property
+    def is_pack(self) -> bool:
+        return self.name.startswith("pack:")
+
+
+def plan_units(
+    population: AgentPopulation, models: Mapping[str, ModelInfo], max_sessions: int
+) -> list[UnitPlan]:
+    """One session per model while that fits in max_sessions, else one population pack per architecture."""
+    groups = population.groups()
+    missing = sorted(set(groups) - set(models))
+    if missing:
+        raise PoolError(f"agents are assigned to unknown models: {', '.join(missing)}")
+    if len(groups) <= max_sessions:
+        return [UnitPlan(key, rows, {key: models[key]}) for key, rows in groups.items()]
+    by_arch: dict[tuple[str, int, int | None, int], list[str]] = {}
+    for key in groups:
+        by_arch.setdefault(models[key].architecture, []).append(key)
+    if len(by_arch) > max_sessions:
+        raise PoolError(
+            f"{len(groups)} models of {len(by_arch)} architectures need more than runtime.max_sessions="
+            f"{max_sessions} sessions; raise it or assign fewer distinct models"
+        )
+    plans = []
+    for (model_type, input_dim, *_), keys in by_arch.items():
+        rows = np.sort(np.concatenate([groups[k] for k in keys]))
+        plans.append(
+            UnitPlan(f"pack:{model_type}-{input_dim}x{len(rows)}", rows, {k: models[k] for k in keys})
+        )
+    return plans
+
+
+class SessionPool:
+    """Builds, validates, serves and atomically swaps the inference units of one population."""
+
+    def __init__(
+        self,
+        population: AgentPopulation,
+        models: Mapping[str, ModelInfo],
+        *,
+        factory: SessionFactory,
+        max_sessions: int,
+        model_dir: Path,
+        use_npu: bool = False,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.population = population
+        self.models = dict(models)
+        self.factory = factory
+        self.max_sessions = max_sessions
+        self.model_dir = model_dir
+        self.use_npu = use_npu
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=max_sessions, thread_name_prefix="inference"
+        )
+        self.current = PoolGeneration(0, ())
+        self.reload_failures = 0
+        self._swap_lock = asyncio.Lock()
+
+    async def start(self) -> PoolGeneration:
+        """Build and validate every unit off the loop, then start serving with them."""
+        plans = plan_units(self.population, self.models, self.max_sessions)
+        loop = asyncio.get_running_loop()
+        units = await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, plan) for plan in plans))
+        self.current = PoolGeneration(1, tuple(units))
+        log.info("session pool generation 1: %s", self.current.describe())
+        return self.current
+
+    async def infer(self, states: FloatArray) -> FloatArray:
+        """Proposals [N, n^2] for all agents: one call per unit, units concurrently, off the loop thread."""
+        units = self.current.units
+        loop = asyncio.get_running_loop()
+        if len(units) == 1 and len(units[0].rows) == len(states):
+            return await loop.run_in_executor(self.executor, units[0].run, states)
+        outputs = await asyncio.gather(
+            *(loop.run_in_executor(self.executor, unit.run, states[unit.rows]) for unit in units)
+        )
+        proposals = np.empty((len(states), outputs[0].shape[1]), dtype=np.float32)
+        for unit, out in zip(units, outputs, strict=True):
+            proposals[unit.rows] = out
+        return proposals
+
+    async def reload(self, changed: Mapping[str, ModelInfo]) -> bool:
+        """Rebuild the units using ``changed`` models off the loop; swap them in only if they validate."""
+        async with self._swap_lock:
+            old = self.current
+            affected = [u for u in old.units if set(u.models) & set(changed)]
+            if not affected:
+                return False
+            loop = asyncio.get_running_loop()
+            plans = [
+                UnitPlan(u.name, u.rows, {k: changed.get(k, info) for k, info in u.models.items()})
+                for u in affected
+            ]
+            try:
+                fresh = await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, p) for p in plans))
+            except Exception as exc:  # any failure (file, ORT, validation) keeps the old models serving
+                self.reload_failures += 1
+                log.error(
+                    "hot reload of %s failed, the previous version keeps serving: %s", ", ".join(changed), exc
+                )
+                return False
+            replaced = dict(zip((u.name for u in affected), fresh, strict=True))
+            self.current = PoolGeneration(old.number + 1, tuple(replaced.get(u.name, u) for u in old.units))
+            self.models.update(changed)
+            log.info(
+                "hot reload: generation %d serves %s",
+                self.current.number,
+                ", ".join(f"{k}@{v.version}" for k, v in changed.items()),
+            )
+            return True
+
+    def build_unit(self, plan: UnitPlan) -> InferenceUnit:
+        """Create and warm one session (blocking: run it in an executor), validated before it can serve."""
+        if plan.is_pack:
+            path, prefer_npu = self._pack_file(plan), self.use_npu
+        else:
+            path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
+        session, provider = self.factory(path, prefer_npu)
+        static = _static_batch(session)
+        if static is not None and static < len(plan.rows):
+            raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
+        unit = InferenceUnit(plan.name, plan.rows, plan.models, session, provider, path, static)
+        validate_unit(unit, self.population.num_items)
+        return unit
+
+    def _model_file(self, info: ModelInfo, agents: int) -> tuple[Path, bool]:
+        """An NPU variant whose static batch holds the whole group (one call per tick), else fp32 on CPU."""
+        fitting = [v for v in info.variants if v.batch_size >= agents and v.path.is_file()]
+        if self.use_npu and fitting:
+            best = min(fitting, key=lambda v: v.batch_size)
+            return best.path, True
+        return info.onnx_path, False
+
+    def _pack_file(self, plan: UnitPlan) -> Path:
+        """Build (or reuse) the pack for these rows' models, named by their versions and order."""
+        from runtime.pack import PackForm, build_pack, extract_trading_weights, save_pack
+
+        form: PackForm = "conv" if self.use_npu else "matmul"
+        keys = [self.population.model_keys[row] for row in plan.rows]
+        digest = hashlib.sha256(
+            "|".join([form, *(f"{k}@{plan.models[k].version}" for k in keys)]).encode()
+        ).hexdigest()[:16]
+        path = self.model_dir / PACK_DIR / f"pack-{form}-{len(keys)}-{digest}.onnx"
+        if not path.is_file():
+            weights = {k: extract_trading_weights(info.onnx_path) for k, info in plan.models.items()}
+            save_pack(build_pack([weights[k] for k in keys], form=form), path)
+        return path
+
+
+def _static_batch(session: Any) -> int | None:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def validate_unit(unit: InferenceUnit, num_items: int, samples: int | None = None) -> None:
+    """Refuse a unit whose outputs on realistic states have the wrong shape or are not finite and > 0."""
+    count = samples or len(unit.rows)
+    states = realistic_states(np.random.default_rng(VALIDATION_SEED), count, num_items)
+    out = unit.run(states)
+    want = (count, num_items * num_items)
+    if out.shape != want:
+        raise PoolError(f"{unit.model_path}: output shape {out.shape}, expected {want}")
+    if not np.isfinite(out).all():
+        raise PoolError(f"{unit.model_path}: non-finite outputs on realistic states")
+    if (out <= 0).any():
+        raise PoolError(f"{unit.model_path}: non-positive exchange rates on realistic states")

@@ -1,0 +1,152 @@
+"""The session pool: one call per model group per tick gives what per-agent session.run gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime.agents import create_population
+from runtime.models import discover_models, read_model
+from runtime.sessions import PoolError, SessionPool
+from runtime.state import realistic_states
+from tests.runtime.conftest import ITEMS, reference_forward, trading_weights, write_model
+
+
+class CountingFactory:
+    """Plain CPU sessions whose run() calls are counted per model file."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.created: list[Path] = []
+
+    def __call__(self, path: Path, prefer_npu: bool) -> tuple[Any, str]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.created.append(path)
+        counts, name = self.calls, path.name
+
+        class Counted:
+            def get_inputs(self) -> Any:
+                return session.get_inputs()
+
+            def get_outputs(self) -> Any:
+                return session.get_outputs()
+
+            def run(self, *args: Any) -> Any:
+                counts[name] = counts.get(name, 0) + 1
+                return session.run(*args)
+
+        return Counted(), "CPUExecutionProvider"
+
+
+def per_agent_reference(model_dir: Path, keys: tuple[str, ...], states: np.ndarray) -> np.ndarray:
+    """What the original did: one session.run per agent on its own model."""
+    sessions = {k: ort.InferenceSession(str(model_dir / f"{k}.onnx")) for k in set(keys)}
+    return np.concatenate(
+        [sessions[k].run(None, {"state_vector": states[i : i + 1]})[0] for i, k in enumerate(keys)]
+    )
+
+
+async def make_pool(model_dir: Path, agents: int, max_sessions: int, **kwargs: Any) -> SessionPool:
+    models, _ = discover_models(model_dir, ITEMS)
+    pop = create_population(models, ITEMS, num_agents=agents, assignment="round_robin", seed=3)
+    factory = kwargs.pop("factory", CountingFactory())
+    pool = SessionPool(
+        pop,
+        {m.key: m for m in models},
+        factory=factory,
+        max_sessions=max_sessions,
+        model_dir=model_dir,
+        **kwargs,
+    )
+    await pool.start()
+    return pool
+
+
+async def test_batched_groups_match_per_agent_runs(model_dir: Path) -> None:
+    pool = await make_pool(model_dir, agents=10, max_sessions=8)
+    assert [u.name for u in pool.current.units] == ["m0", "m1", "m2"]
+    factory = pool.factory
+    assert isinstance(factory, CountingFactory)
+    factory.calls.clear()
+    states = realistic_states(np.random.default_rng(0), 10, len(ITEMS))
+    got = await pool.infer(states)
+    assert factory.calls == {"m0.onnx": 1, "m1.onnx": 1, "m2.onnx": 1}  # one call per group per tick
+    want = per_agent_reference(model_dir, pool.population.model_keys, states)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+async def test_population_pack_serves_all_models_in_one_call(model_dir: Path) -> None:
+    pool = await make_pool(model_dir, agents=10, max_sessions=2)
+    (unit,) = pool.current.units
+    assert unit.name.startswith("pack:") and unit.batch_size == 10 and len(pool.current.versions) == 3
+    factory = pool.factory
+    assert isinstance(factory, CountingFactory)
+    factory.calls.clear()
+    states = realistic_states(np.random.default_rng(1), 10, len(ITEMS))
+    got = await pool.infer(states)
+    assert sum(factory.calls.values()) == 1
+    want = per_agent_reference(model_dir, pool.population.model_keys, states)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    weights = [trading_weights(int(k[1])) for k in pool.population.model_keys]
+    separate = [reference_forward(w, s[None]) for w, s in zip(weights, states, strict=True)]
+    np.testing.assert_allclose(got, np.concatenate(separate), rtol=1e-4)
+
+
+async def test_static_batch_variant_is_padded(tmp_path: Path) -> None:
+    weights = trading_weights(7)
+    write_model(tmp_path, "solo", weights, variants=[(16, weights)])
+    pool = await make_pool(tmp_path, agents=5, max_sessions=1, use_npu=True)
+    (unit,) = pool.current.units
+    assert unit.batch_size == 16 and unit.model_path.name == "solo_fp32_b16.onnx"
+    states = realistic_states(np.random.default_rng(2), 5, len(ITEMS))
+    np.testing.assert_allclose(await pool.infer(states), reference_forward(weights, states), rtol=1e-4)
+
+
+async def test_too_many_architectures_for_max_sessions_is_a_clear_error(tmp_path: Path) -> None:
+    for i, hidden in enumerate((8, 8, 16)):
+        write_model(tmp_path, f"h{i}", trading_weights(i, hidden=hidden))
+    models = {m.key: m for m in discover_models(tmp_path, ITEMS)[0]}
+    pop = create_population(list(models.values()), ITEMS, num_agents=6, assignment="round_robin", seed=0)
+    pool = SessionPool(pop, models, factory=CountingFactory(), max_sessions=1, model_dir=tmp_path)
+    with pytest.raises(PoolError, match=r"3 models of 2 architectures .*max_sessions=1"):
+        await pool.start()
+    pool.max_sessions = 2  # two packs (H=8 with two models, H=16 alone)
+    await pool.start()
+    assert sorted(len(u.rows) for u in pool.current.units) == [2, 4]
+
+
+async def test_reload_swaps_a_valid_model_and_keeps_the_old_one_on_failure(model_dir: Path) -> None:
+    pool = await make_pool(model_dir, agents=6, max_sessions=8)
+    states = realistic_states(np.random.default_rng(4), 6, len(ITEMS))
+    before = await pool.infer(states)
+    old_version = pool.current.versions["m1"]
+
+    broken = trading_weights(11)
+    broken[-1][:] = np.nan
+    write_model(model_dir, "m1", broken)
+    assert not await pool.reload({"m1": read_model(model_dir / "m1_metadata.json")})
+    assert pool.reload_failures == 1 and pool.current.number == 1
+    assert pool.current.versions["m1"] == old_version
+    np.testing.assert_array_equal(await pool.infer(states), before)
+
+    fresh = trading_weights(12)
+    write_model(model_dir, "m1", fresh)
+    assert await pool.reload({"m1": read_model(model_dir / "m1_metadata.json")})
+    assert pool.current.number == 2 and pool.current.versions["m1"] != old_version
+    after = await pool.infer(states)
+    m1_rows = pool.population.groups()["m1"]
+    np.testing.assert_allclose(after[m1_rows], reference_forward(fresh, states[m1_rows]), rtol=1e-4)
+    others = np.setdiff1d(np.arange(6), m1_rows)
+    np.testing.assert_array_equal(after[others], before[others])
+
+
+async def test_missing_model_for_assigned_agents_is_refused(model_dir: Path) -> None:
+    models, _ = discover_models(model_dir, ITEMS)
+    pop = create_population(models, ITEMS, num_agents=3, assignment="round_robin", seed=0)
+    pool = SessionPool(pop, {"m0": models[0]}, factory=CountingFactory(), max_sessions=4, model_dir=model_dir)
+    with pytest.raises(PoolError, match="m1"):
+        await pool.start()
