@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from runtime.protocol import MarketTick
+from runtime.transport import MqttLink
 
 SHARED_HOST, SHARED_PORT = "127.0.0.1", 1883
 
@@ -63,3 +66,32 @@ class PrivateMosquitto:
             self.process.kill()
             self.process.wait(timeout=5)
         self.process = None
+
+
+class Inbox:
+    """Collects payloads delivered to an MqttLink handler, for awaiting in tests."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+
+    def __call__(self, payload: bytes, received_at: float) -> None:
+        self.queue.put_nowait((payload, received_at))
+
+    async def next(self, timeout: float = 5.0) -> bytes:
+        payload, _ = await asyncio.wait_for(self.queue.get(), timeout)
+        return payload
+
+
+async def started(link: MqttLink, timeout: float = 5.0) -> asyncio.Task[None]:
+    """Run ``link`` in a task and wait until it is connected and subscribed."""
+    task = asyncio.create_task(link.run())
+    await asyncio.wait_for(link.connected.wait(), timeout)
+    return task
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)

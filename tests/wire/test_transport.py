@@ -1,0 +1,268 @@
+"""RuntimeTransport against real Mosquitto: round trips, retained status, last will, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from wire_helpers import SHARED_HOST, SHARED_PORT, Inbox, PrivateMosquitto, make_tick, started, wait_until
+
+from runtime.config import MqttConfig
+from runtime.protocol import (
+    Limits,
+    MatricesMessage,
+    Topics,
+    decode_matrices,
+    decode_status,
+    decode_tick,
+    encode_matrices,
+    encode_status,
+    encode_tick,
+)
+from runtime.transport import MqttLink, RuntimeTransport, client_options
+
+pytestmark = pytest.mark.mqtt
+
+LIMITS = Limits(num_items=5)
+OFFLINE = encode_status({"state": "offline"})
+
+
+def answer_for(tick_number: int, count: int = 4) -> MatricesMessage:
+    return MatricesMessage(
+        tick=tick_number,
+        sent_at=1.0,
+        served_at=2.0,
+        agent_ids=tuple(f"agent-{i:04d}" for i in range(count)),
+        matrices=np.full((count, 5, 5), 1.5, np.float32),
+        latency_ms=0.5,
+    )
+
+
+async def clear_retained(cfg: MqttConfig) -> None:
+    """Leave the shared broker as we found it (an empty retained payload deletes the message)."""
+    link = MqttLink(cfg, client_id=f"cleaner-{os.getpid()}", subscriptions={})
+    task = await started(link)
+    await link.publish(Topics(cfg.topic_prefix).status, b"", retain=True)
+    await link.disconnect()
+    await task
+
+
+async def test_tick_in_matrices_out_round_trip(mqtt_cfg: MqttConfig) -> None:
+    ticks, answers = Inbox(), Inbox()
+    runtime = RuntimeTransport(mqtt_cfg, on_tick=ticks, will_payload=OFFLINE, client_id="rt-roundtrip")
+    topics = runtime.topics
+    game = MqttLink(mqtt_cfg, client_id="game-roundtrip", subscriptions={topics.matrices: answers})
+    runtime_task, game_task = await started(runtime), await started(game)
+
+    sent = make_tick(count=128)
+    before = time.perf_counter()
+    assert await game.publish(topics.tick, encode_tick(sent))
+    payload, received_at = await asyncio.wait_for(ticks.queue.get(), 5)
+    assert before < received_at <= time.perf_counter()
+    tick = decode_tick(payload, LIMITS)
+    assert tick.agent_ids == sent.agent_ids
+    np.testing.assert_array_equal(tick.inventory, sent.inventory)
+
+    assert await runtime.publish_matrices(encode_matrices(answer_for(tick.tick)))
+    answer = decode_matrices(await answers.next(), LIMITS)
+    assert answer.tick == sent.tick and answer.matrices.shape == (4, 5, 5)
+
+    await runtime.close(OFFLINE)
+    await game.disconnect()
+    await asyncio.gather(runtime_task, game_task)
+    assert not runtime.connected.is_set()
+    await clear_retained(mqtt_cfg)
+
+
+async def test_close_leaves_a_retained_offline_status_and_publish_then_fails(mqtt_cfg: MqttConfig) -> None:
+    runtime = RuntimeTransport(mqtt_cfg, on_tick=Inbox(), will_payload=OFFLINE, client_id="rt-close")
+    task = await started(runtime)
+    assert await runtime.publish_status(encode_status({"state": "online", "agent_ids": ["a"]}))
+    await runtime.close(encode_status({"state": "offline", "ticks_served": 12}))
+    await asyncio.wait_for(task, 5)
+    assert not await runtime.publish_matrices(b"x")
+    assert runtime.unsent.snapshot() == {"not_connected": 1}
+
+    status = Inbox()
+    late = MqttLink(mqtt_cfg, client_id="late-close", subscriptions={runtime.topics.status: status})
+    late_task = await started(late)
+    assert decode_status(await status.next(), LIMITS) == {"state": "offline", "ticks_served": 12}
+    await late.disconnect()
+    await late_task
+    await clear_retained(mqtt_cfg)
+
+
+KILLED_RUNTIME = textwrap.dedent(
+    """
+    import asyncio, sys
+    from runtime.config import MqttConfig
+    from runtime.protocol import encode_status
+    from runtime.transport import RuntimeTransport
+
+    async def main() -> None:
+        cfg = MqttConfig(topic_prefix=sys.argv[1], keepalive_s=5)
+        will = encode_status({"state": "offline", "reason": "connection lost"})
+        transport = RuntimeTransport(cfg, on_tick=lambda payload, at: None, will_payload=will)
+        task = asyncio.create_task(transport.run())
+        await transport.connected.wait()
+        await transport.publish_status(encode_status({"state": "online", "agent_ids": ["a", "b"]}))
+        print("online", flush=True)
+        await task
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_retained_status_and_last_will_when_the_process_dies(mqtt_cfg: MqttConfig) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUNTIME, mqtt_cfg.topic_prefix], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20) == "online\n"
+        status = Inbox()
+        observer = MqttLink(
+            mqtt_cfg, client_id="observer-will", subscriptions={Topics(mqtt_cfg.topic_prefix).status: status}
+        )
+        task = await started(observer)
+        assert decode_status(await status.next(), LIMITS) == {"state": "online", "agent_ids": ["a", "b"]}
+        proc.send_signal(signal.SIGKILL)  # no DISCONNECT packet: the broker must publish the will
+        assert decode_status(await status.next(), LIMITS) == {"state": "offline", "reason": "connection lost"}
+        await observer.disconnect()
+        await task
+    finally:
+        proc.kill()
+        proc.wait()
+
+    late = Inbox()  # the will was retained: a client arriving afterwards still learns the runtime is gone
+    later = MqttLink(
+        mqtt_cfg, client_id="observer-late", subscriptions={Topics(mqtt_cfg.topic_prefix).status: late}
+    )
+    task = await started(later)
+    assert decode_status(await late.next(), LIMITS)["state"] == "offline"
+    await later.disconnect()
+    await task
+    await clear_retained(mqtt_cfg)
+
+
+@pytest.mark.slow
+async def test_reconnects_and_resubscribes_after_the_broker_restarts(
+    private_broker: PrivateMosquitto, prefix: str
+) -> None:
+    cfg = MqttConfig(
+        port=private_broker.port, topic_prefix=prefix, keepalive_s=5, reconnect_max_backoff_s=0.5
+    )
+    ticks, status = Inbox(), Inbox()
+    runtime = RuntimeTransport(cfg, on_tick=ticks, will_payload=OFFLINE, client_id="rt-restart")
+    game = MqttLink(cfg, client_id="game-restart", subscriptions={runtime.topics.status: status})
+    runtime_task, game_task = await started(runtime), await started(game)
+    assert await runtime.publish_status(encode_status({"state": "online", "ticks_served": 1}))
+    assert decode_status(await status.next(), LIMITS)["state"] == "online"
+
+    private_broker.stop()
+    await wait_until(lambda: not runtime.connected.is_set(), 5, "the transport to notice the broker is gone")
+    assert not await runtime.publish_matrices(b"lost")
+    assert runtime.unsent.counts["not_connected"] == 1
+    await asyncio.sleep(1.0)  # several failed reconnect attempts, backoff capped at 0.5 s
+    private_broker.start()  # same port, persistence off: subscriptions and retained status are gone
+
+    await asyncio.wait_for(runtime.connected.wait(), 5)
+    await asyncio.wait_for(game.connected.wait(), 5)
+    assert runtime.connections == 2 and game.connections == 2
+    # The runtime re-published its retained status by itself after reconnecting.
+    assert decode_status(await status.next(), LIMITS) == {"state": "online", "ticks_served": 1}
+    # ...and resubscribed to ticks by itself.
+    await game.publish(runtime.topics.tick, encode_tick(make_tick(tick=99)))
+    assert decode_tick(await ticks.next(), LIMITS).tick == 99
+
+    await runtime.close(OFFLINE)
+    await game.disconnect()
+    await asyncio.gather(runtime_task, game_task)
+
+
+async def test_first_connection_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path, prefix: str) -> None:
+    broker = PrivateMosquitto(tmp_path)
+    cfg = MqttConfig(port=broker.port, topic_prefix=prefix, reconnect_max_backoff_s=0.3)
+    runtime = RuntimeTransport(cfg, on_tick=Inbox(), will_payload=OFFLINE, client_id="rt-early")
+    task = asyncio.create_task(runtime.run())
+    await asyncio.sleep(0.6)
+    assert not runtime.connected.is_set() and not task.done()
+    broker.start()
+    try:
+        await asyncio.wait_for(runtime.connected.wait(), 5)
+        await runtime.close()
+        await asyncio.wait_for(task, 5)
+    finally:
+        broker.stop()
+
+
+async def test_mosquitto_clients_drive_a_tick_and_read_matrices(mqtt_cfg: MqttConfig, tmp_path: Path) -> None:
+    """A client that is not ours: mosquitto_pub sends an encoded tick, mosquitto_sub reads the answer."""
+    ticks = Inbox()
+    runtime = RuntimeTransport(mqtt_cfg, on_tick=ticks, will_payload=OFFLINE, client_id="rt-cli")
+    task = await started(runtime)
+    topics = runtime.topics
+    tick_file = tmp_path / "tick.msgpack"
+    tick_file.write_bytes(encode_tick(make_tick(count=3, tick=41)))
+    pub = [
+        "mosquitto_pub", "-h", SHARED_HOST, "-p", str(SHARED_PORT), "-t", topics.tick, "-f", str(tick_file),
+    ]  # fmt: skip
+    await asyncio.to_thread(subprocess.run, pub, check=True, timeout=10)
+    tick = decode_tick(await ticks.next(), LIMITS)
+    assert tick.tick == 41 and tick.agent_ids == ("agent-0000", "agent-0001", "agent-0002")
+
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-h",
+            SHARED_HOST,
+            "-p",
+            str(SHARED_PORT),
+            "-t",
+            topics.matrices,
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        # mosquitto_sub prints nothing until subscribed: publish until its one message arrives.
+        async def answer_until_read() -> bytes:
+            while sub.poll() is None:
+                await runtime.publish_matrices(encode_matrices(answer_for(41, count=3)))
+                await asyncio.sleep(0.1)
+            assert sub.stdout is not None
+            return sub.stdout.read()
+
+        raw = await asyncio.wait_for(answer_until_read(), 15)
+    finally:
+        sub.kill()
+        sub.wait()
+    answer = decode_matrices(raw.removesuffix(b"\n"), LIMITS)  # mosquitto_sub ends each payload with \n
+    assert answer.tick == 41 and answer.matrices.shape == (3, 5, 5)
+    await runtime.close()
+    await task
+
+
+def test_client_options_take_credentials_from_the_environment_and_tls_from_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert client_options(MqttConfig()) == {"keepalive": 30}
+    monkeypatch.setenv("BM_TEST_SECRET", "s3cret")
+    options = client_options(
+        MqttConfig(username="game", password_env="BM_TEST_SECRET", tls=True, ca_file="/etc/ca.pem")
+    )
+    assert options["username"] == "game" and options["password"] == "s3cret"
+    tls = options["tls_params"]
+    assert getattr(tls, "ca_certs", None) == "/etc/ca.pem"
