@@ -1,0 +1,96 @@
+"""Convert BlockMarket `.pth` checkpoints into validated ONNX models for the Snapdragon NPU.
+
+Every checkpoint matching --pattern under --model-path (recursively) is loaded safely (no pickled
+code runs), recognised (TradingNetwork, ValueNetwork, ActorCriticNetwork; n items and hidden size read
+off the weights, n checked against the config's items_list), exported to ONNX with input
+`state_vector` [batch, D] and validated against PyTorch on realistic agent states. Written to the
+output directory (flat; nested checkpoints are named <folder>__<stem>):
+
+  <name>.onnx                 fp32, dynamic batch (CPU serving)
+  <name>_metadata.json        model_info, agent_info, npu_optimization, conversion_info
+  npu_inference_example.py    runs a converted model on QNN HTP, or on the CPU with a notice
+
+A checkpoint whose source hash is unchanged since its last conversion is skipped (--force converts it
+again). A file that fails gets one error line naming it; the others still convert; the exit status is
+1 if any failed, 2 for a usage error (bad config, missing --model-path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+LOG = logging.getLogger("conversion")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """The original convert_models.py options, plus --output-dir and --force."""
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help="directory searched recursively for checkpoints (default: training.model_save_path)",
+    )
+    parser.add_argument("--pattern", default="*.pth", help="file name glob to convert (default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration file (default: ./config.yaml, or built-in defaults when it does not exist)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where models, metadata and the example go (default: conversion.output_dir, "
+        "else <model-path>/onnx)",
+    )
+    parser.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="re-validate the existing ONNX models against their checkpoints; convert nothing",
+    )
+    parser.add_argument(
+        "--create-example",
+        action="store_true",
+        help="(re)write npu_inference_example.py even when nothing was converted (conversion runs write it)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="convert again even when the checkpoint is unchanged"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the conversion; print the summary table; 0 ok, 1 some model failed, 2 usage error."""
+    from runtime.cli import setup_logging
+    from runtime.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("\n".join(f"error: {line}" for line in str(exc).splitlines()), file=sys.stderr)
+        return 2
+    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
+    model_path = args.model_path if args.model_path is not None else Path(config.training.model_save_path)
+    if not model_path.is_dir():
+        print(f"error: --model-path {model_path}: no such directory", file=sys.stderr)
+        return 2
+
+    from conversion.converter import ONNXConverter, format_summary  # imports torch: only when converting
+
+    converter = ONNXConverter(
+        config, model_path=model_path, output_dir=args.output_dir, pattern=args.pattern, force=args.force
+    )
+    progress = not args.no_progress
+    if args.validate_only:
+        results = converter.validate_all_models(progress=progress)
+    else:
+        results = converter.convert_all_models(progress=progress)
+    if args.create_example:
+        converter.save_inference_example()
+    if results:
+        print(format_summary(results))
+    return 1 if any(not r.ok for r in results) else 0

@@ -1,0 +1,385 @@
+"""`ONNXConverter`: a directory of `.pth` checkpoints -> validated ONNX models + metadata + example.
+
+One bad file never stops a run: it becomes a failed `ConversionResult` with a one-line reason naming
+the file, and the rest still convert. A model is only put in place after it validated, and its
+metadata JSON is written last, so a reader that waits for the metadata never sees a failed model.
+
+Output names: a checkpoint directly under the model path keeps the original's ``<stem>``; a nested
+one is prefixed with its relative folder path joined by ``__`` (``gen5/agent_3_final.pth`` ->
+``gen5__agent_3_final``). The name depends only on the file's own path, so it stays stable when other
+checkpoints appear, and the output directory stays flat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from conversion.checkpoint import AgentCheckpoint, CheckpointError, load_checkpoint
+from conversion.example import write_inference_example
+from conversion.export import DynamicAxes, ExportedModel, convert_to_onnx
+from conversion.files import sha256_file
+from conversion.metadata import build_metadata, metadata_path, read_metadata, write_json_atomic
+from conversion.networks import ArchitectureError, NetworkSpec, load_network, spec_of
+from conversion.validation import ValidationError, ValidationReport, validate_onnx
+from runtime.config import Config
+
+LOG = logging.getLogger(__name__)
+
+Status = Literal["converted", "skipped", "validated", "failed"]
+USER_ERRORS = (CheckpointError, ArchitectureError, ValidationError)
+
+
+@dataclass
+class ConversionResult:
+    """The outcome for one checkpoint (what the summary table and the runtime read)."""
+
+    source: Path
+    name: str
+    status: Status
+    architecture: str | None = None
+    num_items: int | None = None
+    onnx_path: Path | None = None
+    metadata_path: Path | None = None
+    max_abs_error: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    variants: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def _first_line(source: Path, exc: Exception) -> str:
+    """One line naming the file (CheckpointError and ValidationError messages already start with it)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if text.startswith(str(source)) else f"{source}: {text}"
+
+
+class ONNXConverter:
+    """Convert (or re-validate) the checkpoints under a model path into one flat output directory."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        model_path: str | Path | None = None,
+        output_dir: str | Path | None = None,
+        pattern: str = "*.pth",
+        force: bool = False,
+    ) -> None:
+        self.config = config
+        self.model_path = Path(model_path if model_path is not None else config.training.model_save_path)
+        if output_dir is None:
+            output_dir = config.conversion.output_dir or self.model_path / "onnx"
+        self.output_dir = Path(output_dir)
+        self.pattern = pattern
+        self.force = force
+
+    # ---- discovery and naming -------------------------------------------------------------------
+
+    def find_checkpoints(self) -> list[Path]:
+        """Files matching the pattern anywhere under the model path, outside the output directory."""
+        output = self.output_dir.resolve()
+        found = (p for p in self.model_path.rglob(self.pattern) if p.is_file())
+        return sorted(p for p in found if not p.resolve().is_relative_to(output))
+
+    def output_name(self, source: Path) -> str:
+        """``<stem>``, prefixed with the folder path relative to the model path for nested files."""
+        try:
+            folders = source.resolve().parent.relative_to(self.model_path.resolve()).parts
+        except ValueError:
+            folders = ()
+        return "__".join((*folders, source.stem))
+
+    def onnx_path_for(self, source: Path) -> Path:
+        return self.output_dir / f"{self.output_name(source)}.onnx"
+
+    # ---- batch runs -----------------------------------------------------------------------------
+
+    def convert_all_models(self, progress: bool = False) -> list[ConversionResult]:
+        """Convert every checkpoint that changed since its last conversion (all with ``force``)."""
+        results = self._run_all(self.convert_single_model, "converting", progress)
+        if any(r.ok for r in results):
+            self.save_inference_example()
+        return results
+
+    def validate_all_models(self, progress: bool = False) -> list[ConversionResult]:
+        """Re-validate every existing ONNX model against its checkpoint; converts nothing."""
+        return self._run_all(self.validate_single_model, "validating", progress)
+
+    def _run_all(
+        self, action: Callable[[Path], ConversionResult], verb: str, progress: bool
+    ) -> list[ConversionResult]:
+        sources = self.find_checkpoints()
+        if not sources:
+            LOG.warning("no files matching '%s' under %s", self.pattern, self.model_path)
+            return []
+        claimed = Counter(self.output_name(s) for s in sources)
+        results = []
+        with logging_redirect_tqdm():
+            bar = tqdm(sources, desc=verb, unit="model", file=sys.stderr, disable=None if progress else True)
+            for source in bar:
+                name = self.output_name(source)
+                if claimed[name] > 1:
+                    message = (
+                        f"{source}: output name '{name}' is claimed by {claimed[name]} files; rename one"
+                    )
+                    LOG.error("%s", message)
+                    results.append(ConversionResult(source, name, "failed", error=message))
+                    continue
+                results.append(action(source))
+        return results
+
+    # ---- one model ------------------------------------------------------------------------------
+
+    def convert_single_model(self, path: str | Path) -> ConversionResult:
+        """Load, export, validate and describe one checkpoint; skip it when nothing changed."""
+        return self._guarded(Path(path), self._convert)
+
+    def validate_single_model(self, path: str | Path) -> ConversionResult:
+        """Validate the existing ONNX model of one checkpoint against it."""
+        return self._guarded(Path(path), self._validate)
+
+    def _guarded(self, source: Path, step: Callable[[Path, float], ConversionResult]) -> ConversionResult:
+        """Run one model's step; a user-level failure becomes a one-line error naming the file."""
+        start = time.perf_counter()
+        try:
+            result = step(source, start)
+        except USER_ERRORS as exc:
+            message = _first_line(source, exc)
+            LOG.error("%s", message)
+            return ConversionResult(
+                source, self.output_name(source), "failed", seconds=time.perf_counter() - start, error=message
+            )
+        LOG.debug("%s: %s in %.2f s", source, result.status, result.seconds)
+        return result
+
+    def _load(self, source: Path) -> tuple[AgentCheckpoint, nn.Module, NetworkSpec, tuple[str, ...]]:
+        """The checkpoint, its network, and the items it was trained on (its own inventory's items when
+        it records them, else the config's), with the weights' n checked against those items."""
+        checkpoint = load_checkpoint(source)
+        model = load_network(checkpoint.network_state_dict)
+        spec = spec_of(model)
+        items = self._items_of(checkpoint)
+        if spec.num_items != len(items):
+            origin = "its inventory" if checkpoint.inventory else "the config's items_list"
+            raise ArchitectureError(
+                f"{spec.architecture.name} weights are for {spec.num_items} items "
+                f"(state dim {spec.input_dim}) but {origin} has {len(items)} ({', '.join(items)}); "
+                "convert it with a matching config"
+            )
+        return checkpoint, model, spec, items
+
+    def _items_of(self, checkpoint: AgentCheckpoint) -> tuple[str, ...]:
+        configured = self.config.environment.items_list
+        if not checkpoint.inventory:
+            return configured
+        own = tuple(checkpoint.inventory)
+        if checkpoint.desired_item is not None and checkpoint.desired_item not in own:
+            raise CheckpointError(
+                f"{checkpoint.path}: desired item '{checkpoint.desired_item}' is not among its "
+                f"inventory's items {list(own)}"
+            )
+        if own != configured:
+            LOG.warning(
+                "%s: trained on items %s, the config has %s: the metadata records the checkpoint's items",
+                checkpoint.path,
+                list(own),
+                list(configured),
+            )
+        return own
+
+    def _convert(self, source: Path, start: float) -> ConversionResult:
+        name = self.output_name(source)
+        onnx_path = self.onnx_path_for(source)
+        try:
+            source_sha = sha256_file(source)
+        except OSError as exc:
+            raise CheckpointError(f"{source}: cannot read ({exc.strerror})") from None
+        previous = self._current_metadata(onnx_path, source_sha)
+        if previous is not None:
+            info = previous["model_info"]
+            return ConversionResult(
+                source,
+                name,
+                "skipped",
+                architecture=info["model_type"],
+                num_items=info["num_items"],
+                onnx_path=onnx_path,
+                metadata_path=metadata_path(onnx_path),
+                max_abs_error=previous["conversion_info"]["validation"]["max_abs_error"],
+                seconds=time.perf_counter() - start,
+                variants=previous["npu_optimization"]["variants"],
+            )
+        checkpoint, model, spec, items = self._load(source)
+        exported, report = self._export_validated(model, onnx_path)
+        variants = self._build_variants(model, spec, onnx_path, name)
+        meta = build_metadata(
+            checkpoint=checkpoint,
+            spec=spec,
+            exported=exported,
+            items=items,
+            report=report,
+            source_sha256=source_sha,
+            variants=variants,
+        )
+        meta_file = write_json_atomic(metadata_path(onnx_path), meta)
+        LOG.info("%s -> %s (%s)", source, onnx_path, report.summary())
+        return ConversionResult(
+            source,
+            name,
+            "converted",
+            architecture=spec.architecture.name,
+            num_items=spec.num_items,
+            onnx_path=onnx_path,
+            metadata_path=meta_file,
+            max_abs_error=report.max_abs_error,
+            seconds=time.perf_counter() - start,
+            variants=variants,
+        )
+
+    def _export_validated(self, model: nn.Module, onnx_path: Path) -> tuple[ExportedModel, ValidationReport]:
+        """Export next to the target, validate, and only then move it into place."""
+        staging = onnx_path.with_name(f"{onnx_path.name}.partial")
+        try:
+            exported = self.convert_to_onnx(model, staging)
+            report = validate_onnx(model, staging, self.config.conversion)
+            if not report.passed:
+                raise ValidationError(f"{onnx_path}: ONNX Runtime disagrees with PyTorch: {report.summary()}")
+            os.replace(staging, onnx_path)
+        finally:
+            staging.unlink(missing_ok=True)
+        return dataclasses.replace(exported, path=onnx_path), report
+
+    def _validate(self, source: Path, start: float) -> ConversionResult:
+        onnx_path = self.onnx_path_for(source)
+        if not onnx_path.is_file():
+            raise ValidationError(f"{source}: no ONNX model at {onnx_path}; convert it first")
+        _, model, spec, _ = self._load(source)
+        report = validate_onnx(model, onnx_path, self.config.conversion)
+        if not report.passed:
+            raise ValidationError(
+                f"{source}: {onnx_path.name} disagrees with the checkpoint: {report.summary()}"
+            )
+        LOG.info("%s: %s %s", source, onnx_path.name, report.summary())
+        return ConversionResult(
+            source,
+            self.output_name(source),
+            "validated",
+            architecture=spec.architecture.name,
+            num_items=spec.num_items,
+            onnx_path=onnx_path,
+            metadata_path=metadata_path(onnx_path),
+            max_abs_error=report.max_abs_error,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _current_metadata(self, onnx_path: Path, source_sha: str) -> dict[str, Any] | None:
+        """The previous conversion's metadata when it still describes this source and settings."""
+        if self.force or not onnx_path.is_file():
+            return None
+        meta = read_metadata(metadata_path(onnx_path))
+        if meta is None:
+            return None
+        configured = self.config.environment.items_list
+        try:
+            info, model_info = meta["conversion_info"], meta["model_info"]
+            variants = meta["npu_optimization"]["variants"]
+            current = (
+                info["source_sha256"] == source_sha
+                and info["opset_version"] == self.config.conversion.opset_version
+                and model_info["validation_passed"] is True
+                and (info["items_source"] == "checkpoint" or model_info["items_list"] == list(configured))
+                and all((onnx_path.parent / v["onnx_path"]).is_file() for v in variants)
+                and set(self.config.conversion.precisions) - {"fp32"} <= {v["precision"] for v in variants}
+                and info["onnx_sha256"] == sha256_file(onnx_path)
+            )
+        except (KeyError, TypeError) as exc:
+            LOG.warning("%s: metadata lacks %s; converting again", metadata_path(onnx_path), exc)
+            return None
+        return meta if current else None
+
+    # ---- extension points -----------------------------------------------------------------------
+
+    def convert_to_onnx(
+        self,
+        model: nn.Module,
+        path: str | Path,
+        opset_version: int | None = None,
+        dynamic_axes: DynamicAxes | bool = True,
+    ) -> ExportedModel:
+        """The original's method: export with the configured opset unless one is given."""
+        opset = self.config.conversion.opset_version if opset_version is None else opset_version
+        return convert_to_onnx(model, path, opset_version=opset, dynamic_axes=dynamic_axes)
+
+    def _build_variants(
+        self, model: nn.Module, spec: NetworkSpec, onnx_path: Path, name: str
+    ) -> list[dict[str, Any]]:
+        """NPU variants (static batch; fp16 / QDQ) next to the fp32 model, from `conversion.variants`
+        (issue 4). Each is a metadata dict with at least onnx_path, precision and batch_size."""
+        if importlib.util.find_spec("conversion.variants") is None:
+            wanted = sorted(set(self.config.conversion.precisions) - {"fp32"})
+            if wanted:
+                LOG.warning(
+                    "%s: NPU variants %s are configured but conversion.variants is not available",
+                    name,
+                    wanted,
+                )
+            return []
+        variants = importlib.import_module("conversion.variants")
+        built: list[dict[str, Any]] = variants.build_variants(
+            model, spec, onnx_path.parent, name, self.config
+        )
+        return built
+
+    def save_inference_example(self) -> Path:
+        """Write `npu_inference_example.py` into the output directory."""
+        path = write_inference_example(self.output_dir, self.config.npu)
+        LOG.info("inference example: %s", path)
+        return path
+
+
+def format_summary(results: list[ConversionResult]) -> str:
+    """The end-of-run table: name, architecture, n, status, max abs error, time; then the failures."""
+    header = ("name", "architecture", "n", "status", "max abs err", "time")
+    rows = [
+        (
+            r.name,
+            r.architecture or "-",
+            str(r.num_items or "-"),
+            r.status,
+            "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}",
+            f"{r.seconds:.2f}s",
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    counts = Counter(r.status for r in results)
+    total = sum(r.seconds for r in results)
+    lines.append(
+        ", ".join(f"{counts[s]} {s}" for s in ("converted", "skipped", "validated", "failed") if counts[s])
+    )
+    lines[-1] = f"{lines[-1] or 'nothing to do'} in {total:.1f} s"
+    lines += [f"FAILED {r.error}" for r in results if r.error]
+    return "\n".join(lines)
