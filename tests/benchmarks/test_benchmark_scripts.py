@@ -1,0 +1,96 @@
+"""Smoke tests: each benchmark script runs end to end at tiny sizes and writes results a reader can use.
+
+No timing is asserted (figures on a shared 2-core machine are noise); the structure and the sanity of
+the numbers are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(module: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.<module> ARGS`` from the repository root; fails the test on a non-zero exit."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"benchmarks.{module} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def read_results(path: Path, benchmark: str) -> Any:
+    document = json.loads(path.read_text())
+    assert document["benchmark"] == benchmark
+    assert document["machine"]["logical_cores"] >= 1
+    return document["results"]
+
+
+@pytest.mark.parametrize("module", ["inference", "plot"])
+def test_help_describes_the_script(module: str) -> None:
+    out = run_script(module, "--help").stdout
+    assert "usage: python -m benchmarks." + module in out
+    assert "--out" in out
+
+
+@pytest.fixture(scope="module")
+def inference_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("inference") / "inference.json"
+    run_script(
+        "inference",
+        *("--agents", "8", "24", "--ticks", "3", "--original-agents", "6", "--ort-models", "3"),
+        *("--bandwidth-mb", "16", "--out", str(out)),
+    )
+    return out
+
+
+def test_inference_measures_every_path_and_case(inference_results: Path) -> None:
+    results = read_results(inference_results, "inference")
+    assert results["memory_bandwidth"]["one_thread_gb_s"] > 0
+    cases = {(c["case"], c["agents"]): c for c in results["cases"]}
+    assert set(cases) == {(case, n) for case in ("distinct", "shared") for n in (8, 24)}
+    for case in cases.values():
+        paths = case["paths"]
+        assert set(paths) == {"original", "ort_per_agent", "ours", "bare_run"}
+        for path in paths.values():
+            assert path["updates_per_s"] > 0
+            assert 0 < path["p50_ms"] <= path["p99_ms"]
+        # Our path computes what the original PyTorch networks compute.
+        assert paths["ours"]["max_abs_error_vs_pytorch"] < 1e-4
+        assert paths["ours"]["tick_over_bare_run"] > 0
+    big = cases[("distinct", 24)]["paths"]
+    assert big["original"]["extrapolated"] is True and big["original"]["timed_agents"] == 6
+    # Distinct weights: the pack holds every agent's weights, so bytes per tick scale with N.
+    small = cases[("distinct", 8)]["paths"]["ours"]["weight_bytes_per_tick"]
+    assert big["ours"]["weight_bytes_per_tick"] == pytest.approx(3 * small, rel=1e-3)
+
+
+def test_plot_writes_a_png(inference_results: Path, tmp_path: Path) -> None:
+    png = tmp_path / "performance.png"
+    run_script("plot", "--results", str(inference_results), "--out", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_a_bad_results_file(tmp_path: Path) -> None:
+    bad = tmp_path / "nope.json"
+    bad.write_text("{}")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.plot", "--results", str(bad), "--out", str(tmp_path / "x.png")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert str(bad) in done.stderr
