@@ -10,9 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
-from runtime.protocol import MarketTick
-from runtime.transport import MqttLink
+from runtime.config import MqttConfig
+from runtime.protocol import (
+    Limits,
+    MarketTick,
+    MatricesMessage,
+    decode_tick,
+    encode_matrices,
+    encode_status,
+)
+from runtime.transport import MqttLink, RuntimeTransport
 
 SHARED_HOST, SHARED_PORT = "127.0.0.1", 1883
 
@@ -95,3 +104,57 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+class EchoRuntime:
+    """A stand-in for `blockmarket run`: answers every tick with the update rule towards all-ones.
+
+    M <- (1 - alpha) M + alpha * 1, diagonal 1, clipped to [0.1, 10]: enough to check the game side.
+    ``corrupt`` makes it answer with matrices that break the rule instead.
+    """
+
+    def __init__(
+        self, cfg: MqttConfig, agent_ids: list[str], desired: list[str], items: list[str], alpha: float = 0.05
+    ) -> None:
+        self.agent_ids, self.desired, self.items, self.alpha = agent_ids, desired, items, alpha
+        n = len(items)
+        rng = np.random.default_rng(3)
+        self.matrices = rng.uniform(0.5, 2.0, (len(agent_ids), n, n)).astype(np.float32)
+        self.matrices[:, np.arange(n), np.arange(n)] = 1.0
+        self.row_of = {a: k for k, a in enumerate(agent_ids)}
+        self.corrupt = False
+        self.served: list[int] = []
+        self.answers: dict[int, npt.NDArray[np.float32]] = {}
+        self.pending: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport = RuntimeTransport(
+            cfg,
+            on_tick=lambda payload, at: self.pending.put_nowait(payload),
+            will_payload=encode_status({"state": "offline"}),
+            client_id=f"echo-runtime-{cfg.topic_prefix}",
+        )
+        self.limits = Limits(num_items=n)
+
+    def status(self) -> bytes:
+        return encode_status(
+            {"state": "online", "agent_ids": self.agent_ids, "desired": self.desired, "items": self.items}
+        )
+
+    async def serve(self) -> None:
+        transport_task = await started(self.transport)
+        await self.transport.publish_status(self.status())
+        try:
+            while True:
+                tick = decode_tick(await self.pending.get(), self.limits)
+                rows = np.array([self.row_of[a] for a in tick.agent_ids])
+                new = (1 - self.alpha) * self.matrices[rows] + self.alpha
+                n = new.shape[-1]
+                new[:, np.arange(n), np.arange(n)] = 1.0
+                self.matrices[rows] = np.clip(new, 0.1, 10.0)
+                answer = self.matrices[rows] * (20.0 if self.corrupt else 1.0)
+                msg = MatricesMessage(tick.tick, tick.sent_at, time.time(), tick.agent_ids, answer, 0.1)
+                await self.transport.publish_matrices(encode_matrices(msg))
+                self.served.append(tick.tick)
+                self.answers[tick.tick] = answer
+        finally:
+            await self.transport.close(encode_status({"state": "offline"}))
+            await transport_task

@@ -1,0 +1,519 @@
+"""Play the game server over MQTT: publish market ticks, apply the runtime's matrices, trade, report.
+
+Every tick (at simulator.tick_rate_hz) the simulator applies the newest matrices the runtime sent, runs
+one market step (runtime.market.trade_step: the same rules as training), and publishes the agents'
+inventories and trade counters on <prefix>/market/tick. It learns which agents to play from the
+runtime's retained status on <prefix>/runtime/status (agent_ids, desired items); without one it plays
+--agents N agents named agent-0000, agent-0001, ... with random desired items.
+
+A live line every second shows ticks answered, trades, fitness and the latency seen from the game
+side (publish -> matrices received). With --ticks N it stops by itself and prints a final summary
+(--json PATH also writes it); the exit status is 1 when no tick was answered at all.
+
+Examples:
+  blockmarket simulate --ticks 200                      # against `blockmarket run` on this machine
+  blockmarket simulate --rate 50 --ticks 1000 --json out/sim.json
+  blockmarket simulate --agents 128 --wait 0            # no runtime status: assume agent-0000..0127
+
+Wire format: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.config import Config, ConfigError, MqttConfig, load_config
+from runtime.market import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
+from runtime.protocol import (
+    DropCounter,
+    Limits,
+    MarketTick,
+    MatricesMessage,
+    ProtocolError,
+    Topics,
+    decode_matrices,
+    decode_status,
+    encode_tick,
+)
+from runtime.state import MATRIX_MAX, MATRIX_MIN, initial_inventory, initial_matrices
+from runtime.transport import MqttLink
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+REPORT_INTERVAL_S = 1.0
+RULE_TOLERANCE = 1e-5  # float32 slack when checking diagonal 1 and the [0.1, 10] bounds
+
+
+class SimulatorError(RuntimeError):
+    """The simulation cannot start or go on (no broker, a roster that does not fit the config)."""
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The agents a runtime serves, as announced in its retained status."""
+
+    agent_ids: tuple[str, ...]
+    desired: tuple[int, ...]  # item indices into config.environment.items_list
+    state: str  # "online" / "offline"
+
+
+@dataclass(frozen=True)
+class SimulationSummary:
+    """What the game side saw; latencies are publish -> matrices received, in milliseconds."""
+
+    agents: int
+    ticks_sent: int
+    ticks_unsent: int  # could not be published (broker connection down)
+    answered: int
+    missing: int  # sent but never answered (at the end: not within reply_timeout_s)
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    latency_max_ms: float | None
+    runtime_latency_p50_ms: float | None  # the runtime's own receive -> publish figure
+    rule_violations: int  # answers with a matrix off the diagonal-1 / [0.1, 10] rule
+    unknown_agents: int  # agent ids in answers that this market does not have
+    dropped: dict[str, int]  # refused answers by kind (ProtocolError kinds, off_rule, unexpected_tick)
+    trades: int
+    volume: float
+    fitness_mean: float
+    fitness_max: float
+    desired_held_mean: float
+    duration_s: float
+    tick_rate_hz: float  # achieved
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        """The one-line live report."""
+        return (
+            f"tick {self.ticks_sent:>6}  answered {self.answered}/{self.ticks_sent} "
+            f"(missing {self.missing})  "
+            f"trades {self.trades} ({self.trades / max(self.ticks_sent, 1):.1f}/tick)  "
+            f"fitness mean {self.fitness_mean:.2f} max {self.fitness_max:.2f}  "
+            f"latency p50 {_ms(self.latency_p50_ms)} p99 {_ms(self.latency_p99_ms)}"
+        )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _percentiles(samples: array[float]) -> tuple[float | None, float | None, float | None]:
+    if not samples:
+        return None, None, None
+    values = np.frombuffer(samples, dtype=np.float64)
+    p50, p99 = np.percentile(values, [50, 99])
+    return round(float(p50), 3), round(float(p99), 3), round(float(values.max()), 3)
+
+
+class MarketSimulator:
+    """The game server in-process: a market of the runtime's agents, driven by its MQTT answers."""
+
+    def __init__(
+        self,
+        config: Config,
+        agent_ids: Sequence[str],
+        desired: npt.ArrayLike,
+        *,
+        seed: int | None = None,
+        client_id: str | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        env = config.environment
+        rng = np.random.default_rng(config.simulator.seed if seed is None else seed)
+        count, n = len(agent_ids), env.num_items
+        self.config = config
+        self.topics = Topics(config.mqtt.topic_prefix)
+        self.client_id = client_id or f"blockmarket-simulator-{os.getpid()}"
+        self.connect_timeout_s = connect_timeout_s
+        self.population = MarketPopulation(
+            agent_ids=list(agent_ids),
+            desired=np.asarray(desired, dtype=np.int64),
+            inventory=initial_inventory(rng, count, n),
+            matrices=initial_matrices(rng, count, n),
+            positions=rng.uniform(0.0, env.world_size, size=(count, 2)).astype(np.float32),
+        )
+        self._rng = rng
+        self._start_inventory = self.population.inventory.copy()
+        self._limits = Limits(
+            max_payload_bytes=config.mqtt.max_payload_bytes, max_agents=max(count, 1), num_items=n
+        )
+        self._row_of = {agent_id: row for row, agent_id in enumerate(self.population.agent_ids)}
+        self._rows_cache: tuple[tuple[str, ...], npt.NDArray[np.int64]] = ((), np.zeros(0, np.int64))
+        self.drops = DropCounter(logger, what=f"answer on {self.topics.matrices}")
+        self._sent_at: dict[int, float] = {}  # tick -> perf_counter at publish, until answered
+        self._latencies: array[float] = array("d")
+        self._runtime_latencies: array[float] = array("d")
+        self._newest: MatricesMessage | None = None
+        self._applied_tick = -1
+        self._stop = asyncio.Event()
+        self._started = time.perf_counter()
+        self.ticks_sent = 0
+        self.ticks_unsent = 0
+        self.answered = 0
+        self.unknown_agents = 0
+        self.trades = 0
+        self.volume = 0.0
+
+    # ------------------------------------------------------------------------------------ receiving
+
+    def on_matrices(self, payload: bytes, received_at: float) -> None:
+        """MqttLink handler: check and time an answer; the newest is applied at the next tick."""
+        try:
+            msg = decode_matrices(payload, self._limits)
+        except ProtocolError as exc:
+            self.drops.record_error(exc, self.topics.matrices)
+            return
+        sent = self._sent_at.pop(msg.tick, None)
+        if sent is None:
+            self.drops.record("unexpected_tick", f"answer for tick {msg.tick}, which is not outstanding")
+            return
+        self.answered += 1
+        self._latencies.append((received_at - sent) * 1e3)
+        self._runtime_latencies.append(msg.latency_ms)
+        if not obeys_update_rule(msg.matrices):
+            self.drops.record(
+                "off_rule", f"tick {msg.tick}: matrices break diagonal 1 / [0.1, 10]; not applied"
+            )
+            return
+        if self._newest is None or msg.tick > self._newest.tick:
+            self._newest = msg
+
+    def _rows(self, agent_ids: tuple[str, ...]) -> npt.NDArray[np.int64]:
+        """Market rows for an answer's agents (-1: not ours); cached, answers repeat the same ids."""
+        cached_ids, rows = self._rows_cache
+        if agent_ids != cached_ids:
+            rows = np.fromiter((self._row_of.get(a, -1) for a in agent_ids), np.int64, len(agent_ids))
+            self._rows_cache = (agent_ids, rows)
+        return rows
+
+    # ------------------------------------------------------------------------------------ playing
+
+    def _apply_newest(self) -> None:
+        msg = self._newest
+        if msg is None or msg.tick <= self._applied_tick:
+            return
+        rows = self._rows(msg.agent_ids)
+        known = rows >= 0
+        if not known.all():
+            self.unknown_agents += int((~known).sum())
+        self.population.matrices[rows[known]] = msg.matrices[known]
+        self._applied_tick = msg.tick
+
+    def step(self) -> TradeStats:
+        """Apply the newest answer, then one market step."""
+        self._apply_newest()
+        stats = trade_step(self.population, self._rng, self.config.environment)
+        self.trades += stats.trades
+        self.volume += stats.volume
+        return stats
+
+    def tick_message(self, tick: int) -> MarketTick:
+        pop = self.population
+        return MarketTick(
+            tick=tick,
+            sent_at=time.time(),
+            agent_ids=tuple(pop.agent_ids),
+            inventory=pop.inventory,
+            successful=pop.successful.astype(np.float32),
+            attempted=pop.attempted.astype(np.float32),
+        )
+
+    @property
+    def applied_tick(self) -> int:
+        """The tick whose answer the market now trades with (-1: none yet)."""
+        return self._applied_tick
+
+    def stop(self) -> None:
+        """End :meth:`run` after the current tick (for runs without a tick limit)."""
+        self._stop.set()
+
+    async def run(
+        self,
+        ticks: int = 0,
+        *,
+        rate_hz: float | None = None,
+        on_report: Callable[[SimulationSummary], None] | None = None,
+        report_interval_s: float = REPORT_INTERVAL_S,
+    ) -> SimulationSummary:
+        """Play ``ticks`` ticks (0: until :meth:`stop` or cancellation); returns the final summary."""
+        period = 1.0 / (rate_hz or self.config.simulator.tick_rate_hz)
+        link = MqttLink(
+            self.config.mqtt, client_id=self.client_id, subscriptions={self.topics.matrices: self.on_matrices}
+        )
+        link_task = asyncio.create_task(link.run())
+        try:
+            await _connected(link, self.config.mqtt, self.connect_timeout_s)
+            self._started = next_at = next_report = time.perf_counter()
+            tick = 0
+            while not self._stop.is_set() and (ticks == 0 or tick < ticks):
+                if tick:
+                    self.step()
+                await self._publish(link, tick)
+                tick += 1
+                now = time.perf_counter()
+                if on_report is not None and now >= next_report:
+                    on_report(self.summary())
+                    next_report = now + report_interval_s
+                next_at = max(next_at + period, now)  # fell behind: carry on, do not burst to catch up
+                await asyncio.sleep(next_at - now)
+            await self._await_outstanding()
+        finally:
+            await link.disconnect()
+            await link_task
+        return self.summary(final=True)
+
+    async def _publish(self, link: MqttLink, tick: int) -> None:
+        payload = encode_tick(self.tick_message(tick))
+        self._sent_at[tick] = time.perf_counter()
+        if await link.publish(self.topics.tick, payload):
+            self.ticks_sent += 1
+        else:
+            del self._sent_at[tick]
+            self.ticks_unsent += 1
+
+    async def _await_outstanding(self) -> None:
+        """Give the last ticks up to reply_timeout_s to be answered."""
+        deadline = time.perf_counter() + self.config.simulator.reply_timeout_s
+        while self._sent_at and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+
+    def summary(self, final: bool = False) -> SimulationSummary:
+        """The figures so far; before the end, ticks still in flight are not counted as missing."""
+        pop = self.population
+        p50, p99, worst = _percentiles(self._latencies)
+        runtime_p50 = _percentiles(self._runtime_latencies)[0]
+        scores = fitness(pop, self._start_inventory)
+        in_flight = 0 if final else len(self._sent_at)
+        duration = time.perf_counter() - self._started
+        return SimulationSummary(
+            agents=pop.size,
+            ticks_sent=self.ticks_sent,
+            ticks_unsent=self.ticks_unsent,
+            answered=self.answered,
+            missing=self.ticks_sent - self.answered - in_flight,
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
+            latency_max_ms=worst,
+            runtime_latency_p50_ms=runtime_p50,
+            rule_violations=self.drops.counts.get("off_rule", 0),
+            unknown_agents=self.unknown_agents,
+            dropped=self.drops.snapshot(),
+            trades=self.trades,
+            volume=round(self.volume, 3),
+            fitness_mean=round(float(scores.mean()), 3),
+            fitness_max=round(float(scores.max()), 3),
+            desired_held_mean=round(float(desired_holdings(pop).mean()), 3),
+            duration_s=round(duration, 3),
+            tick_rate_hz=round(self.ticks_sent / duration, 2) if duration > 0 else 0.0,
+        )
+
+
+def obeys_update_rule(matrices: npt.NDArray[np.float32]) -> bool:
+    """Every matrix has diagonal 1 and all entries within [0.1, 10] (the runtime's update rule)."""
+    diagonal = np.diagonal(matrices, axis1=1, axis2=2)
+    return bool(
+        np.abs(diagonal - 1.0).max(initial=0.0) <= RULE_TOLERANCE
+        and matrices.min(initial=MATRIX_MIN) >= MATRIX_MIN - RULE_TOLERANCE
+        and matrices.max(initial=MATRIX_MAX) <= MATRIX_MAX + RULE_TOLERANCE
+    )
+
+
+async def _connected(link: MqttLink, cfg: MqttConfig, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    try:
+        await asyncio.wait_for(link.connected.wait(), timeout_s)
+    except TimeoutError:
+        raise SimulatorError(
+            f"no MQTT broker reachable at {cfg.host}:{cfg.port} within {timeout_s:.0f} s "
+            "(start `blockmarket run`, which embeds one on loopback if needed, or check mqtt.host/port)"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------- roster
+
+
+def roster_from_status(status: dict[str, Any], items: Sequence[str]) -> Roster | None:
+    """The roster in a runtime status, or None if it carries none; raises if it does not fit ``items``."""
+    ids, desired = status.get("agent_ids"), status.get("desired")
+    if ids is None or desired is None:
+        return None
+    served_items = status.get("items")
+    if served_items is not None and list(served_items) != list(items):
+        raise SimulatorError(
+            f"the runtime serves items {list(served_items)} but this config has {list(items)}: "
+            "use the runtime's config.yaml (environment.items_list)"
+        )
+    if not isinstance(ids, list | tuple) or not isinstance(desired, list | tuple) or len(ids) != len(desired):
+        raise SimulatorError("runtime status: agent_ids and desired must be lists of the same length")
+    index = {item: k for k, item in enumerate(items)}
+    unknown = sorted({d for d in desired if d not in index}, key=str)
+    if unknown:
+        raise SimulatorError(f"runtime status: desired items {unknown} are not in {list(items)}")
+    return Roster(tuple(str(a) for a in ids), tuple(index[d] for d in desired), str(status["state"]))
+
+
+async def discover_roster(config: Config, wait_s: float) -> Roster | None:
+    """Read the runtime's retained status for up to ``wait_s``; waits for "online" while it says offline."""
+    topics = Topics(config.mqtt.topic_prefix)
+    limits = Limits(max_payload_bytes=config.mqtt.max_payload_bytes, max_agents=1_000_000)
+    found: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def on_status(payload: bytes, _received_at: float) -> None:
+        try:
+            found.put_nowait(decode_status(payload, limits))
+        except ProtocolError as exc:
+            logger.warning("ignoring a bad runtime status on %s: %s", topics.status, exc)
+
+    link = MqttLink(
+        config.mqtt,
+        client_id=f"blockmarket-simulator-roster-{os.getpid()}",
+        subscriptions={topics.status: on_status},
+    )
+    task = asyncio.create_task(link.run())
+    roster: Roster | None = None
+    try:
+        await _connected(link, config.mqtt)
+        deadline = time.monotonic() + wait_s
+        while roster is None or roster.state != "online":
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                status = await asyncio.wait_for(found.get(), remaining)
+            except TimeoutError:
+                break
+            roster = roster_from_status(status, config.environment.items_list) or roster
+    finally:
+        await link.disconnect()
+        await task
+    return roster
+
+
+def default_roster(count: int, num_items: int, seed: int) -> Roster:
+    """agent-0000.. with random desired items: the runtime's naming when agents are drawn from models."""
+    desired = np.random.default_rng(seed).integers(0, num_items, count)
+    return Roster(tuple(f"agent-{i:04d}" for i in range(count)), tuple(int(d) for d in desired), "unknown")
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None, help="config file (default: ./config.yaml if present)"
+    )
+    parser.add_argument(
+        "--ticks",
+        type=int,
+        default=None,
+        help="stop after N ticks (default: simulator.ticks; 0 = until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=None, help="ticks per second (default: simulator.tick_rate_hz)"
+    )
+    parser.add_argument(
+        "--agents", type=int, default=None,
+        help="agents to play when no runtime status is found (default: simulator.num_agents)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to wait for the runtime's status (default 10)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="market seed (default: simulator.seed)")
+    parser.add_argument("--host", default=None, help="MQTT broker host (default: mqtt.host)")
+    parser.add_argument("--port", type=int, default=None, help="MQTT broker port (default: mqtt.port)")
+    parser.add_argument("--topic-prefix", default=None, help="MQTT topic prefix (default: mqtt.topic_prefix)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the final summary as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no live line, only the final summary")
+
+
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    mqtt = {
+        k: v
+        for k, v in (("host", args.host), ("port", args.port), ("topic_prefix", args.topic_prefix))
+        if v is not None
+    }
+    if not mqtt:
+        return config
+    return config.model_copy(update={"mqtt": MqttConfig.model_validate({**config.mqtt.model_dump(), **mqtt})})
+
+
+async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummary:
+    roster = await discover_roster(config, args.wait) if args.wait > 0 else None
+    if roster is None:
+        count = args.agents or config.simulator.num_agents
+        seed = config.simulator.seed if args.seed is None else args.seed
+        roster = default_roster(count, config.environment.num_items, seed)
+        logger.warning(
+            "no runtime status with a roster on %s: playing %d agents agent-0000.. (random desired items)",
+            Topics(config.mqtt.topic_prefix).status,
+            count,
+        )
+    elif roster.state != "online":
+        logger.warning(
+            "the runtime's retained status says %r: ticks go unanswered until it is back", roster.state
+        )
+    simulator = MarketSimulator(config, roster.agent_ids, roster.desired, seed=args.seed)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # stop after the current tick and still report
+        loop.add_signal_handler(signum, simulator.stop)
+    ticks = config.simulator.ticks if args.ticks is None else args.ticks
+    logger.info(
+        "simulating %d agents at %.1f ticks/s on %s (%s)",
+        len(roster.agent_ids), args.rate or config.simulator.tick_rate_hz, simulator.topics.tick,
+        f"{ticks} ticks" if ticks else "until Ctrl-C",
+    )  # fmt: skip
+    report = None if args.quiet else (lambda s: print(s.line(), flush=True))
+    return await simulator.run(ticks, rate_hz=args.rate, on_report=report)
+
+
+def main(args: argparse.Namespace) -> int:
+    from runtime.cli import setup_logging
+
+    try:
+        config = _with_overrides(load_config(args.config), args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
+    for name, value in (("--ticks", args.ticks), ("--agents", args.agents)):
+        if value is not None and value < 0:
+            print(f"error: {name} must be >= 0", file=sys.stderr)
+            return 2
+    if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
+        print("error: --rate must be a positive number", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(simulate(config, args))
+    except SimulatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("final: " + summary.line())
+    print(json.dumps(summary.to_dict(), indent=2))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if summary.ticks_sent and not summary.answered:
+        print(
+            f"no tick was answered: is `blockmarket run` serving on prefix {config.mqtt.topic_prefix!r}?",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
