@@ -17,6 +17,7 @@ not installed (CPU only), e.g. to compare backends or to test the CPU path.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -253,6 +254,7 @@ def create_session(
         raise ProviderError(
             f"{model}: npu.require_npu is true but nodes fell back to CPU: {placement.describe()}"
         )
+    placement = dataclasses.replace(placement, reason="ops QNN HTP does not support run on CPU")
     _warn_once(model, f"placement {placement.describe()}")
     return session, placement
 
