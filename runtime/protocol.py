@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import msgpack
@@ -27,6 +27,7 @@ WIRE_DTYPE: Final = "<f4"  # what the runtime sends
 # What inbound arrays may carry; every one is converted to float32 on decode.
 ACCEPTED_DTYPES: Final = frozenset({"<f4", "<f8", "<i4", "<i8"})
 
+STATUS_MAX_STR_LEN: Final = 4096  # status strings (EP names, versions) may be longer than agent ids
 ERROR_KINDS: Final = ("oversized", "malformed", "version", "schema", "shape", "non_finite", "unknown_agent")
 
 FloatArray = npt.NDArray[np.float32]
@@ -385,7 +386,13 @@ def decode_agent_matrix(payload: bytes, limits: Limits) -> AgentMatrix:
 
 def decode_status(payload: bytes, limits: Limits) -> dict[str, Any]:
     """Parse the runtime status (without ``v``/``type``); ``state`` is required, other keys are open."""
-    data = _unpack(payload, limits, "status", frozenset({"state"}), None)
+    data = _unpack(
+        payload,
+        replace(limits, max_id_len=max(limits.max_id_len, STATUS_MAX_STR_LEN)),
+        "status",
+        frozenset({"state"}),
+        None,
+    )
     if data["state"] not in ("online", "offline"):
         raise ProtocolError("schema", f"status state {data['state']!r} is not 'online' or 'offline'")
     return {k: v for k, v in data.items() if k not in ("v", "type")}

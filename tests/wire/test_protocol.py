@@ -87,6 +87,8 @@ def test_matrices_round_trip() -> None:
 def test_status_round_trip_and_state_check() -> None:
     status = {"state": "online", "agent_ids": ["a", "b"], "desired": ["gold", "apple"], "ticks_served": 3}
     assert decode_status(encode_status(status), LIMITS) == status
+    wordy = {"state": "online", "eps": ["QNNExecutionProvider " * 20]}  # longer than any agent id may be
+    assert decode_status(encode_status(wordy), LIMITS) == wordy
     with pytest.raises(ValueError, match="state"):
         encode_status({"state": "sleeping"})
     bad = msgpack.packb({"v": PROTOCOL_VERSION, "type": "status", "state": "sleeping"})
