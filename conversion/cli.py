@@ -8,6 +8,9 @@ output directory (flat; nested checkpoints are named <folder>__<stem>):
 
   <name>.onnx                 fp32, dynamic batch (CPU serving)
   <name>_metadata.json        model_info, agent_info, npu_optimization, conversion_info
+  <name>_<prec>_b<B>.onnx     NPU variants (--precisions fp16,int8,int16), static batch B, each
+                              validated on QNN HTP with CPU fallback disabled (docs/npu.md)
+  <name>_<prec>_b<B>_ctx.onnx compiled HTP context + _ctx_qnn.bin + _ctx.json (--context-cache)
   npu_inference_example.py    runs a converted model on QNN HTP, or on the CPU with a notice
 
 A checkpoint whose source hash is unchanged since its last conversion is skipped (--force converts it
@@ -21,6 +24,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
+
+from runtime.config import Config, Precision
 
 LOG = logging.getLogger("conversion")
 
@@ -61,6 +67,56 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="convert again even when the checkpoint is unchanged"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--precisions",
+        type=_precisions,
+        default=None,
+        help="comma-separated precisions: fp32 (always built) and the NPU variants fp16, int8, int16, "
+        "each validated on QNN HTP (default: conversion.precisions)",
+    )
+    parser.add_argument(
+        "--static-batch-sizes",
+        type=_batch_sizes,
+        default=None,
+        help="comma-separated fixed batch sizes of the NPU variants (default: conversion.static_batch_sizes)",
+    )
+    parser.add_argument(
+        "--context-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pre-compile QNN context binaries (<variant>_ctx.onnx + .bin) so the runtime loads them in "
+        "milliseconds (default: conversion.context_cache)",
+    )
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    known = get_args(Precision)
+    wanted = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in wanted if p not in known]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(known)}")
+    return ("fp32", *(p for p in wanted if p != "fp32"))
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 1,64")
+    return sizes
+
+
+def _with_cli_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """--precisions / --static-batch-sizes / --context-cache replace the config file's values."""
+    given = {
+        "precisions": args.precisions,
+        "static_batch_sizes": args.static_batch_sizes,
+        "context_cache": args.context_cache,
+    }
+    overrides = {key: value for key, value in given.items() if value is not None}
+    return config.model_copy(update={"conversion": config.conversion.model_copy(update=overrides)})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print("\n".join(f"error: {line}" for line in str(exc).splitlines()), file=sys.stderr)
         return 2
+    config = _with_cli_overrides(config, args)
     setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
     model_path = args.model_path if args.model_path is not None else Path(config.training.model_save_path)
     if not model_path.is_dir():

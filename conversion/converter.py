@@ -241,6 +241,9 @@ class ONNXConverter:
         )
         meta_file = write_json_atomic(metadata_path(onnx_path), meta)
         LOG.info("%s -> %s (%s)", source, onnx_path, report.summary())
+        failed = [v["onnx_path"] for v in variants if not v.get("passed")]
+        if failed:  # recorded in the metadata (the runtime skips them), and a failed conversion
+            raise ValidationError(f"{source}: NPU variants failed validation: {', '.join(failed)}")
         return ConversionResult(
             source,
             name,
@@ -306,7 +309,7 @@ class ONNXConverter:
                 and info["opset_version"] == self.config.conversion.opset_version
                 and model_info["validation_passed"] is True
                 and (info["items_source"] == "checkpoint" or model_info["items_list"] == list(configured))
-                and all((onnx_path.parent / v["onnx_path"]).is_file() for v in variants)
+                and all((onnx_path.parent / v["onnx_path"]).is_file() and v["passed"] for v in variants)
                 and set(self.config.conversion.precisions) - {"fp32"} <= {v["precision"] for v in variants}
                 and info["onnx_sha256"] == sha256_file(onnx_path)
             )

@@ -81,7 +81,7 @@ def qnn_target(model, meta):
         return model
     for variant in meta.get("npu_optimization", {}).get("variants", []):
         path = model.with_name(variant["onnx_path"])
-        if variant.get("batch_size") is not None and path.is_file():
+        if variant.get("batch_size") is not None and variant.get("passed", True) and path.is_file():
             return path
     return None
 

@@ -18,6 +18,7 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import torch
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from conversion.export import INPUT_NAME
@@ -145,7 +146,7 @@ def check_model(onnx_path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(onnx_path))
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, OSError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, DecodeError, OSError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ValidationError(f"{onnx_path}: invalid ONNX model ({first})") from None
     return model
