@@ -11,7 +11,11 @@ from typing import Any
 
 _EXPORTS = {
     "ONNXConverter": "conversion.converter",
+    "ConversionResult": "conversion.converter",
     "convert_to_onnx": "conversion.export",
+    "export_static": "conversion.export",
+    "ValidationReport": "conversion.validation",
+    "compare_outputs": "conversion.validation",
     "load_checkpoint": "conversion.checkpoint",
     "save_checkpoint": "conversion.checkpoint",
     "CheckpointError": "conversion.checkpoint",
