@@ -211,10 +211,10 @@ def test_random_and_mutated_payloads_only_ever_raise_protocol_error() -> None:
         if trial % 2:
             payload = bytes(rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8))
         else:
-            payload = bytearray(valid)
-            for pos in rng.integers(0, len(payload), int(rng.integers(1, 6))):
-                payload[pos] = int(rng.integers(0, 256))
-            payload = bytes(payload)
+            mutated = bytearray(valid)
+            for pos in rng.integers(0, len(mutated), int(rng.integers(1, 6))):
+                mutated[pos] = int(rng.integers(0, 256))
+            payload = bytes(mutated)
         try:
             decode_tick(payload, LIMITS)
             outcomes["accepted"] = outcomes.get("accepted", 0) + 1
