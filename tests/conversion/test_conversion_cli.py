@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import REPO, Written, write_bad_files, write_config
+from original_format import write_original_checkpoint
 
 from conversion import cli
 from conversion.validation import torch_outputs
@@ -48,6 +49,17 @@ def statuses(table: str) -> dict[str, str]:
 
 def onnx_files(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in directory.glob("*.onnx")}
+
+
+@pytest.fixture
+def converted(
+    model_dir: Path, tree: list[Written], config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[str, ...]:
+    """The tree converted once; returns the command's common arguments."""
+    common = ("--model-path", str(model_dir), "--config", str(config_file))
+    assert run_cli(*common) == 0
+    capsys.readouterr()
+    return common
 
 
 @pytest.mark.slow
@@ -95,14 +107,12 @@ def test_one_run_converts_the_tree_and_reports_each_bad_file_in_one_line(
 
 
 def test_second_run_skips_validate_only_converts_nothing_force_converts(
-    model_dir: Path, tree: list[Written], config_file: Path, capsys: pytest.CaptureFixture[str]
+    converted: tuple[str, ...], model_dir: Path, tree: list[Written], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    common = ("--model-path", str(model_dir), "--config", str(config_file))
-    assert run_cli(*common) == 0
+    common = converted
     out = model_dir / "onnx"
     first = onnx_files(out)
     metas = {p: p.read_text() for p in out.glob("*.json")}
-    capsys.readouterr()
 
     assert run_cli(*common) == 0
     assert statuses(capsys.readouterr().out) == {item.name: "skipped" for item in tree}
@@ -118,18 +128,14 @@ def test_second_run_skips_validate_only_converts_nothing_force_converts(
 
 
 def test_a_changed_checkpoint_is_converted_again(
-    model_dir: Path, tree: list[Written], config_file: Path, capsys: pytest.CaptureFixture[str]
+    converted: tuple[str, ...], model_dir: Path, tree: list[Written], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    common = ("--model-path", str(model_dir), "--config", str(config_file))
-    assert run_cli(*common) == 0
+    common = converted
     changed = tree[0]
     with torch.no_grad():
         for parameter in changed.network.parameters():
             parameter.add_(0.01)
-    from original_format import write_original_checkpoint
-
     write_original_checkpoint(changed.path, changed.network, agent_id="changed")
-    capsys.readouterr()
     assert run_cli(*common) == 0
     rows = statuses(capsys.readouterr().out)
     assert rows.pop(changed.name) == "converted"
@@ -137,14 +143,12 @@ def test_a_changed_checkpoint_is_converted_again(
 
 
 def test_validate_only_fails_a_model_that_no_longer_matches_its_checkpoint(
-    model_dir: Path, tree: list[Written], config_file: Path, capsys: pytest.CaptureFixture[str]
+    converted: tuple[str, ...], model_dir: Path, tree: list[Written], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    common = ("--model-path", str(model_dir), "--config", str(config_file))
-    assert run_cli(*common) == 0
+    common = converted
     out = model_dir / "onnx"
     victim, intruder = tree[0], tree[3]  # both TradingNetworks: n=5 and n=8
     os.replace(out / f"{intruder.name}.onnx", out / f"{victim.name}.onnx")
-    capsys.readouterr()
 
     assert run_cli(*common, "--validate-only") == 1
     table = capsys.readouterr().out
