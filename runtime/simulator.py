@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 REPORT_INTERVAL_S = 1.0
+LIVE_WINDOW = 1000  # answers the live latency percentiles are taken over
 RULE_TOLERANCE = 1e-5  # float32 slack when checking diagonal 1 and the [0.1, 10] bounds
 
 
@@ -82,7 +83,7 @@ class SimulationSummary:
     ticks_sent: int
     ticks_unsent: int  # could not be published (broker connection down)
     answered: int
-    missing: int  # sent but never answered (at the end: not within reply_timeout_s)
+    missing: int  # sent but not answered within reply_timeout_s (a later answer is dropped as stale)
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     latency_max_ms: float | None
@@ -159,7 +160,7 @@ class MarketSimulator:
         self._row_of = {agent_id: row for row, agent_id in enumerate(self.population.agent_ids)}
         self._rows_cache: tuple[tuple[str, ...], npt.NDArray[np.int64]] = ((), np.zeros(0, np.int64))
         self.drops = DropCounter(logger, what=f"answer on {self.topics.matrices}")
-        self._sent_at: dict[int, float] = {}  # tick -> perf_counter at publish, until answered
+        self._sent_at: dict[int, float] = {}  # tick -> perf_counter at publish, until answered or expired
         self._latencies: array[float] = array("d")
         self._runtime_latencies: array[float] = array("d")
         self._newest: MatricesMessage | None = None
@@ -265,8 +266,8 @@ class MarketSimulator:
             self._started = next_at = next_report = time.perf_counter()
             tick = 0
             while not self._stop.is_set() and (ticks == 0 or tick < ticks):
-                if tick:
-                    self.step()
+                if tick:  # in a thread: answers keep being received (and timed) during a long step
+                    await asyncio.to_thread(self.step)
                 await self._publish(link, tick)
                 tick += 1
                 now = time.perf_counter()
@@ -283,7 +284,11 @@ class MarketSimulator:
 
     async def _publish(self, link: MqttLink, tick: int) -> None:
         payload = encode_tick(self.tick_message(tick))
-        self._sent_at[tick] = time.perf_counter()
+        now = time.perf_counter()
+        expired = now - self.config.simulator.reply_timeout_s
+        while self._sent_at and next(iter(self._sent_at.values())) < expired:  # oldest first
+            del self._sent_at[next(iter(self._sent_at))]  # unanswered in time: missing; bounded memory
+        self._sent_at[tick] = now
         if await link.publish(self.topics.tick, payload):
             self.ticks_sent += 1
         else:
@@ -297,10 +302,12 @@ class MarketSimulator:
             await asyncio.sleep(0.01)
 
     def summary(self, final: bool = False) -> SimulationSummary:
-        """The figures so far; before the end, ticks still in flight are not counted as missing."""
+        """The figures so far: live ones over the last answers and without ticks still in flight;
+        final ones over the whole run, every unanswered tick missing."""
         pop = self.population
-        p50, p99, worst = _percentiles(self._latencies)
-        runtime_p50 = _percentiles(self._runtime_latencies)[0]
+        window = slice(None) if final else slice(-LIVE_WINDOW, None)
+        p50, p99, worst = _percentiles(self._latencies[window])
+        runtime_p50 = _percentiles(self._runtime_latencies[window])[0]
         scores = fitness(pop, self._start_inventory)
         in_flight = 0 if final else len(self._sent_at)
         duration = time.perf_counter() - self._started

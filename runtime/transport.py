@@ -15,10 +15,11 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import aiomqtt
 
-from runtime.config import MqttConfig
+from runtime.config import ConfigError, MqttConfig
 from runtime.protocol import DropCounter, Topics
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ STATUS_QOS = 1
 
 
 def client_options(cfg: MqttConfig) -> dict[str, object]:
-    """aiomqtt.Client keyword arguments for auth and TLS (the password comes from ``cfg.password_env``)."""
+    """aiomqtt.Client keyword arguments for auth and TLS (the password comes from ``cfg.password_env``).
+
+    A missing CA file is a :class:`ConfigError` now rather than an endless reconnect loop later.
+    """
     options: dict[str, object] = {"keepalive": cfg.keepalive_s}
     if cfg.username:
         password = os.environ.get(cfg.password_env)
@@ -43,6 +47,8 @@ def client_options(cfg: MqttConfig) -> dict[str, object]:
             )
         options.update(username=cfg.username, password=password)
     if cfg.tls:
+        if cfg.ca_file is not None and not Path(cfg.ca_file).is_file():
+            raise ConfigError(f"mqtt.ca_file: {cfg.ca_file}: no such file (the CA bundle for TLS)")
         options["tls_params"] = aiomqtt.TLSParameters(ca_certs=cfg.ca_file)
     return options
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from wire_helpers import SHARED_HOST, SHARED_PORT, Inbox, PrivateMosquitto, make_tick, started, wait_until
 
-from runtime.config import MqttConfig
+from runtime.config import ConfigError, MqttConfig
 from runtime.protocol import (
     Limits,
     MatricesMessage,
@@ -103,7 +103,7 @@ async def test_close_leaves_a_retained_offline_status_and_publish_then_fails(mqt
 KILLED_RUNTIME = textwrap.dedent(
     """
     import asyncio, sys
-    from runtime.config import MqttConfig
+    from runtime.config import ConfigError, MqttConfig
     from runtime.protocol import encode_status
     from runtime.transport import RuntimeTransport
 
@@ -256,13 +256,16 @@ async def test_mosquitto_clients_drive_a_tick_and_read_matrices(mqtt_cfg: MqttCo
 
 
 def test_client_options_take_credentials_from_the_environment_and_tls_from_config(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     assert client_options(MqttConfig()) == {"keepalive": 30}
     monkeypatch.setenv("BM_TEST_SECRET", "s3cret")
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
     options = client_options(
-        MqttConfig(username="game", password_env="BM_TEST_SECRET", tls=True, ca_file="/etc/ca.pem")
+        MqttConfig(username="game", password_env="BM_TEST_SECRET", tls=True, ca_file=str(ca_file))
     )
     assert options["username"] == "game" and options["password"] == "s3cret"
-    tls = options["tls_params"]
-    assert getattr(tls, "ca_certs", None) == "/etc/ca.pem"
+    assert getattr(options["tls_params"], "ca_certs", None) == str(ca_file)
+    with pytest.raises(ConfigError, match=r"mqtt\.ca_file"):
+        client_options(MqttConfig(tls=True, ca_file=str(tmp_path / "missing.pem")))
