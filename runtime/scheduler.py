@@ -94,6 +94,7 @@ class TickScheduler:
         tick_topic: str,
         per_agent_topics: bool = False,
         drops: DropCounter | None = None,
+        slot: TickSlot | None = None,
     ) -> None:
         self.population = population
         self.pool = pool
@@ -103,7 +104,7 @@ class TickScheduler:
         self.tick_topic = tick_topic
         self.per_agent_topics = per_agent_topics
         self.drops = drops or DropCounter(log, what=f"tick on {tick_topic}")
-        self.slot = TickSlot()
+        self.slot = slot or TickSlot()
         self.latency = LatencyWindow()
         self.ticks_served = 0
         self.unpublished = 0

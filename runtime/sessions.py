@@ -220,6 +220,10 @@ class SessionPool:
             )
             return True
 
+    def close(self) -> None:
+        """Stop the inference threads (the sessions go with the last generation reference)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
     def build_unit(self, plan: UnitPlan) -> InferenceUnit:
         """Create and warm one session (blocking: run it in an executor), validated before it can serve."""
         if plan.is_pack:

@@ -9,7 +9,7 @@ import pytest
 
 from runtime.agents import AgentPopulation, RosterError, create_population
 from runtime.models import discover_models
-from tests.runtime.conftest import ITEMS
+from tests.runtime.runtime_helpers import ITEMS
 
 
 def reference_state(inventory, desired, own, others, success) -> np.ndarray:

@@ -16,7 +16,7 @@ from runtime.protocol import Limits, MarketTick, decode_matrices, encode_tick
 from runtime.scheduler import TickScheduler, TickSlot
 from runtime.sessions import SessionPool
 from runtime.state import apply_update, build_states
-from tests.runtime.conftest import ITEMS, reference_forward, trading_weights, write_model
+from tests.runtime.runtime_helpers import ITEMS, reference_forward, trading_weights, write_model
 from tests.runtime.test_sessions import CountingFactory
 
 ALPHA = 0.04

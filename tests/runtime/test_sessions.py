@@ -13,7 +13,7 @@ from runtime.agents import create_population
 from runtime.models import discover_models, read_model
 from runtime.sessions import PoolError, SessionPool
 from runtime.state import realistic_states
-from tests.runtime.conftest import ITEMS, reference_forward, trading_weights, write_model
+from tests.runtime.runtime_helpers import ITEMS, reference_forward, trading_weights, write_model
 
 
 class CountingFactory:

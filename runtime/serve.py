@@ -1,0 +1,299 @@
+"""Serve every agent over MQTT: one batched answer with all trading matrices per market tick.
+
+Lifecycle, top to bottom: load and validate the config; convert new `.pth` checkpoints in a worker
+process (with no checkpoints and no models at all, first train a small population, announced); build
+the agent population and the session pool; use the configured MQTT broker (or start an embedded one on
+loopback when none answers); serve ticks, publish a retained status and hot-reload converted models
+until SIGINT/SIGTERM; then publish the "offline" status and exit 0. This process never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from runtime.agents import AgentPopulation, create_population
+from runtime.broker import BrokerError, ensure_broker
+from runtime.config import Config, ConfigError, load_config
+from runtime.models import ModelError, discover_models
+from runtime.protocol import Limits, encode_status
+from runtime.providers import ProviderError, qnn_available
+from runtime.reload import ModelReloader, ModelWatcher
+from runtime.scheduler import TickScheduler, TickSlot
+from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
+from runtime.transport import RuntimeTransport
+from runtime.workers import (
+    bootstrap_population,
+    checkpoints,
+    conversion_pending,
+    convert_checkpoints,
+    run_in_worker,
+)
+
+log = logging.getLogger("runtime.serve")
+
+
+class StartupError(RuntimeError):
+    """The runtime cannot start serving (the message says what is missing and what to do)."""
+
+
+class RuntimeServer:
+    """One serving process: population + session pool + scheduler + MQTT transport, with a clean stop."""
+
+    def __init__(self, config: Config, *, session_factory: SessionFactory | None = None) -> None:
+        self.config = config
+        self.session_factory = session_factory
+        self.ready = asyncio.Event()  # set once the pool serves and the broker connection is up
+        self.started_at = time.time()
+        self.population: AgentPopulation | None = None
+        self.pool: SessionPool | None = None
+        self.scheduler: TickScheduler | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to shut down (signal handlers and the demo call this)."""
+        self._stop.set()
+
+    async def serve(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        await self.prepare_models()
+        population, pool = await self.build_pool()
+        broker = await ensure_broker(self.config.mqtt)
+        mqtt = self.config.mqtt
+        slot = TickSlot()
+        transport = RuntimeTransport(
+            mqtt, on_tick=slot.put, will_payload=encode_status(self.status("offline"))
+        )
+        scheduler = TickScheduler(
+            population,
+            pool,
+            transport,
+            limits=Limits.from_config(mqtt, num_items=population.num_items),
+            alpha=self.config.learning.matrix_update_rate,
+            tick_topic=transport.topics.tick,
+            per_agent_topics=mqtt.per_agent_topics,
+            slot=slot,
+        )
+        self.scheduler = scheduler
+        tasks = [
+            asyncio.create_task(transport.run(), name="mqtt"),
+            asyncio.create_task(scheduler.run(), name="scheduler"),
+            asyncio.create_task(self.report_status(transport), name="status"),
+            asyncio.create_task(self._announce_ready(transport), name="ready"),
+        ]
+        if self.config.runtime.hot_reload:
+            tasks.append(asyncio.create_task(self.reloader(pool).run(), name="reload"))
+        exit_code = 0
+        with _signals_stop(self):
+            try:
+                exit_code = await self._until_stopped(tasks)
+            finally:
+                for task in tasks[1:]:
+                    task.cancel()
+                await asyncio.gather(*tasks[1:], return_exceptions=True)
+                await transport.close(final_status=encode_status(self.status("offline")))
+                tasks[0].cancel()
+                await asyncio.gather(tasks[0], return_exceptions=True)
+                if broker is not None:
+                    await broker.stop()
+                pool.close()
+                log.info("runtime stopped: %s", self._summary())
+        return exit_code
+
+    async def prepare_models(self) -> None:
+        """Convert what is new (worker process); bootstrap a population when there is nothing at all."""
+        cfg = self.config
+        if not cfg.runtime.convert_on_startup:
+            return
+        if not checkpoints(cfg) and not discover_models(cfg.model_dir, cfg.environment.items_list)[0]:
+            log.warning(
+                "no checkpoints under %s and no models in %s: BOOTSTRAPPING a population first "
+                "(training %d generations in a worker process)",
+                cfg.training.model_save_path,
+                cfg.model_dir,
+                cfg.runtime.bootstrap_generations,
+            )
+            await run_in_worker(bootstrap_population, cfg, cfg.runtime.bootstrap_generations)
+        if conversion_pending(cfg):
+            await self.convert()
+
+    async def convert(self) -> None:
+        """Convert new or changed checkpoints in a worker process (torch stays out of this one)."""
+        log.info(
+            "converting new checkpoints under %s in a worker process", self.config.training.model_save_path
+        )
+        summary = await run_in_worker(convert_checkpoints, self.config)
+        for line in summary.failed:
+            log.error("conversion failed: %s", line)
+        log.info(
+            "conversion: %d converted, %d unchanged, %d failed",
+            summary.converted,
+            summary.skipped,
+            len(summary.failed),
+        )
+
+    async def build_pool(self) -> tuple[AgentPopulation, SessionPool]:
+        """The agents and their sessions, created and validated off the event loop."""
+        cfg = self.config
+        models, problems = discover_models(cfg.model_dir, cfg.environment.items_list)
+        for problem in problems:
+            log.warning("model skipped: %s", problem)
+        if not models:
+            raise StartupError(
+                f"no servable models in {cfg.model_dir}: run `blockmarket convert` (or `blockmarket train`) "
+                "first, or set runtime.convert_on_startup: true"
+            )
+        population = create_population(
+            models,
+            cfg.environment.items_list,
+            num_agents=cfg.runtime.num_agents,
+            assignment=cfg.runtime.assignment,
+            seed=cfg.runtime.seed,
+        )
+        use_npu = cfg.npu.enabled and qnn_available()
+        pool = SessionPool(
+            population,
+            {m.key: m for m in models},
+            factory=self.session_factory or default_session_factory(cfg.npu, cfg.runtime.intra_op_threads),
+            max_sessions=cfg.runtime.max_sessions,
+            model_dir=cfg.model_dir,
+            use_npu=use_npu,
+        )
+        await pool.start()
+        log.info(
+            "serving %d agents (%s) with %d models in %d session(s) on %s",
+            len(population),
+            cfg.runtime.assignment,
+            len(models),
+            len(pool.current.units),
+            ", ".join(pool.current.providers),
+        )
+        self.population, self.pool = population, pool
+        return population, pool
+
+    def reloader(self, pool: SessionPool) -> ModelReloader:
+        cfg = self.config
+        convert = self.convert if cfg.runtime.convert_on_startup else None
+        watcher = ModelWatcher(cfg.model_dir, lambda: checkpoints(cfg))
+        return ModelReloader(pool, watcher, poll_s=cfg.runtime.reload_poll_s, convert=convert)
+
+    def status(self, state: str) -> dict[str, Any]:
+        """The retained status message: roster, models, EPs and serving figures."""
+        pop, pool = self.population, self.pool
+        status: dict[str, Any] = {"state": state, "pid": os.getpid(), "started_at": self.started_at}
+        if pop is not None and pool is not None:
+            status.update(
+                agents=len(pop),
+                agent_ids=list(pop.agent_ids),
+                desired=pop.desired_items,
+                items=list(pop.items),
+                eps=pool.current.providers,
+                model_versions=pool.current.versions,
+            )
+        if self.scheduler is not None:
+            status.update(self.scheduler.stats())
+        return status
+
+    async def report_status(self, transport: RuntimeTransport) -> None:
+        """Publish the retained status once connected and every runtime.status_interval_s, with a log line."""
+        await transport.connected.wait()
+        while True:
+            await transport.publish_status(encode_status(self.status("online")))
+            await asyncio.sleep(self.config.runtime.status_interval_s)
+            log.info("%s", self._summary())
+
+    def _summary(self) -> str:
+        if self.scheduler is None:
+            return "not serving"
+        s = self.scheduler.stats()
+        return (
+            f"{len(self.scheduler.population)} agents: {s['ticks_served']} ticks served, "
+            f"{s['ticks_skipped']} skipped, p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
+            f"dropped {s['dropped'] or 0}, pool generation {s['pool_generation']}"
+        )
+
+    async def _announce_ready(self, transport: RuntimeTransport) -> None:
+        await transport.connected.wait()
+        self.ready.set()
+
+    async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> int:
+        """Wait for stop(); a serving task that dies is logged and ends the process with code 1."""
+        stop = asyncio.create_task(self._stop.wait())
+        pending: set[asyncio.Future[Any]] = {stop, *tasks}
+        try:
+            while not stop.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {stop}:
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("%s task failed", task.get_name(), exc_info=task.exception())  # type: ignore[attr-defined]
+                        return 1
+            return 0
+        finally:
+            stop.cancel()
+
+
+@contextlib.contextmanager
+def _signals_stop(server: RuntimeServer) -> Any:
+    """SIGINT/SIGTERM stop the server cleanly (offline status, exit 0) instead of a traceback."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="config file (default: ./config.yaml, else built-in)")
+    parser.add_argument("--agents", type=int, help="override runtime.num_agents")
+    parser.add_argument("--model-dir", help="override runtime.model_dir (the converted models to serve)")
+    parser.add_argument("--no-convert", action="store_true", help="serve the existing models only")
+    parser.add_argument("--no-reload", action="store_true", help="do not watch the model directory")
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level"
+    )
+
+
+def configure(args: argparse.Namespace) -> Config:
+    """The config file with the command line's overrides applied (validated by the same model)."""
+    config = load_config(args.config)
+    runtime: dict[str, Any] = {}
+    if args.agents is not None:
+        runtime["num_agents"] = args.agents
+    if args.model_dir is not None:
+        runtime["model_dir"] = args.model_dir
+    if args.no_convert:
+        runtime["convert_on_startup"] = False
+    if args.no_reload:
+        runtime["hot_reload"] = False
+    update: dict[str, Any] = {
+        "runtime": config.runtime.model_validate({**config.runtime.model_dump(), **runtime})
+    }
+    if args.log_level:
+        update["logging"] = config.logging.model_copy(update={"level": args.log_level})
+    return config.model_copy(update=update)
+
+
+def main(args: argparse.Namespace) -> int:
+    from runtime.cli import setup_logging
+
+    try:
+        config = configure(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"blockmarket run: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
+    try:
+        return asyncio.run(RuntimeServer(config).serve())
+    except (StartupError, PoolError, ModelError, BrokerError, ProviderError) as exc:
+        log.error("%s", exc)
+        return 1

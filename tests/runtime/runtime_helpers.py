@@ -1,0 +1,276 @@
+"""Helpers for the serving tests: converted-looking models, configs, a runtime process, a game client.
+
+Models are small TradingNetwork-shaped ONNX graphs written with onnx.helper.
+
+The models have the converter's layout (Gemm/Relu layers, head -> Softplus + 0.1, input `state_vector`,
+output `trading_matrix`) and a `<key>_metadata.json` next to them, so the runtime serves them exactly as
+converted checkpoints, without torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.agents import create_population
+from runtime.config import MqttConfig, RuntimeConfig, dump_default_config
+from runtime.models import discover_models
+from runtime.protocol import (
+    Limits,
+    MarketTick,
+    MatricesMessage,
+    Topics,
+    decode_matrices,
+    decode_status,
+    encode_tick,
+)
+from runtime.state import state_dim
+from runtime.transport import MqttLink
+
+ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
+Weights = list[npt.NDArray[np.float32]]
+
+
+def trading_weights(seed: int, num_items: int = len(ITEMS), hidden: int = 16, layers: int = 3) -> Weights:
+    """[W, b] per layer in nn.Linear layout (W [out, in]); the head gives n^2 outputs."""
+    rng = np.random.default_rng(seed)
+    dims = [state_dim(num_items), *([hidden] * layers), num_items * num_items]
+    weights: Weights = []
+    for fan_in, fan_out in itertools.pairwise(dims):
+        weights.append((rng.standard_normal((fan_out, fan_in)) / np.sqrt(fan_in)).astype(np.float32))
+        weights.append((0.1 * rng.standard_normal(fan_out)).astype(np.float32))
+    return weights
+
+
+def reference_forward(weights: Weights, states: np.ndarray) -> np.ndarray:
+    """The TradingNetwork forward pass in float64 numpy: ReLU MLP, softplus(head) + 0.1."""
+    hidden = states.astype(np.float64)
+    for layer in range(0, len(weights), 2):
+        hidden = hidden @ weights[layer].T.astype(np.float64) + weights[layer + 1]
+        if layer + 2 < len(weights):
+            hidden = np.maximum(hidden, 0.0)
+    return np.logaddexp(0.0, hidden) + 0.1
+
+
+def trading_model(weights: Weights, batch: int | str = "batch") -> onnx.ModelProto:
+    """The ONNX graph the converter exports for a TradingNetwork (dynamic or static batch)."""
+    nodes, inits = [], []
+    value = "state_vector"
+    layers = len(weights) // 2
+    for layer in range(layers):
+        w, b = f"w{layer}", f"b{layer}"
+        inits += [
+            numpy_helper.from_array(weights[2 * layer], w),
+            numpy_helper.from_array(weights[2 * layer + 1], b),
+        ]
+        nodes.append(helper.make_node("Gemm", [value, w, b], [f"gemm{layer}"], transB=1))
+        value = f"gemm{layer}"
+        if layer < layers - 1:
+            nodes.append(helper.make_node("Relu", [value], [f"relu{layer}"]))
+            value = f"relu{layer}"
+    inits.append(numpy_helper.from_array(np.array(0.1, dtype=np.float32), "floor"))
+    nodes.append(helper.make_node("Softplus", [value], ["softplus"]))
+    nodes.append(helper.make_node("Add", ["softplus", "floor"], ["trading_matrix"]))
+    graph = helper.make_graph(
+        nodes,
+        "trading_network",
+        [helper.make_tensor_value_info("state_vector", TensorProto.FLOAT, [batch, weights[0].shape[1]])],
+        [helper.make_tensor_value_info("trading_matrix", TensorProto.FLOAT, [batch, weights[-1].shape[0]])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_model(
+    model_dir: Path,
+    key: str,
+    weights: Weights,
+    *,
+    items: tuple[str, ...] = ITEMS,
+    desired_item: str | None = None,
+    agent_id: str | None = None,
+    variants: Sequence[tuple[int, Weights]] = (),
+) -> Path:
+    """`<key>.onnx` + `<key>_metadata.json` as the converter writes them; returns the metadata path."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = model_dir / f"{key}.onnx"
+    onnx.save_model(trading_model(weights), str(onnx_path))
+    variant_info = []
+    for batch, variant_weights in variants:
+        name = f"{key}_fp32_b{batch}.onnx"
+        onnx.save_model(trading_model(variant_weights, batch=batch), str(model_dir / name))
+        variant_info.append({"onnx_path": name, "precision": "fp32", "batch_size": batch})
+    n = len(items)
+    meta = {
+        "model_info": {
+            "onnx_path": onnx_path.name,
+            "model_type": "TradingNetwork",
+            "input_dim": state_dim(n),
+            "output_dim": n * n,
+            "items_list": list(items),
+            "hidden_dim": int(weights[0].shape[0]),
+        },
+        "agent_info": {"agent_id": agent_id, "desired_item": desired_item},
+        "npu_optimization": {"variants": variant_info},
+        "conversion_info": {"onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()},
+    }
+    path = model_dir / f"{key}_metadata.json"
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    return path
+
+
+def write_config(path: Path, **sections: dict[str, object]) -> Path:
+    """A complete config file: the built-in defaults with some keys of some sections replaced."""
+    data = dump_default_config()
+    for section, values in sections.items():
+        data[section].update(values)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def runtime_process(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """`blockmarket run --config CONFIG` in its own process (stdout/stderr to ``log_path``)."""
+    code = (
+        "import argparse, sys; from runtime import serve; p = argparse.ArgumentParser(); "
+        "serve.configure_parser(p); sys.exit(serve.main(p.parse_args()))"
+    )
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM (what an operator's supervisor sends), then the exit code; SIGKILL only if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+    return int(process.returncode)
+
+
+class GameClient:
+    """The game-server side in a test: publishes ticks, records them and the runtime's answers and status."""
+
+    def __init__(self, mqtt: MqttConfig, num_items: int) -> None:
+        self.topics = Topics(mqtt.topic_prefix)
+        self.limits = Limits(max_payload_bytes=mqtt.max_payload_bytes, num_items=num_items)
+        self.sent: dict[int, MarketTick] = {}
+        self.answers: dict[int, MatricesMessage] = {}
+        self.status: dict[str, Any] = {}
+        self.link = MqttLink(
+            mqtt,
+            client_id=f"test-game-{uuid.uuid4().hex[:8]}",
+            subscriptions={self.topics.matrices: self._on_matrices, self.topics.status: self._on_status},
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def _on_matrices(self, payload: bytes, _: float) -> None:
+        msg = decode_matrices(payload, self.limits)
+        self.answers[msg.tick] = msg
+
+    def _on_status(self, payload: bytes, _: float) -> None:
+        self.status = decode_status(payload, self.limits)
+
+    async def __aenter__(self) -> GameClient:
+        self._task = asyncio.create_task(self.link.run())
+        await asyncio.wait_for(self.link.connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.link.disconnect()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def online(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The retained status once the runtime is online (its roster tells us the agent ids)."""
+        await wait_for(lambda: self.status.get("state") == "online", timeout, "the runtime's online status")
+        return self.status
+
+    def tick(self, number: int, seed: int = 0, market_mean: bool = False) -> MarketTick:
+        ids = tuple(self.status["agent_ids"])
+        rng = np.random.default_rng(seed * 100_003 + number)
+        n = len(self.status["items"])
+        return MarketTick(
+            tick=number,
+            sent_at=time.time(),
+            agent_ids=ids,
+            inventory=rng.integers(0, 30, size=(len(ids), n)).astype(np.float32),
+            successful=rng.integers(0, 5, size=len(ids)).astype(np.float32),
+            attempted=rng.integers(0, 10, size=len(ids)).astype(np.float32),
+            market_mean=rng.uniform(0.2, 5.0, size=(n, n)).astype(np.float32) if market_mean else None,
+        )
+
+    async def send(self, tick: MarketTick) -> None:
+        self.sent[tick.tick] = tick
+        assert await self.link.publish(self.topics.tick, encode_tick(tick)), "tick not published"
+
+    async def send_raw(self, payload: bytes) -> None:
+        assert await self.link.publish(self.topics.tick, payload)
+
+    async def answer(self, number: int, timeout: float = 10.0) -> MatricesMessage:
+        await wait_for(lambda: number in self.answers, timeout, f"the answer to tick {number}")
+        return self.answers[number]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class OfflineMarket:
+    """Recomputes the runtime's answers from the recorded ticks with plain CPU sessions, per model group."""
+
+    def __init__(self, model_dir: Path, runtime: RuntimeConfig, items: tuple[str, ...], alpha: float) -> None:
+        models, _ = discover_models(model_dir, items)
+        self.population = create_population(
+            models, items, num_agents=runtime.num_agents, assignment=runtime.assignment, seed=runtime.seed
+        )
+        self.sessions = {m.key: ort.InferenceSession(str(m.onnx_path)) for m in models}
+        self.groups = self.population.groups()
+        self.alpha = alpha
+
+    def step(self, tick: MarketTick) -> np.ndarray:
+        pop = self.population
+        rows = pop.rows_for(tick.agent_ids)
+        pop.observe(rows, tick.inventory, tick.successful, tick.attempted)
+        states = pop.states(tick.market_mean)
+        proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
+        for key, group in self.groups.items():
+            proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
+        return pop.update(rows, proposals, self.alpha).copy()
+
+
+def check_matrices(matrices: np.ndarray, count: int, num_items: int) -> None:
+    """What every answer must satisfy: shape, finite, diagonal 1, within [0.1, 10]."""
+    assert matrices.shape == (count, num_items, num_items)
+    assert np.isfinite(matrices).all()
+    assert (np.diagonal(matrices, axis1=1, axis2=2) == 1.0).all()
+    assert matrices.min() >= 0.1 - 1e-7 and matrices.max() <= 10.0 + 1e-6

@@ -1,0 +1,58 @@
+"""Run the real serving path in this process, drive a few ticks through MQTT, report what was imported.
+
+Used by test_serve.py in a subprocess: `python serve_probe.py CONFIG TICKS` prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import numpy as np
+
+from runtime.cli import setup_logging
+from runtime.config import load_config
+from runtime.protocol import MarketTick, Topics, encode_tick
+from runtime.serve import RuntimeServer
+from runtime.transport import MqttLink
+
+
+async def probe(config_path: str, ticks: int) -> dict[str, object]:
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.format)
+    server = RuntimeServer(config)
+    serving = asyncio.create_task(server.serve())
+    await asyncio.wait_for(server.ready.wait(), 120)
+    assert server.population is not None and server.scheduler is not None
+    answers: list[bytes] = []
+    topics = Topics(config.mqtt.topic_prefix)
+    client = MqttLink(
+        config.mqtt, client_id="probe", subscriptions={topics.matrices: lambda p, _: answers.append(p)}
+    )
+    link = asyncio.create_task(client.run())
+    await asyncio.wait_for(client.connected.wait(), 10)
+    ids, n = server.population.agent_ids, server.population.num_items
+    for number in range(ticks):
+        tick = MarketTick(number, time.time(), ids, np.full((len(ids), n), 5.0, np.float32),
+                          np.zeros(len(ids), np.float32), np.ones(len(ids), np.float32))  # fmt: skip
+        await client.publish(topics.tick, encode_tick(tick))
+        deadline = time.monotonic() + 10
+        while len(answers) <= number and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    server.stop()
+    code = await serving
+    await client.disconnect()
+    link.cancel()
+    return {
+        "exit_code": code,
+        "answers": len(answers),
+        "agents": len(ids),
+        "torch_imported": "torch" in sys.modules,
+        "conversion_imported": any(m.startswith("conversion") for m in sys.modules),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(probe(sys.argv[1], int(sys.argv[2])))))

@@ -1,0 +1,98 @@
+"""`blockmarket run` as an operator starts it: converts in a worker, serves, stops cleanly, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.config import load_config
+from tests.conversion.original_format import make_network, write_original_checkpoint
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    GameClient,
+    check_matrices,
+    runtime_process,
+    stop_process,
+    wait_for,
+    write_config,
+)
+
+PROBE = Path(__file__).with_name("serve_probe.py")
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+
+
+def test_serving_process_converts_in_a_worker_and_never_imports_torch(tmp_path: Path, prefix: str) -> None:
+    checkpoints = tmp_path / "trading_agents"
+    for i, desired in enumerate(("gold", "apple")):
+        network = make_network("TradingNetwork", len(ITEMS), hidden_dim=32, seed=i)
+        write_original_checkpoint(
+            checkpoints / f"agent_a{i}_final.pth", network, agent_id=f"a{i}", desired_item=desired
+        )
+    config = write_config(
+        tmp_path / "config.yaml",
+        training={"model_save_path": str(checkpoints)},
+        runtime={"num_agents": 8, "convert_on_startup": True, "hot_reload": True},
+        mqtt={"topic_prefix": prefix},
+        npu={"enabled": False},
+    )
+    done = subprocess.run(
+        [sys.executable, str(PROBE), str(config), "3"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {
+        "exit_code": 0,
+        "answers": 3,
+        "agents": 8,
+        "torch_imported": False,
+        "conversion_imported": False,
+    }, done.stderr[-3000:]
+    converted = sorted(p.name for p in (checkpoints / "onnx").glob("*_metadata.json"))
+    assert converted == ["agent_a0_final_metadata.json", "agent_a1_final_metadata.json"]
+    assert "converting new checkpoints" in done.stderr
+
+
+async def test_run_answers_ticks_and_goes_offline_on_sigterm(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    config_path = write_config(
+        tmp_path / "config.yaml",
+        runtime={
+            "num_agents": 5,
+            "model_dir": str(model_dir),
+            "convert_on_startup": False,
+            "status_interval_s": 0.5,
+        },
+        training={"model_save_path": str(tmp_path / "none")},
+        mqtt={"topic_prefix": prefix},
+        npu={"enabled": False},
+    )
+    config = load_config(config_path)
+    process = runtime_process(config_path, tmp_path / "run.log")
+    try:
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            status = await game.online()
+            assert status["agents"] == 5 and status["items"] == list(ITEMS)
+            assert status["desired"][:3] == ["gold", ITEMS[1], "apple"]
+            assert status["eps"] == ["CPUExecutionProvider"] and set(status["model_versions"]) == {
+                "m0",
+                "m1",
+                "m2",
+            }
+            await game.send(game.tick(0))
+            check_matrices((await game.answer(0)).matrices, 5, len(ITEMS))
+            assert stop_process(process) == 0
+            await wait_for(lambda: game.status.get("state") == "offline", 10, "the offline status")
+            assert game.status["ticks_served"] == 1
+    finally:
+        stop_process(process)
+    assert "runtime stopped: 5 agents: 1 ticks served" in (tmp_path / "run.log").read_text()
