@@ -1,0 +1,212 @@
+"""What the process-level benchmarks share: checkpoints to serve, a config per run, and a live runtime.
+
+Everything goes through the user's commands (``blockmarket convert``, ``run``, ``simulate``) in
+separate processes, talking to the real broker, so the figures include what a deployment pays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import yaml
+
+from benchmarks._report import REPO_ROOT
+from runtime.config import Config, load_config
+from runtime.protocol import Limits, ProtocolError, Topics, decode_status
+
+STATUS_LIMITS = Limits(max_payload_bytes=64 * 1024 * 1024)
+
+
+class HarnessError(RuntimeError):
+    """A benchmark step failed; the message names the command and the tail of its log."""
+
+
+def blockmarket() -> list[str]:
+    """The console script installed next to this interpreter (what a user runs)."""
+    script = Path(sys.executable).with_name("blockmarket")
+    if not script.is_file():
+        raise HarnessError(
+            f"{script}: no `blockmarket` console script; install the project (pip install -e .)"
+        )
+    return [str(script)]
+
+
+def unique_prefix(name: str) -> str:
+    """A topic prefix no other run (or retained message) on the shared broker uses."""
+    return f"bench-{name}-{uuid.uuid4().hex[:10]}"
+
+
+def write_checkpoints(folder: Path, count: int, items: tuple[str, ...], hidden: int, seed: int) -> list[Path]:
+    """``count`` random TradingNetwork agents in the original trainer's checkpoint format."""
+    import torch
+
+    from conversion.checkpoint import save_checkpoint
+    from conversion.networks import TradingNetwork
+    from runtime.state import initial_matrices, state_dim
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = len(items)
+    paths = []
+    for i in range(count):
+        net = TradingNetwork(state_dim(n), hidden, n)
+        paths.append(
+            save_checkpoint(
+                folder / f"agent_bench{i:05d}_final.pth",
+                network_state_dict=net.state_dict(),
+                optimizer_state_dict=torch.optim.Adam(net.parameters()).state_dict(),
+                agent_id=f"bench{i:05d}",
+                desired_item=items[i % n],
+                inventory={item: float(v) for item, v in zip(items, rng.integers(5, 15, n), strict=True)},
+                trading_matrix=initial_matrices(rng, 1, n)[0].astype(np.float64),
+                position=rng.uniform(0, 100, 2),
+                reward_history=[],
+            )
+        )
+    return paths
+
+
+def write_config(path: Path, overrides: dict[str, dict[str, Any]]) -> Config:
+    """The repository's config.yaml with per-section overrides, written to ``path`` and validated."""
+    document = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    for section, values in overrides.items():
+        document[section].update(values)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return load_config(path)
+
+
+def run_command(command: list[str], log: Path, timeout: float) -> float:
+    """Run a command to completion with its output in ``log``; returns the wall time in seconds."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise HarnessError(f"`{' '.join(command)}` exited {done.returncode}:\n{tail(log)}")
+    return elapsed
+
+
+def convert(checkpoints: Path, config: Path, output: Path, log: Path, timeout: float = 1800) -> float:
+    """``blockmarket convert`` over a checkpoint folder; returns the wall time in seconds."""
+    command = [*blockmarket(), "convert", "--model-path", str(checkpoints), "--config", str(config)]
+    return run_command([*command, "--output-dir", str(output), "--no-progress"], log, timeout)
+
+
+def tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({log} unreadable)"
+
+
+@dataclass
+class RuntimeProcess:
+    """A ``blockmarket run`` child process and where its log goes."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    started_at: float  # perf_counter() just before the process was spawned
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise HarnessError(f"`blockmarket run` exited {self.process.returncode}:\n{tail(self.log)}")
+
+
+@contextmanager
+def running_runtime(config: Path, log: Path) -> Iterator[RuntimeProcess]:
+    """``blockmarket run`` for the duration of the block; stopped with SIGINT (its clean shutdown)."""
+    command = [*blockmarket(), "run", "--config", str(config), "--no-convert", "--no-reload"]
+    with log.open("w") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    runtime = RuntimeProcess(process, log, started)
+    try:
+        yield runtime
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+async def wait_for_status(
+    config: Config, runtime: RuntimeProcess, timeout: float, state: str
+) -> dict[str, Any]:
+    """The runtime's retained status once it says ``state`` (raises if the process dies first)."""
+    topic = Topics(config.mqtt.topic_prefix).status
+    deadline = time.perf_counter() + timeout
+    async with aiomqtt.Client(config.mqtt.host, config.mqtt.port) as client:
+        await client.subscribe(topic, qos=1)
+        messages = aiter(client.messages)  # one iterator: a timed-out wait loses no message
+        while time.perf_counter() < deadline:
+            if state == "online":
+                runtime.check_alive()
+            try:
+                message = await asyncio.wait_for(anext(messages), timeout=0.5)
+            except TimeoutError:
+                continue
+            try:
+                status = decode_status(bytes(message.payload), STATUS_LIMITS)
+            except ProtocolError as exc:
+                raise HarnessError(f"{topic}: unreadable runtime status ({exc})") from None
+            if status["state"] == state:
+                return status
+    raise HarnessError(f"no {state!r} status on {topic} within {timeout:.0f} s:\n{tail(runtime.log)}")
+
+
+class ResourceSampler:
+    """CPU% (average over the window, 100 = one core) and peak RSS of one process, sampled on a thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.25) -> None:
+        import psutil
+
+        self._process = psutil.Process(pid)
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name=f"sample-{pid}", daemon=True)
+        self.peak_rss = 0
+        self._cpu_start = 0.0
+        self._wall_start = 0.0
+        self.cpu_percent = 0.0
+
+    def _cpu_seconds(self) -> float:
+        times = self._process.cpu_times()
+        return float(times.user + times.system)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    def __enter__(self) -> ResourceSampler:
+        self._cpu_start, self._wall_start = self._cpu_seconds(), time.perf_counter()
+        self.peak_rss = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        wall = time.perf_counter() - self._wall_start
+        self.cpu_percent = 100.0 * (self._cpu_seconds() - self._cpu_start) / max(wall, 1e-9)
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
