@@ -28,12 +28,14 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import torch
+from onnx import version_converter
 from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
 from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
-from conversion.export import INPUT_NAME, export_static
+from conversion.export import INPUT_NAME, export_static, written_opset
 from conversion.files import atomic_target
 from conversion.networks import NetworkSpec
 from conversion.validation import compare_outputs, session_outputs, torch_outputs, validation_states
@@ -72,6 +74,10 @@ QDQ_TYPES: dict[str, tuple[QuantType, QuantType]] = {
     "int8": (QuantType.QUInt8, QuantType.QUInt8),
     "int16": (QuantType.QUInt16, QuantType.QUInt8),
 }
+
+# 16-bit QuantizeLinear/DequantizeLinear exist from opset 21; torch exports at most 20, so the static
+# fp32 model is upgraded with onnx's version converter before quantization.
+MIN_OPSET = {"int16": 21}
 
 ROLLOUT_AGENTS = 16  # agents of the calibration market; states are collected every step
 EDGE_CHUNK = 16  # realistic calibration states are drawn in chunks this size, each opening with edge cases
@@ -132,9 +138,23 @@ def _write_fp16(static_fp32: Path, target: Path) -> None:
 
 
 def _write_qdq(static_fp32: Path, target: Path, precision: str, reader: StateCalibrationReader) -> None:
+    """QNN's graph fixes, ORT's quantization pre-processing (shape inference, optimisation), then QDQ.
+
+    (In this order: ``qnn_preprocess_model`` fails on a model that already carries metadata props.)
+    """
     activation, weight = QDQ_TYPES[precision]
-    prepared = static_fp32.with_name(f"{static_fp32.stem}_prep.onnx")
-    source = prepared if qnn_preprocess_model(static_fp32, prepared) else static_fp32
+    scratch = static_fp32.with_name(f"{static_fp32.stem}_{precision}")
+    start = static_fp32
+    if precision in MIN_OPSET and written_opset(onnx.load(str(static_fp32))) < MIN_OPSET[precision]:
+        start = scratch.with_name(f"{scratch.name}_opset.onnx")
+        onnx.save_model(
+            version_converter.convert_version(onnx.load(str(static_fp32)), MIN_OPSET[precision]), start
+        )
+    prepared = scratch.with_name(f"{scratch.name}_qnn.onnx")
+    source = scratch.with_name(f"{scratch.name}_pre.onnx")
+    quant_pre_process(  # static shapes: ONNX shape inference is enough, the symbolic pass costs ~0.6 s
+        prepared if qnn_preprocess_model(start, prepared) else start, source, skip_symbolic_shape=True
+    )
     quant_config = get_qnn_qdq_config(source, reader, activation_type=activation, weight_type=weight)
     with atomic_target(target) as tmp:
         quantize(source, tmp, quant_config)
@@ -204,12 +224,8 @@ def build_variants(
     calibration: States | None = None
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=out) as scratch:
         for batch_size in config.conversion.static_batch_sizes:
-            static = export_static(
-                model,
-                Path(scratch) / f"{name}_b{batch_size}.onnx",
-                batch_size,
-                config.conversion.opset_version,
-            ).path
+            static = Path(scratch) / f"{name}_b{batch_size}.onnx"
+            export_static(model, static, batch_size, config.conversion.opset_version)
             for precision in precisions:
                 target = out / variant_file(name, precision, batch_size)
                 if precision == "fp16":

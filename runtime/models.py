@@ -100,7 +100,7 @@ def read_model(metadata_path: Path) -> ModelInfo:
             metadata_path.with_name(Path(v["onnx_path"]).name), str(v["precision"]), int(v["batch_size"])
         )
         for v in (data.get("npu_optimization") or {}).get("variants", [])
-        if isinstance(v, dict) and v.get("batch_size")
+        if isinstance(v, dict) and v.get("batch_size") and v.get("passed") is True  # failed: never served
     )
     return ModelInfo(
         key=key,
