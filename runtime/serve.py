@@ -44,12 +44,19 @@ class StartupError(RuntimeError):
     """The runtime cannot start serving (the message says what is missing and what to do)."""
 
 
+# What stops a start with a one-line message instead of a traceback (each names the file or setting).
+STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError)
+
+
 class RuntimeServer:
     """One serving process: population + session pool + scheduler + MQTT transport, with a clean stop."""
 
-    def __init__(self, config: Config, *, session_factory: SessionFactory | None = None) -> None:
+    def __init__(
+        self, config: Config, *, session_factory: SessionFactory | None = None, handle_signals: bool = True
+    ) -> None:
         self.config = config
         self.session_factory = session_factory
+        self.handle_signals = handle_signals
         self.ready = asyncio.Event()  # set once the pool serves and the broker connection is up
         self.started_at = time.time()
         self.population: AgentPopulation | None = None
@@ -91,7 +98,7 @@ class RuntimeServer:
         if self.config.runtime.hot_reload:
             tasks.append(asyncio.create_task(self.reloader(pool).run(), name="reload"))
         exit_code = 0
-        with _signals_stop(self):
+        with _signals_stop(self) if self.handle_signals else contextlib.nullcontext():
             try:
                 exit_code = await self._until_stopped(tasks)
             finally:
@@ -271,9 +278,9 @@ def configure(args: argparse.Namespace) -> Config:
         runtime["num_agents"] = args.agents
     if args.model_dir is not None:
         runtime["model_dir"] = args.model_dir
-    if args.no_convert:
+    if getattr(args, "no_convert", False):
         runtime["convert_on_startup"] = False
-    if args.no_reload:
+    if getattr(args, "no_reload", False):
         runtime["hot_reload"] = False
     update: dict[str, Any] = {
         "runtime": config.runtime.model_validate({**config.runtime.model_dump(), **runtime})
@@ -294,6 +301,6 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
     try:
         return asyncio.run(RuntimeServer(config).serve())
-    except (StartupError, PoolError, ModelError, BrokerError, ProviderError) as exc:
+    except STARTUP_ERRORS as exc:
         log.error("%s", exc)
         return 1
