@@ -84,8 +84,8 @@ def _unpickle(path: Path) -> object:
         global_name = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if global_name:
             raise CheckpointError(
-                f"{path}: refused: the pickle asks for '{global_name.group(1)}', which is neither plain data, "
-                f"a tensor nor a numpy array (it could run code); re-save it with plain types"
+                f"{path}: refused: the pickle asks for '{global_name.group(1)}', which is neither plain "
+                "data, a tensor nor a numpy array (it could run code); re-save it with plain types"
             ) from None
         detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
         reason = detail.group(1).strip() if detail else "unreadable pickle"
@@ -115,12 +115,13 @@ def load_checkpoint(path: str | Path) -> AgentCheckpoint:
     matrix = obj.get("trading_matrix")
     position = obj.get("position")
     inventory = obj.get("inventory")
+    items = {str(k): float(v) for k, v in inventory.items()} if isinstance(inventory, Mapping) else None
     return AgentCheckpoint(
         path=path,
         network_state_dict=dict(weights),
         agent_id=str(obj.get("agent_id", path.stem)),
         desired_item=None if obj.get("desired_item") is None else str(obj["desired_item"]),
-        inventory={str(k): float(v) for k, v in inventory.items()} if isinstance(inventory, Mapping) else None,
+        inventory=items,
         trading_matrix=None if matrix is None else np.asarray(matrix, dtype=np.float64),
         position=None if position is None else np.asarray(position, dtype=np.float64),
         reward_history=[float(r) for r in obj.get("reward_history", []) or []],

@@ -259,7 +259,7 @@ class ONNXConverter:
 
     def _export_validated(self, model: nn.Module, onnx_path: Path) -> tuple[ExportedModel, ValidationReport]:
         """Export next to the target, validate, and only then move it into place."""
-        staging = onnx_path.with_name(f"{onnx_path.name}.partial")
+        staging = onnx_path.with_name(f".{onnx_path.name}.{os.getpid()}.partial")  # per process: no clashes
         try:
             exported = self.convert_to_onnx(model, staging)
             report = validate_onnx(model, staging, self.config.conversion)
