@@ -30,7 +30,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.agents import create_population
-from runtime.config import MqttConfig, RuntimeConfig, dump_default_config
+from runtime.config import MqttConfig, RuntimeConfig, dump_default_config, load_config
 from runtime.models import discover_models
 from runtime.protocol import (
     Limits,
@@ -39,6 +39,7 @@ from runtime.protocol import (
     Topics,
     decode_matrices,
     decode_status,
+    decode_tick,
     encode_tick,
 )
 from runtime.state import state_dim
@@ -176,22 +177,25 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
 class GameClient:
     """The game-server side in a test: publishes ticks, records them and the runtime's answers and status."""
 
-    def __init__(self, mqtt: MqttConfig, num_items: int) -> None:
+    def __init__(self, mqtt: MqttConfig, num_items: int, record_ticks: bool = False) -> None:
         self.topics = Topics(mqtt.topic_prefix)
         self.limits = Limits(max_payload_bytes=mqtt.max_payload_bytes, num_items=num_items)
         self.sent: dict[int, MarketTick] = {}
         self.answers: dict[int, MatricesMessage] = {}
         self.status: dict[str, Any] = {}
-        self.link = MqttLink(
-            mqtt,
-            client_id=f"test-game-{uuid.uuid4().hex[:8]}",
-            subscriptions={self.topics.matrices: self._on_matrices, self.topics.status: self._on_status},
-        )
+        subscriptions = {self.topics.matrices: self._on_matrices, self.topics.status: self._on_status}
+        if record_ticks:  # another process (the simulator) plays the game: record what it sends
+            subscriptions[self.topics.tick] = self._on_tick
+        self.link = MqttLink(mqtt, client_id=f"test-game-{uuid.uuid4().hex[:8]}", subscriptions=subscriptions)
         self._task: asyncio.Task[None] | None = None
 
     def _on_matrices(self, payload: bytes, _: float) -> None:
         msg = decode_matrices(payload, self.limits)
         self.answers[msg.tick] = msg
+
+    def _on_tick(self, payload: bytes, _: float) -> None:
+        tick = decode_tick(payload, self.limits)
+        self.sent[tick.tick] = tick
 
     def _on_status(self, payload: bytes, _: float) -> None:
         self.status = decode_status(payload, self.limits)
@@ -247,6 +251,25 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
 
 class OfflineMarket:
     """Recomputes the runtime's answers from the recorded ticks with plain CPU sessions, per model group."""
+
+    @classmethod
+    def check(cls, config_path: Path, game: GameClient) -> int:
+        """Replay the answered ticks in order; every answer must equal the recomputation. Returns how many."""
+        config = load_config(config_path)
+        market = cls(
+            config.model_dir,
+            config.runtime,
+            config.environment.items_list,
+            config.learning.matrix_update_rate,
+        )
+        for number in sorted(game.answers):  # a tick the runtime skipped never touched its state
+            answer = game.answers[number]
+            expected = market.step(game.sent[number])
+            assert answer.agent_ids == game.sent[number].agent_ids
+            np.testing.assert_allclose(
+                answer.matrices, expected, rtol=1e-4, atol=1e-5, err_msg=f"tick {number}"
+            )
+        return len(game.answers)
 
     def __init__(self, model_dir: Path, runtime: RuntimeConfig, items: tuple[str, ...], alpha: float) -> None:
         models, _ = discover_models(model_dir, items)

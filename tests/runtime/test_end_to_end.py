@@ -1,0 +1,203 @@
+"""The issue's acceptance tests: runtime and game in separate processes over the real Mosquitto.
+
+Every answer is checked against an offline recomputation of the same models from the recorded ticks, so
+"agent state intact" (across broker restarts, bad input, skipped ticks) is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from runtime.config import load_config
+from runtime.protocol import MarketTick, encode_tick
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    GameClient,
+    OfflineMarket,
+    check_matrices,
+    runtime_process,
+    stop_process,
+    trading_weights,
+    wait_for,
+    write_config,
+    write_model,
+)
+from tests.wire.wire_helpers import PrivateMosquitto
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+
+AGENTS = 128
+
+
+@pytest.fixture
+def twelve_models(tmp_path: Path) -> Path:
+    """More distinct models than runtime.max_sessions (8): the runtime serves them as a population pack."""
+    directory = tmp_path / "onnx"
+    for i in range(12):
+        write_model(directory, f"agent_{i:02d}", trading_weights(100 + i), desired_item=ITEMS[i % 5])
+    return directory
+
+
+def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **mqtt: object) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        runtime={
+            "num_agents": AGENTS,
+            "model_dir": str(model_dir),
+            "convert_on_startup": False,
+            "status_interval_s": 0.3,
+        },
+        training={"model_save_path": str(tmp_path / "no-checkpoints")},
+        mqtt={"topic_prefix": prefix, "reconnect_max_backoff_s": 0.5, "max_payload_bytes": 65536, **mqtt},
+        npu={"enabled": False},
+    )
+
+
+@contextmanager
+def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = runtime_process(config, tmp_path / "run.log")
+    try:
+        yield process
+    finally:
+        code = stop_process(process)
+        assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+
+async def test_128_agents_200_ticks_with_the_simulator(
+    tmp_path: Path, twelve_models: Path, prefix: str
+) -> None:
+    config_path = serving_config(tmp_path, twelve_models, prefix)
+    config = load_config(config_path)
+    summary_path = tmp_path / "simulation.json"
+    with running(config_path, tmp_path):
+        async with GameClient(config.mqtt, len(ITEMS), record_ticks=True) as recorder:
+            status = await recorder.online()
+            assert status["agents"] == AGENTS and len(status["model_versions"]) == 12
+            simulate = [
+                *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+                *("--ticks", "200", "--rate", "20", "--json", str(summary_path), "--quiet"),
+            ]
+            simulator = await asyncio.create_subprocess_exec(
+                *simulate, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            output, _ = await asyncio.wait_for(simulator.communicate(), 120)
+            assert simulator.returncode == 0, output.decode()[-3000:]
+            await wait_for(lambda: len(recorder.answers) >= 200, 5, "all 200 answers at the recorder")
+    summary = json.loads(summary_path.read_text())
+    assert summary["ticks_sent"] == 200 and summary["answered"] == 200 and summary["missing"] == 0
+    assert summary["rule_violations"] == 0 and summary["unknown_agents"] == 0
+    assert sorted(recorder.answers) == list(range(200))
+    for answer in recorder.answers.values():
+        check_matrices(answer.matrices, AGENTS, len(ITEMS))
+    assert OfflineMarket.check(config_path, recorder) == 200
+    log = (tmp_path / "run.log").read_text()
+    assert "pack:TradingNetwork-61x128" in log and "200 ticks served, 0 skipped" in log
+
+
+async def test_broker_restart_keeps_serving_with_agent_state_intact(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    broker = PrivateMosquitto(tmp_path)
+    broker.start()
+    config_path = serving_config(tmp_path, model_dir, prefix, port=broker.port)
+    config = load_config(config_path)
+    try:
+        with running(config_path, tmp_path):
+            async with GameClient(config.mqtt, len(ITEMS)) as game:
+                await game.online()
+                for number in range(30):
+                    await game.send(game.tick(number, market_mean=number % 2 == 0))
+                    await game.answer(number)
+                broker.stop()  # SIGKILL: both sides lose the connection
+                await asyncio.sleep(1.0)
+                broker.start()
+                game.status.clear()
+                await wait_for(game.link.connected.is_set, 15, "the test client to reconnect")
+                await game.online(15)  # the runtime reconnected and re-published its status
+                for number in range(30, 60):
+                    await game.send(game.tick(number))
+                    await game.answer(number)
+    finally:
+        broker.stop()
+    assert OfflineMarket.check(config_path, game) == 60  # ticks 30.. continue from the pre-restart state
+    assert "reconnected to MQTT broker" in (tmp_path / "run.log").read_text()
+
+
+def bad_payloads(valid: MarketTick) -> dict[str, bytes]:
+    """One payload per refusal kind; the expected kind is the key."""
+    good = encode_tick(valid)
+    count = len(valid.agent_ids)
+
+    def tick_with(**fields: object) -> bytes:
+        data = msgpack.unpackb(good)
+        data.update(fields)
+        return msgpack.packb(data, use_bin_type=True)
+
+    nan_inventory = valid.inventory.copy()
+    nan_inventory[0, 0] = np.nan
+    wire = {"dtype": "<f4", "shape": [count, len(ITEMS)], "data": nan_inventory.tobytes()}
+    return {
+        "malformed": b"\xc1 this is not msgpack",
+        "malformed_truncated": good[: len(good) // 2],
+        "oversized": b"\x00" * 70_000,
+        "schema": msgpack.packb({"v": 1, "type": "tick", "tick": "seven"}),
+        "version": tick_with(v=99),
+        "shape": tick_with(successful={"dtype": "<f4", "shape": [count + 1], "data": bytes(4 * (count + 1))}),
+        "non_finite": tick_with(inventory=wire),
+        "unknown_agent": tick_with(agent_ids=[*valid.agent_ids[:-1], "intruder"]),
+    }
+
+
+async def test_bad_input_never_stops_serving_and_is_counted(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    config_path = serving_config(tmp_path, model_dir, prefix)
+    config = load_config(config_path)
+    with running(config_path, tmp_path):
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            await game.online()
+            payloads = bad_payloads(game.tick(0))
+            for number, payload in enumerate(payloads.values()):
+                await game.send_raw(payload)
+                await game.send(game.tick(number))  # a valid tick right after each bad one is served
+                await game.answer(number)
+            expected = dict(Counter(kind.removesuffix("_truncated") for kind in payloads))
+            await wait_for(lambda: game.status.get("dropped") == expected, 5, f"dropped counts {expected}")
+            assert game.status["ticks_served"] == len(payloads)
+    assert OfflineMarket.check(config_path, game) == len(payloads)
+
+
+async def test_shell_clients_drive_a_tick(tmp_path: Path, model_dir: Path, prefix: str) -> None:
+    """mosquitto_pub / mosquitto_sub, not our code, publish a tick and read the answer."""
+    config_path = serving_config(tmp_path, model_dir, prefix)
+    config = load_config(config_path)
+    with running(config_path, tmp_path):
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            await game.online()
+            tick_file = tmp_path / "tick.msgpack"
+            tick_file.write_bytes(encode_tick(game.tick(1)))
+        subscriber = await asyncio.create_subprocess_exec(
+            *("mosquitto_sub", "-N", "-p", "1883", "-t", f"{prefix}/agents/matrices", "-C", "1", "-W", "10"),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        await asyncio.sleep(0.5)  # let the subscription land before the tick
+        publish = await asyncio.create_subprocess_exec(
+            *("mosquitto_pub", "-p", "1883", "-t", f"{prefix}/market/tick", "-f", str(tick_file))
+        )
+        assert await publish.wait() == 0
+        answer, _ = await asyncio.wait_for(subscriber.communicate(), 15)
+    message = msgpack.unpackb(answer)
+    assert message["v"] == 1 and message["tick"] == 1 and len(message["agent_ids"]) == AGENTS
+    matrices = np.frombuffer(message["matrices"]["data"], "<f4").reshape(message["matrices"]["shape"])
+    check_matrices(matrices, AGENTS, len(ITEMS))
