@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import Written
@@ -138,3 +139,28 @@ def test_fifty_checkpoints_convert_well_under_a_minute(config: Config, model_dir
     results = ONNXConverter(config).convert_all_models()
     assert [r.status for r in results] == ["converted"] * 50
     assert sum(r.seconds for r in results) < 30.0
+
+
+def test_checkpoints_written_by_save_checkpoint_convert(config: Config, model_dir: Path) -> None:
+    from conversion.checkpoint import save_checkpoint
+
+    network = make_network("ActorCriticNetwork", 5, seed=7)
+    path = save_checkpoint(
+        model_dir / "agent_gen2_rank1.pth",
+        network_state_dict=network.state_dict(),
+        optimizer_state_dict={},
+        agent_id="g2r1",
+        desired_item="gold",
+        inventory=dict.fromkeys(ITEMS_5, 3.0),
+        trading_matrix=np.ones((5, 5)),
+        position=np.zeros(2),
+        reward_history=[1.0, 2.0],
+    )
+    result = ONNXConverter(config).convert_single_model(path)
+    assert result.status == "converted" and result.metadata_path is not None
+    agent = json.loads(result.metadata_path.read_text())["agent_info"]
+    assert agent == {
+        "agent_id": "g2r1",
+        "desired_item": "gold",
+        "training_history": {"length": 2, "rewards": [1.0, 2.0]},
+    }
