@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import (
+    HarnessError,
     ResourceSampler,
     blockmarket,
     convert,
@@ -122,8 +123,11 @@ def print_rows(rows: Sequence[dict[str, Any]]) -> None:
     print_table(
         "End to end over MQTT (p50/p99: game side, publish -> matrices received; rt: inside the runtime)",
         [title for title, _ in COLUMNS],
-        [[row[key] for _, key in COLUMNS] for row in rows],
+        [[row.get(key) for _, key in COLUMNS] for row in rows],
     )
+    for row in rows:
+        if "error" in row:
+            print(f"\nN={row['agents']} failed: {row['error']}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -163,7 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for agents, ticks, stretch in runs:
             print(f"... {agents} agents, {ticks} ticks at {args.rate}/s", file=sys.stderr, flush=True)
-            rows.append({**serve_and_simulate(args, work, agents, ticks), "stretch": stretch})
+            try:
+                row = serve_and_simulate(args, work, agents, ticks)
+            except HarnessError as exc:  # a run that fails is a result too (e.g. the stretch row)
+                print(f"... {agents} agents FAILED: {exc}", file=sys.stderr, flush=True)
+                row = {"agents": agents, "ticks": ticks, "error": str(exc)}
+            rows.append({**row, "stretch": stretch})
     print_rows(rows)
     settings = {
         "models": args.models,
