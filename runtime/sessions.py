@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks at top-level files
 VALIDATION_SEED = 20240601
+# (atol, rtol) of a pack against its models run alone, on CPU (fp32) and on the HTP (fp16): docs/npu.md
+PACK_TOLERANCE = {"cpu": (1e-5, 1e-4), "npu": (3e-2, 2e-2)}
 
 # (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
 SessionFactory = Callable[[Path, bool], tuple[Any, str]]
@@ -235,8 +237,25 @@ class SessionPool:
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
         unit = InferenceUnit(plan.name, plan.rows, plan.models, session, provider, path, static)
-        validate_unit(unit, self.population.num_items)
+        states, out = validate_unit(unit, self.population.num_items)
+        if plan.is_pack:
+            self._check_pack(unit, states, out)
         return unit
+
+    def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
+        """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances)."""
+        atol, rtol = PACK_TOLERANCE["npu" if "QNN" in unit.provider else "cpu"]
+        keys = np.asarray([self.population.model_keys[row] for row in unit.rows])
+        for key, info in unit.models.items():
+            rows = np.flatnonzero(keys == key)
+            session, _ = self.factory(info.onnx_path, False)
+            reference = session.run(None, {session.get_inputs()[0].name: states[rows]})[0]
+            error = np.abs(out[rows] - reference)
+            if (error > atol + rtol * np.abs(reference)).any():
+                raise PoolError(
+                    f"{unit.model_path}: pack rows of {info.onnx_path.name} differ from the model run alone "
+                    f"(max abs error {float(error.max()):.3g} > atol {atol} + rtol {rtol})"
+                )
 
     def _model_file(self, info: ModelInfo, agents: int) -> tuple[Path, bool]:
         """An NPU variant whose static batch holds the whole group (one call per tick), else fp32 on CPU."""
@@ -267,9 +286,9 @@ def _static_batch(session: Any) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def validate_unit(unit: InferenceUnit, num_items: int, samples: int | None = None) -> None:
+def validate_unit(unit: InferenceUnit, num_items: int) -> tuple[FloatArray, FloatArray]:
     """Refuse a unit whose outputs on realistic states have the wrong shape or are not finite and > 0."""
-    count = samples or len(unit.rows)
+    count = len(unit.rows)
     states = realistic_states(np.random.default_rng(VALIDATION_SEED), count, num_items)
     out = unit.run(states)
     want = (count, num_items * num_items)
@@ -279,3 +298,4 @@ def validate_unit(unit: InferenceUnit, num_items: int, samples: int | None = Non
         raise PoolError(f"{unit.model_path}: non-finite outputs on realistic states")
     if (out <= 0).any():
         raise PoolError(f"{unit.model_path}: non-positive exchange rates on realistic states")
+    return states, out

@@ -150,3 +150,35 @@ async def test_missing_model_for_assigned_agents_is_refused(model_dir: Path) -> 
     pool = SessionPool(pop, {"m0": models[0]}, factory=CountingFactory(), max_sessions=4, model_dir=model_dir)
     with pytest.raises(PoolError, match="m1"):
         await pool.start()
+
+
+@pytest.mark.qnn
+async def test_population_pack_runs_on_the_qnn_htp_backend(model_dir: Path) -> None:
+    """The real NPU path: a grouped-Conv pack compiled for HTP (simulated here), checked per agent row."""
+    pytest.importorskip("onnxruntime_qnn")
+    from runtime.config import NpuConfig
+    from runtime.sessions import default_session_factory
+
+    npu = NpuConfig(context_cache=False, require_npu=True)  # any CPU-fallback node fails the test
+    pool = await make_pool(
+        model_dir, agents=16, max_sessions=2, use_npu=True, factory=default_session_factory(npu, 1)
+    )
+    (unit,) = pool.current.units
+    assert unit.provider == "QNNExecutionProvider" and unit.model_path.name.startswith("pack-conv-16-")
+    states = realistic_states(np.random.default_rng(5), 16, len(ITEMS))
+    got = await pool.infer(states)
+    want = per_agent_reference(model_dir, pool.population.model_keys, states)
+    np.testing.assert_allclose(got, want, atol=3e-2, rtol=2e-2)  # fp16 on HTP (docs/npu.md)
+
+
+async def test_a_pack_that_disagrees_with_its_models_is_refused(model_dir: Path) -> None:
+    class SkewedPacks(CountingFactory):
+        def __call__(self, path: Path, prefer_npu: bool) -> tuple[Any, str]:
+            session, provider = super().__call__(path, prefer_npu)
+            if path.name.startswith("pack-"):
+                run = session.run
+                session.run = lambda *args: [run(*args)[0] * 1.001]  # a 0.1% error: beyond fp32 tolerance
+            return session, provider
+
+    with pytest.raises(PoolError, match="differ from the model run alone"):
+        await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks())
