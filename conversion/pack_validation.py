@@ -94,8 +94,12 @@ def validate_pack(
     rounds = -(-rows_per_agent // batch)
     # states[r, i, b]: round r, agent i, row b; every agent sees different realistic states.
     states = validation_states(num_items, rounds * agents * batch, seed).reshape(rounds, agents, batch, -1)
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     packed = np.stack(
-        [session.run(None, {INPUT_NAME: chunk.reshape(agents * batch, -1)})[0] for chunk in states]
+        [
+            session.run(None, {INPUT_NAME: chunk.reshape(agents * batch, -1).astype(dtype)})[0]
+            for chunk in states
+        ]
     )
     actual = (
         packed.reshape(rounds, agents, batch, -1).transpose(1, 0, 2, 3).reshape(agents, rounds * batch, -1)

@@ -54,6 +54,20 @@ def test_matmul_and_conv_packs_match_every_agent_on_cpu(
         assert report.passed and max(report.max_abs_error) <= 1e-5, report.summary()
 
 
+@pytest.mark.qnn
+@pytest.mark.usefixtures("htp")
+def test_fp16_weight_pack_matches_on_cpu_and_htp(tmp_path: Path, population: list, npu: NpuConfig) -> None:
+    agents = population[:8]
+    model = build_pack([trading_weights(n) for n in agents], form="conv", dtype=np.float16)
+    path = save_pack(model, tmp_path / "pack_fp16.onnx")
+
+    on_cpu = validate_pack(path, agents, npu, Tolerance(atol=5e-3, rtol=2e-3), prefer_npu=False)
+    on_htp = validate_pack(path, agents, npu, TOLERANCES["fp16"])
+
+    assert on_cpu.passed and on_cpu.placement.provider == "CPUExecutionProvider", on_cpu.summary()
+    assert on_htp.passed and on_htp.placement.on_npu, on_htp.summary()
+
+
 def test_a_swapped_agent_is_named(tmp_path: Path, population: list, npu: NpuConfig) -> None:
     agents = population[:8]
     swapped = [agents[1], agents[0], *agents[2:]]
