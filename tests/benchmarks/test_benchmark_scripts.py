@@ -37,7 +37,7 @@ def read_results(path: Path, benchmark: str) -> Any:
     return document["results"]
 
 
-@pytest.mark.parametrize("module", ["inference", "plot"])
+@pytest.mark.parametrize("module", ["inference", "plot", "end_to_end", "startup"])
 def test_help_describes_the_script(module: str) -> None:
     out = run_script(module, "--help").stdout
     assert "usage: python -m benchmarks." + module in out
@@ -94,3 +94,33 @@ def test_plot_names_a_bad_results_file(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert str(bad) in done.stderr
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_end_to_end_serves_every_tick_over_the_broker(tmp_path: Path) -> None:
+    out = tmp_path / "end_to_end.json"
+    run_script(
+        "end_to_end",
+        *("--agents", "12", "--stretch-agents", "0", "--ticks", "20", "--models", "3"),
+        *("--keep", str(tmp_path / "work"), "--out", str(out)),
+    )
+    (row,) = read_results(out, "end_to_end")["runs"]
+    assert row["agents"] == 12 and row["ticks_sent"] == 20
+    assert row["answered"] + row["missing"] == row["ticks_sent"]
+    assert row["answered"] > 0 and row["rule_violations"] == 0
+    assert row["runtime_ticks_served"] >= row["answered"]
+    assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+    assert row["runtime_peak_rss_mb"] > 0 and row["runtime_cpu_percent"] > 0
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_startup_times_conversion_and_the_first_served_tick(tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    run_script("startup", "--checkpoints", "3", "--starts", "1", "--out", str(out))
+    results = read_results(out, "startup")
+    assert results["conversion"]["checkpoints"] == 3
+    assert results["conversion"]["batch_s"] > 0 and results["conversion"]["single_s"] > 0
+    (start,) = results["starts"]
+    assert 0 < start["online_s"] <= start["first_tick_s"]
