@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +106,7 @@ class _QnnState:
     available: bool = False
     reason: str = ""
     warned_models: set[str] = field(default_factory=set)
+    cache_locks: dict[str, threading.Lock] = field(default_factory=dict)
 
 
 _qnn = _QnnState()
@@ -302,6 +303,19 @@ def _qnn_session(
     if not npu.context_cache or model.stem.endswith(CONTEXT_SUFFIX):  # a context model is already compiled
         session = open_session(model, {})
         return session, _placement(session, model)
+    with _cache_lock(model):  # sessions are built in executor threads: one compile per cache at a time
+        return _cached_session(model, provider_options, open_session)
+
+
+def _cache_lock(model: Path) -> threading.Lock:
+    with _qnn.lock:
+        return _qnn.cache_locks.setdefault(str(model.resolve()), threading.Lock())
+
+
+def _cached_session(
+    model: Path, provider_options: Mapping[str, str], open_session: Callable[[Path, Mapping[str, str]], Any]
+) -> tuple[ort.InferenceSession, Placement]:
+    """Load the model's valid context binary, or compile the model and save one."""
     cache = ContextCache(model)
     fingerprint = cache.fingerprint(provider_options)
     if cache.valid(fingerprint):
@@ -346,12 +360,15 @@ class ContextCache:
 
     def fingerprint(self, provider_options: Mapping[str, str]) -> dict[str, Any]:
         """What the compiled binary depends on: the source bytes, the options, the runtime versions."""
+        from onnxruntime_qnn import build_and_package_info
+
         options = {k: v for k, v in provider_options.items() if k != "backend_path"}
         return {
             "source": self.model.name,
             "source_sha256": sha256_of(self.model),
             "provider_options": options,
             "onnxruntime": ort.__version__,
+            "qnn_sdk": build_and_package_info.qnn_version,
         }
 
     def recorded(self) -> dict[str, Any]:

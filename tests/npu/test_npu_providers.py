@@ -121,6 +121,22 @@ class TestOnHtp:
         np.testing.assert_array_equal(after, fresh.run(None, {"state_vector": states})[0])
         assert not np.allclose(after, before, atol=0.05)
 
+    def test_a_corrupt_context_binary_is_recompiled_with_a_warning(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        path = export_static(trading_network(0), tmp_path / "agent_b2.onnx", batch_size=2).path
+        cached = NpuConfig(context_cache=True)
+        create_session(path, cached)
+        (tmp_path / "agent_b2_ctx_qnn.bin").write_bytes(b"not a QNN context")
+
+        with caplog.at_level(logging.WARNING, logger="runtime.providers"):
+            session, placement = create_session(path, cached)
+
+        assert placement.context == "built" and placement.on_npu
+        assert warnings_about(caplog, "agent_b2_ctx.onnx: context binary unusable")
+        assert session.run(None, {"state_vector": np.ones((2, 61), np.float32)})[0].shape == (2, 25)
+        assert create_session(path, cached)[1].context == "loaded"
+
 
 class TestWithoutQnn:
     def test_unimportable_qnn_runs_on_cpu_and_says_so_once(
