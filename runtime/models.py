@@ -56,7 +56,8 @@ class ModelInfo:
         return (self.model_type, self.input_dim, self.hidden_dim, self.output_dim)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed (the model version; the context-cache fingerprint)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -94,7 +95,7 @@ def read_model(metadata_path: Path) -> ModelInfo:
         )
     agent = data.get("agent_info") or {}
     conversion = data.get("conversion_info") or {}
-    sha = conversion.get("onnx_sha256") or _sha256(onnx_path)
+    sha = conversion.get("onnx_sha256") or sha256_file(onnx_path)
     variants = tuple(
         NpuVariant(
             metadata_path.with_name(Path(v["onnx_path"]).name), str(v["precision"]), int(v["batch_size"])

@@ -18,7 +18,6 @@ not installed (CPU only), e.g. to compare backends or to test the CPU path.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 
 from runtime.config import NpuConfig
+from runtime.models import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class ContextCache:
         options = {k: v for k, v in provider_options.items() if k != "backend_path"}
         return {
             "source": self.model.name,
-            "source_sha256": sha256_of(self.model),
+            "source_sha256": sha256_file(self.model),
             "provider_options": options,
             "onnxruntime": ort.__version__,
             "qnn_sdk": build_and_package_info.qnn_version,
@@ -408,11 +408,3 @@ class ContextCache:
         tmp = self.sidecar.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({**fingerprint, "nodes": nodes}, indent=2) + "\n", encoding="utf-8")
         tmp.replace(self.sidecar)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
