@@ -229,8 +229,13 @@ def create_session(
     model = Path(model_path)
     if not model.is_file():
         raise ProviderError(f"{model}: model file not found")
-    if not prefer_npu:
-        return _cpu_session(model, intra_op_threads, reason="CPU requested by the caller")
+    if not (prefer_npu and npu.enabled):  # a deliberate choice: logged, not warned
+        if prefer_npu and npu.require_npu:
+            raise ProviderError(f"{model}: npu.require_npu is true but npu.enabled is false")
+        why = "CPU requested by the caller" if not prefer_npu else "the NPU is disabled (npu.enabled: false)"
+        session, placement = _cpu_session(model, intra_op_threads, reason=why)
+        log.info("placement %s", placement.describe())
+        return session, placement
     reason = _npu_blocker(model, npu)
     if reason:
         if npu.require_npu:
@@ -240,8 +245,6 @@ def create_session(
     strict = npu.require_npu if disable_cpu_fallback is None else disable_cpu_fallback
     try:
         session, placement = _qnn_session(model, npu, intra_op_threads, strict)
-    except ProviderError:
-        raise
     except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeError subclasses for a refused graph
         if strict or npu.require_npu:
             raise ProviderError(f"{model}: QNN HTP cannot run the whole graph: {exc}") from exc
@@ -262,8 +265,6 @@ def create_session(
 
 def _npu_blocker(model: Path, npu: NpuConfig) -> str:
     """Why this model cannot go to the NPU at all ('' when it can try)."""
-    if not npu.enabled:
-        return "the NPU is disabled in the config (npu.enabled: false)"
     if not register_qnn():
         return _qnn.reason
     dynamic = dynamic_inputs(model)

@@ -166,6 +166,20 @@ class TestWithoutQnn:
         with pytest.raises(ProviderError, match="require_npu is true but QNN not importable"):
             create_session(paths[0], npu.model_copy(update={"require_npu": True}))
 
+    def test_npu_disabled_in_config_is_a_choice_not_a_warning(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        path = export_static(trading_network(0), tmp_path / "a.onnx", batch_size=1).path
+        off = NpuConfig(enabled=False)
+        with caplog.at_level(logging.INFO, logger="runtime.providers"):
+            _, placement = create_session(path, off)
+
+        assert placement.provider == "CPUExecutionProvider" and "npu.enabled: false" in placement.reason
+        assert not warnings_about(caplog, "a.onnx")
+        assert any("placement a.onnx: CPUExecutionProvider" in r.getMessage() for r in caplog.records)
+        with pytest.raises(ProviderError, match=r"require_npu is true but npu\.enabled is false"):
+            create_session(path, off.model_copy(update={"require_npu": True}))
+
     def test_disable_env_var_runs_on_cpu_in_a_fresh_process(self, tmp_path: Path) -> None:
         path = export_static(trading_network(0), tmp_path / "a.onnx", batch_size=1).path
         script = (
