@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from runtime.config import load_config
@@ -201,3 +202,35 @@ async def test_shell_clients_drive_a_tick(tmp_path: Path, model_dir: Path, prefi
     assert message["v"] == 1 and message["tick"] == 1 and len(message["agent_ids"]) == AGENTS
     matrices = np.frombuffer(message["matrices"]["data"], "<f4").reshape(message["matrices"]["shape"])
     check_matrices(matrices, AGENTS, len(ITEMS))
+
+
+async def test_hot_reload_in_a_serving_runtime(tmp_path: Path, model_dir: Path, prefix: str) -> None:
+    """A reconverted model is swapped in between two ticks: no tick missed, each tick on one version."""
+    config_path = serving_config(tmp_path, model_dir, prefix)
+    text = config_path.read_text().replace("reload_poll_s: 2.0", "reload_poll_s: 0.2")
+    config_path.write_text(text)
+    config = load_config(config_path)
+    assert config.runtime.reload_poll_s == 0.2 and config.runtime.hot_reload
+    market = OfflineMarket(model_dir, config.runtime, ITEMS, config.learning.matrix_update_rate)
+    with running(config_path, tmp_path):
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            old = (await game.online())["model_versions"]["m1"]
+            number = 0
+            while game.status["model_versions"]["m1"] == old or number < 40:
+                if number == 20:
+                    write_model(model_dir, "m1", trading_weights(99))
+                await game.send(game.tick(number))
+                await game.answer(number)
+                number += 1
+                assert number < 400, "the runtime never reloaded m1"
+    versions = [game.answers[i].model_versions["m1"] for i in range(number)]
+    switch = versions.index(next(v for v in versions if v != old))
+    assert switch >= 20 and set(versions[switch:]) == {versions[-1]} != {old}
+    for i in range(number):
+        if i == switch:
+            market.sessions["m1"] = ort.InferenceSession(str(model_dir / "m1.onnx"))
+        expected = market.step(game.sent[i])
+        np.testing.assert_allclose(
+            game.answers[i].matrices, expected, rtol=1e-4, atol=1e-5, err_msg=f"tick {i}"
+        )
+    assert "hot reload: generation 2 serves m1@" in (tmp_path / "run.log").read_text()
