@@ -41,7 +41,7 @@ from conversion.networks import NetworkSpec
 from conversion.validation import compare_outputs, session_outputs, torch_outputs, validation_states
 from runtime.config import Config, NpuConfig
 from runtime.market import MarketPopulation, trade_step
-from runtime.providers import CPU_EP, ProviderError, create_session
+from runtime.providers import CPU_EP, ContextCache, ProviderError, create_session
 from runtime.state import apply_update, realistic_states
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ TOLERANCES: dict[str, Tolerance] = {
     "int16": Tolerance(atol=5e-2, rtol=2e-2),
     "int8": Tolerance(atol=1e-1, rtol=5e-2),
 }
-NPU_PRECISIONS = tuple(TOLERANCES)
 
 # (activation type, weight type) of the QDQ precisions.
 QDQ_TYPES: dict[str, tuple[QuantType, QuantType]] = {
@@ -198,7 +197,6 @@ def validate_variant(
         backend,
         report.summary(),
     )
-    context = placement.context != "off"
     return {
         **entry,
         "backend": backend,
@@ -207,7 +205,7 @@ def validate_variant(
         "max_rel_error": report.max_rel_error,
         "passed": report.passed,
         "placement": placement.as_dict(),
-        "context_model": f"{path.stem}_ctx.onnx" if context else None,
+        "context_model": ContextCache(path).context_model.name if placement.context != "off" else None,
     }
 
 

@@ -16,7 +16,7 @@ no torch) via :func:`extract_trading_weights`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,44 +114,17 @@ def build_pack(
     dtype: type[np.floating] = np.float32,
 ) -> onnx.ModelProto:
     """One static-shape graph evaluating agent i's network on its own B rows, for all N agents at once."""
-    shapes = _check_population(weight_sets)
+    if form not in _FORMS:
+        raise PackError(f"unknown pack form {form!r} (use {' or '.join(map(repr, _FORMS))})")
     if batch_per_agent < 1:
         raise PackError(f"batch_per_agent must be >= 1, got {batch_per_agent}")
+    shapes = _check_population(weight_sets)
     agents, batch = len(weight_sets), batch_per_agent
     in_dim, out_dim = shapes[0][1], shapes[-1][0]
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     builder = _GraphBuilder(np.dtype(dtype))
     stacked = [np.stack([np.asarray(w[i]) for w in weight_sets]) for i in range(len(weight_sets[0]))]
-    if form == "matmul":
-        hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
-        for layer in range(len(shapes)):
-            weight = builder.const(f"w{layer}", stacked[2 * layer].transpose(0, 2, 1))  # [N, in, out]
-            bias = builder.const(f"b{layer}", stacked[2 * layer + 1][:, None, :])  # [N, 1, out]
-            hidden = builder.node("Add", [builder.node("MatMul", [hidden, weight]), bias])
-            hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
-        builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
-    elif form == "conv":
-        hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
-        if batch > 1:
-            hidden = builder.node("Transpose", [hidden], perm=[0, 2, 1])  # [N, D, B]
-        hidden = builder.reshape(hidden, (1, agents * in_dim, batch, 1))
-        for layer, (out_features, in_features) in enumerate(shapes):
-            kernel = stacked[2 * layer].reshape(agents * out_features, in_features, 1, 1)
-            weight = builder.const(f"w{layer}", kernel)
-            bias = builder.const(f"b{layer}", stacked[2 * layer + 1].reshape(agents * out_features))
-            hidden = builder.node(
-                "Conv",
-                [hidden, weight, bias],
-                group=agents,
-                kernel_shape=[1, 1],
-            )
-            hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
-        hidden = builder.reshape(hidden, (agents, out_dim, batch))
-        if batch > 1:
-            hidden = builder.node("Transpose", [hidden], perm=[0, 2, 1])  # [N, B, n^2]
-        builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
-    else:
-        raise PackError(f"unknown pack form {form!r} (use 'matmul' or 'conv')")
+    _FORMS[form](builder, stacked, shapes, batch)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
         builder.nodes,
         f"population_pack_{form}_{agents}x{batch}",
@@ -173,6 +146,41 @@ def build_pack(
     )
     onnx.checker.check_model(model)
     return model
+
+
+def _matmul_graph(
+    builder: _GraphBuilder, stacked: list[np.ndarray], shapes: list[tuple[int, int]], batch: int
+) -> None:
+    """[N, B, D] @ [N, D, H] per layer: 3-D batched MatMul (exact on CPU, wrong on HTP fp16)."""
+    agents, in_dim, out_dim = len(stacked[0]), shapes[0][1], shapes[-1][0]
+    hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
+    for layer in range(len(shapes)):
+        weight = builder.const(f"w{layer}", stacked[2 * layer].transpose(0, 2, 1))  # [N, in, out]
+        bias = builder.const(f"b{layer}", stacked[2 * layer + 1][:, None, :])  # [N, 1, out]
+        hidden = builder.node("Add", [builder.node("MatMul", [hidden, weight]), bias])
+        hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
+    builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
+
+
+def _conv_graph(
+    builder: _GraphBuilder, stacked: list[np.ndarray], shapes: list[tuple[int, int]], batch: int
+) -> None:
+    """Agents as channel groups of [1, N*D, B, 1], one grouped 1x1 Conv per layer (matches on HTP)."""
+    agents, in_dim, out_dim = len(stacked[0]), shapes[0][1], shapes[-1][0]
+    hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
+    if batch > 1:
+        hidden = builder.node("Transpose", [hidden], perm=[0, 2, 1])  # [N, D, B]
+    hidden = builder.reshape(hidden, (1, agents * in_dim, batch, 1))
+    for layer, (out_features, in_features) in enumerate(shapes):
+        kernel = stacked[2 * layer].reshape(agents * out_features, in_features, 1, 1)
+        weight = builder.const(f"w{layer}", kernel)
+        bias = builder.const(f"b{layer}", stacked[2 * layer + 1].reshape(agents * out_features))
+        hidden = builder.node("Conv", [hidden, weight, bias], group=agents, kernel_shape=[1, 1])
+        hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
+    hidden = builder.reshape(hidden, (agents, out_dim, batch))
+    if batch > 1:
+        hidden = builder.node("Transpose", [hidden], perm=[0, 2, 1])  # [N, B, n^2]
+    builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
 
 
 def _activation(builder: _GraphBuilder, value: str, *, last: bool) -> str:
@@ -206,6 +214,12 @@ class _GraphBuilder:
     def reshape(self, value: str, shape: tuple[int, ...], output: str | None = None) -> str:
         target = self.const(f"shape_{len(self.initializers)}", np.array(shape), dtype=np.dtype(np.int64))
         return self.node("Reshape", [value, target], output=output)
+
+
+_FORMS: dict[str, Callable[[_GraphBuilder, list[np.ndarray], list[tuple[int, int]], int], None]] = {
+    "matmul": _matmul_graph,
+    "conv": _conv_graph,
+}
 
 
 def pack_metadata(model: onnx.ModelProto) -> dict[str, str]:

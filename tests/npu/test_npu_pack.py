@@ -100,3 +100,5 @@ def test_packs_refuse_what_they_cannot_hold(tmp_path: Path, population: list) ->
         build_pack([trading_weights(population[0]), narrow], form="conv")
     with pytest.raises(PackError, match="at least one agent"):
         build_pack([], form="conv")
+    with pytest.raises(PackError, match="unknown pack form 'dense'"):
+        build_pack([narrow], form="dense")  # type: ignore[arg-type]
