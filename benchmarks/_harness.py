@@ -89,21 +89,28 @@ def write_config(path: Path, overrides: dict[str, dict[str, Any]]) -> Config:
     return load_config(path)
 
 
-def run_command(command: list[str], log: Path, timeout: float) -> float:
-    """Run a command to completion with its output in ``log``; returns the wall time in seconds."""
-    start = time.perf_counter()
+def run_command(command: list[str], log: Path, timeout: float) -> ResourceSampler:
+    """Run a command to completion with its output in ``log``; returns its wall time, CPU% and peak RSS."""
     with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise HarnessError(f"`{' '.join(command)}` exited {done.returncode}:\n{tail(log)}")
-    return elapsed
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    with ResourceSampler(process.pid) as usage:
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise HarnessError(
+                f"`{' '.join(command)}` did not finish within {timeout:.0f} s:\n{tail(log)}"
+            ) from None
+    if code != 0:
+        raise HarnessError(f"`{' '.join(command)}` exited {code}:\n{tail(log)}")
+    return usage
 
 
 def convert(checkpoints: Path, config: Path, output: Path, log: Path, timeout: float = 1800) -> float:
     """``blockmarket convert`` over a checkpoint folder; returns the wall time in seconds."""
     command = [*blockmarket(), "convert", "--model-path", str(checkpoints), "--config", str(config)]
-    return run_command([*command, "--output-dir", str(output), "--no-progress"], log, timeout)
+    return run_command([*command, "--output-dir", str(output), "--no-progress"], log, timeout).wall_s
 
 
 def tail(log: Path, lines: int = 15) -> str:
@@ -176,37 +183,49 @@ async def wait_for_status(
 
 
 class ResourceSampler:
-    """CPU% (average over the window, 100 = one core) and peak RSS of one process, sampled on a thread."""
+    """CPU% (average over the window, 100 = one core) and peak RSS of one process, sampled on a thread.
 
-    def __init__(self, pid: int, interval_s: float = 0.25) -> None:
+    A process that exits inside the window keeps the figures of its last sample.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
         import psutil
 
         self._process = psutil.Process(pid)
+        self._gone = (psutil.NoSuchProcess, psutil.ZombieProcess)
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name=f"sample-{pid}", daemon=True)
-        self.peak_rss = 0
-        self._cpu_start = 0.0
+        self._cpu_start = self._cpu_last = 0.0
         self._wall_start = 0.0
+        self.peak_rss = 0
         self.cpu_percent = 0.0
+        self.wall_s = 0.0
 
-    def _cpu_seconds(self) -> float:
-        times = self._process.cpu_times()
-        return float(times.user + times.system)
+    def _read(self) -> bool:
+        """Take one sample; False once the process is gone."""
+        try:
+            with self._process.oneshot():
+                times, rss = self._process.cpu_times(), self._process.memory_info().rss
+        except self._gone:
+            return False
+        self._cpu_last = float(times.user + times.system)
+        self.peak_rss = max(self.peak_rss, rss)
+        return True
 
     def _sample(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+        while not self._stop.wait(self._interval) and self._read():
+            pass
 
     def __enter__(self) -> ResourceSampler:
-        self._cpu_start, self._wall_start = self._cpu_seconds(), time.perf_counter()
-        self.peak_rss = self._process.memory_info().rss
+        self._read()
+        self._cpu_start, self._wall_start = self._cpu_last, time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        wall = time.perf_counter() - self._wall_start
-        self.cpu_percent = 100.0 * (self._cpu_seconds() - self._cpu_start) / max(wall, 1e-9)
-        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+        self._read()
+        self.wall_s = time.perf_counter() - self._wall_start
+        self.cpu_percent = 100.0 * (self._cpu_last - self._cpu_start) / max(self.wall_s, 1e-9)

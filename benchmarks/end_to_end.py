@@ -76,7 +76,9 @@ def serve_and_simulate(args: argparse.Namespace, work: Path, agents: int, ticks:
         online = asyncio.run(wait_for_status(config, runtime, args.startup_timeout, "online"))
         ready_s = time.perf_counter() - runtime.started_at
         with ResourceSampler(runtime.pid) as usage:
-            run_command(simulate, work / f"simulate-{agents}.log", timeout=ticks / args.rate * 3 + 120)
+            game_usage = run_command(
+                simulate, work / f"simulate-{agents}.log", timeout=ticks / args.rate * 3 + 120
+            )
     final = asyncio.run(wait_for_status(config, runtime, 15, "offline"))
     game = json.loads(summary_path.read_text())
     return {
@@ -98,6 +100,7 @@ def serve_and_simulate(args: argparse.Namespace, work: Path, agents: int, ticks:
         "runtime_cpu_percent": round(usage.cpu_percent, 1),
         "runtime_peak_rss_mb": round(usage.peak_rss / 2**20, 1),
         "runtime_ready_s": round(ready_s, 2),
+        "simulator_cpu_percent": round(game_usage.cpu_percent, 1),
         "sessions": online.get("eps"),
         "targets": TARGETS.get(agents),
     }
@@ -116,6 +119,7 @@ COLUMNS = (
     ("CPU %", "runtime_cpu_percent"),
     ("RSS MB", "runtime_peak_rss_mb"),
     ("ready s", "runtime_ready_s"),
+    ("sim CPU %", "simulator_cpu_percent"),
 )
 
 
