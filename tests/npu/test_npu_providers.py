@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -56,6 +57,16 @@ class TestOnHtp:
         assert session.get_providers()[0] == QNN
         assert placement.on_npu and placement.nodes == {QNN: 9}
         assert placement.describe() == "agent_b1.onnx: QNNExecutionProvider (9/9 nodes on QNN, 0 on CPU)"
+
+    @pytest.mark.parametrize("mode", get_args(NpuConfig.model_fields["performance_mode"].annotation), ids=str)
+    def test_every_configurable_performance_mode_is_accepted(self, tmp_path: Path, mode: str) -> None:
+        path = export_static(trading_network(0), tmp_path / "agent_b1.onnx", batch_size=1).path
+
+        _, placement = create_session(
+            path, NpuConfig(context_cache=False, performance_mode=mode), disable_cpu_fallback=True
+        )
+
+        assert placement.on_npu
 
     def test_dynamic_batch_goes_to_cpu_with_the_reason_warned_once(
         self, tmp_path: Path, npu: NpuConfig, caplog: pytest.LogCaptureFixture
