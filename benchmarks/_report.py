@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -145,10 +146,22 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
-def write_results(path: Path, benchmark: str, settings: dict[str, Any], results: Any) -> Path:
-    """Write ``{benchmark, machine, settings, results}`` as JSON (atomically) and return the path."""
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run (recorded next to its figures)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m", f"benchmarks.{module}", *args])
+
+
+def write_results(
+    path: Path, benchmark: str, machine: dict[str, Any], settings: dict[str, Any], results: Any
+) -> Path:
+    """Write ``{benchmark, machine, settings, results}`` as JSON (atomically) and return the path.
+
+    ``machine`` is taken when the run starts (:func:`machine_info`); the load at the end is added here.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"benchmark": benchmark, "machine": machine_info(), "settings": settings, "results": results}
+    machine = {**machine, "load_average_1m_end": round(os.getloadavg()[0], 2)}
+    document = {"benchmark": benchmark, "machine": machine, "settings": settings, "results": results}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)

@@ -38,7 +38,7 @@ from benchmarks._harness import (
     write_checkpoints,
     write_config,
 )
-from benchmarks._report import add_output_argument, print_table, write_results
+from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 
 TARGETS = {100: {"p99_ms": 10.0}, 1000: {"p99_ms": 30.0, "skipped": 0, "rss_mb": 1536.0}}
 
@@ -156,6 +156,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="bm-e2e-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -186,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "execution_provider": "CPUExecutionProvider (npu.enabled: false)",
         "broker": f"{setup.mqtt.host}:{setup.mqtt.port}",
         "conversion_s": round(convert_s, 2),
-        "command": "python -m benchmarks.end_to_end " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("end_to_end", argv),
     }
-    write_results(args.out, "end_to_end", settings, {"runs": rows})
+    write_results(args.out, "end_to_end", machine, settings, {"runs": rows})
     return 0
 
 

@@ -41,7 +41,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks._report import add_output_argument, latency_summary, print_table, time_calls, write_results
+from benchmarks._report import (
+    add_output_argument,
+    command_line,
+    latency_summary,
+    machine_info,
+    print_table,
+    time_calls,
+    write_results,
+)
 from conversion.export import convert_to_onnx
 from conversion.networks import TradingNetwork
 from runtime.pack import build_pack, save_pack
@@ -407,6 +415,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = machine_info()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     bandwidth = memory_bandwidth(args.bandwidth_mb, repeats=5)
@@ -429,9 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ort_models_cycled": args.ort_models,
         "pack_form": "matmul",
         "execution_provider": "CPUExecutionProvider",
-        "command": "python -m benchmarks.inference " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("inference", argv),
     }
-    write_results(args.out, "inference", settings, {"memory_bandwidth": bandwidth, "cases": results})
+    write_results(args.out, "inference", machine, settings, {"memory_bandwidth": bandwidth, "cases": results})
     return 0
 
 

@@ -36,7 +36,7 @@ from benchmarks._harness import (
     write_checkpoints,
     write_config,
 )
-from benchmarks._report import add_output_argument, print_table, write_results
+from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 from runtime.config import Config
 from runtime.protocol import Limits, MarketTick, Topics, decode_matrices, encode_tick
 
@@ -149,6 +149,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="bm-startup-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -179,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "assignment": "one_per_checkpoint (distinct models, one population pack)",
         "runtime_intra_op_threads": args.threads,
         "execution_provider": "CPUExecutionProvider (npu.enabled: false)",
-        "command": "python -m benchmarks.startup " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("startup", argv),
     }
-    write_results(args.out, "startup", settings, results)
+    write_results(args.out, "startup", machine, settings, results)
     return 0
 
 
