@@ -70,7 +70,7 @@ class TrainingConfig(_Section):
     top_k_saved: int = Field(5, ge=1)
     seed: int | None = None
     convert_after_training: bool = False
-    markets_per_generation: int = Field(8, ge=1)  # independent markets each genome plays per generation
+    markets_per_generation: int = Field(64, ge=1)  # independent markets each genome plays per generation
 
 
 class LoggingConfig(_Section):

@@ -8,12 +8,12 @@ when choosing and when executing a trade (docs/market.md has a worked example):
 
 One step: every agent is a *requester* for its desired item d. It offers g = its largest non-desired
 holding, at its own quote ``ask = M_r[g, d]`` (it gives x of g and asks x * ask of d). A target t in
-range that holds d accepts the quote iff it receives at least what t itself asks for d:
-``x >= (x * ask) * M_t[d, g]``, i.e. ``ask * M_t[d, g] <= 1``. The requester picks one accepting
-target with probability proportional to 1/(1+distance); each target then accepts at most one of the
-requests it got, again with probability proportional to 1/(1+distance). Executed amounts are exactly
-the quoted ones, rounded *down* to the 1/64 grid (the requester never gets more than it asked, the
-target never gives more than its own rate allows).
+range that holds d is paid the fraction ``f = x / ((x * ask) * M_t[d, g]) = 1 / (ask * M_t[d, g])``
+of its own price for that d: it accepts when f >= 1, and with probability f otherwise. The requester
+sends one request, to an accepting target drawn with probability proportional to 1/(1+distance); each
+target accepts at most one of the requests it got, again drawn proportional to 1/(1+distance).
+Executed amounts are exactly the quoted ones, rounded *down* to the 1/64 grid (the requester never gets
+more than it asked for).
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.config import EnvironmentConfig
-from runtime.state import FloatArray, IntArray, build_states, initial_inventory, initial_matrices
+from runtime.state import (
+    FloatArray,
+    IntArray,
+    build_states,
+    initial_inventory,
+    initial_matrices,
+    market_mean_matrices,
+)
 
 # Trade amounts are multiples of 1/64: with inventories on that grid every transfer is exact in float32
 # (for holdings below 2**18), so the market conserves items bit-for-bit.
@@ -35,7 +42,12 @@ TRADE_BONUS = 0.1  # fitness per executed own request: a small push towards trad
 
 @dataclass
 class MarketPopulation:
-    """The agents of one market: ids, wants, holdings, rates, places and trade counters ([N, ...])."""
+    """The agents of a market: ids, wants, holdings, rates, places and trade counters ([N, ...]).
+
+    With ``markets`` = E > 1 the N agents form E equal consecutive blocks that are independent markets
+    (nobody trades or averages rates across blocks), stepped together in one vectorized call; training
+    uses this to play many markets per generation.
+    """
 
     agent_ids: list[str]
     desired: IntArray  # [N] index into the item list
@@ -44,6 +56,7 @@ class MarketPopulation:
     positions: FloatArray  # [N, 2]
     successful: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # own requests executed
     attempted: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # own requests sent
+    markets: int = 1
 
     def __post_init__(self) -> None:
         self.desired = np.asarray(self.desired, dtype=np.int64)
@@ -56,6 +69,8 @@ class MarketPopulation:
         self.attempted = np.array(self.attempted if len(self.attempted) else np.zeros(count), np.int64)
         if count == 0:
             raise ValueError("a market needs at least one agent")
+        if self.markets < 1 or count % self.markets:
+            raise ValueError(f"{count} agents cannot form {self.markets} markets of equal size")
         n = self.inventory.shape[-1]
         shapes = {
             "desired": (self.desired.shape, (count,)),
@@ -79,15 +94,23 @@ class MarketPopulation:
 
     @classmethod
     def random(
-        cls, rng: np.random.Generator, count: int, num_items: int, world_size: float, id_prefix: str = "agent"
+        cls,
+        rng: np.random.Generator,
+        count: int,
+        num_items: int,
+        world_size: float,
+        id_prefix: str = "agent",
+        markets: int = 1,
     ) -> MarketPopulation:
-        """A fresh market as the original started one: random wants, 5..14 of each item, rates in [0.5, 2]."""
+        """A fresh market (``count`` agents in all) as the original started one: random wants, 5..14 of
+        each item, rates in [0.5, 2], uniform positions."""
         return cls(
             agent_ids=[f"{id_prefix}{k}" for k in range(count)],
             desired=rng.integers(0, num_items, size=count),
             inventory=initial_inventory(rng, count, num_items),
             matrices=initial_matrices(rng, count, num_items),
             positions=rng.uniform(0.0, world_size, size=(count, 2)).astype(np.float32),
+            markets=markets,
         )
 
     @property
@@ -98,12 +121,22 @@ class MarketPopulation:
     def num_items(self) -> int:
         return int(self.inventory.shape[1])
 
+    @property
+    def market_size(self) -> int:
+        """Agents per market (all of them unless ``markets`` > 1)."""
+        return self.size // self.markets
+
     def success_rate(self) -> FloatArray:
         """successful / max(attempted, 1): always in [0, 1] (the original's could exceed 1)."""
         return (self.successful / np.maximum(self.attempted, 1)).astype(np.float32)
 
     def states(self, market_mean: npt.ArrayLike | None = None) -> FloatArray:
-        """The policy input X [N, D] for every agent (runtime.state.build_states)."""
+        """The policy input X [N, D] for every agent (runtime.state.build_states); the market mean of an
+        agent is over the other agents of its own market."""
+        if market_mean is None and self.markets > 1:
+            n = self.num_items
+            seats_first = self.matrices.reshape(self.markets, self.market_size, n, n).swapaxes(0, 1)
+            market_mean = market_mean_matrices(seats_first).swapaxes(0, 1).reshape(self.matrices.shape)
         return build_states(self.inventory, self.desired, self.matrices, self.success_rate(), market_mean)
 
     def set_matrices(self, matrices: npt.ArrayLike) -> None:
@@ -169,22 +202,28 @@ def trade_step(pop: MarketPopulation, rng: np.random.Generator, env: Environment
     can_offer = np.isfinite(offer[agents, give])
     ask = pop.matrices[agents, give, want].astype(np.float64)  # units of `want` asked per unit of `give`
 
-    # Candidate pairs (requester r, target t): in range, not itself, t holds what r wants.
+    # Candidate pairs (requester r, target t): same market, in range, not itself, t holds what r wants.
+    size = pop.market_size
     x, y = pop.positions[:, 0], pop.positions[:, 1]
-    dx = x[:, None] - x[None, :]
-    dy = y[:, None] - y[None, :]
-    in_range = dx * dx + dy * dy <= np.float32(env.max_trade_distance) ** 2
-    np.fill_diagonal(in_range, False)
-    in_range &= can_offer[:, None]
-    req, tgt = np.nonzero(in_range)
+    bx, by = x.reshape(-1, size), y.reshape(-1, size)
+    dx = bx[:, :, None] - bx[:, None, :]
+    dy = by[:, :, None] - by[:, None, :]
+    in_range = dx * dx + dy * dy <= np.float32(env.max_trade_distance) ** 2  # [markets, size, size]
+    seat = np.arange(size)
+    in_range[:, seat, seat] = False
+    in_range &= can_offer.reshape(-1, size)[:, :, None]
+    block, seat_r, seat_t = np.nonzero(in_range)
+    req, tgt = block * size + seat_r, block * size + seat_t
     holds = inv[tgt, want[req]] >= QUANTUM
     req, tgt = req[holds], tgt[holds]
     asking = np.zeros(count, dtype=bool)
     asking[req] = True
 
-    # Targets accept a quote that pays at least their own rate for the wanted item.
-    target_rate = pop.matrices[tgt, want[req], give[req]].astype(np.float64)
-    accepts = ask[req] * target_rate <= 1.0
+    # t's own price for the x * ask units of d it would give is x * ask * M_t[d, g] units of g; it gets
+    # x. It accepts a quote paying its price, and one paying a fraction f < 1 of it with probability f
+    # (a cliff at f = 1 would give evolution no gradient to follow).
+    paid = 1.0 / (ask[req] * pop.matrices[tgt, want[req], give[req]])
+    accepts = rng.random(req.size) < paid
     req, tgt = req[accepts], tgt[accepts]
     closeness = -np.log1p(np.hypot(x[req] - x[tgt], y[req] - y[tgt]).astype(np.float64))
     chosen = _one_per_group(req, closeness, rng)  # each requester asks one accepting target

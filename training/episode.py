@@ -1,16 +1,15 @@
 """Policies playing markets: per step one batched forward for every agent of every market, the update
-rule, then one trade step per market (markets are independent: nobody trades across them)."""
+rule, then one vectorized trade step for all markets (independent: nobody trades across them)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.config import EnvironmentConfig
 from runtime.market import MarketPopulation, fitness, trade_step
-from runtime.state import FloatArray, apply_update, state_dim
+from runtime.state import FloatArray, apply_update
 from training.policy import PolicyPopulation
 
 
@@ -25,33 +24,29 @@ class MarketResults:
 
 
 def play(
-    markets: Sequence[MarketPopulation],
+    market: MarketPopulation,
     policies: PolicyPopulation,
     steps: int,
     alpha: float,
     env: EnvironmentConfig,
     rng: np.random.Generator,
 ) -> MarketResults:
-    """Seat p of every market is played by network p for ``steps`` steps (markets change in place)."""
-    seats = len(policies)
-    if any(market.size != seats for market in markets):
-        sizes = sorted({market.size for market in markets})
-        raise ValueError(f"every market needs {seats} seats, one per network; got sizes {sizes}")
-    starts = [market.inventory.copy() for market in markets]
-    states = np.empty((seats, len(markets), state_dim(policies.num_items)), dtype=np.float32)
+    """Seat p of every market is played by network p for ``steps`` steps (the market changes in place)."""
+    seats, markets, n = len(policies), market.markets, market.num_items
+    if market.market_size != seats:
+        raise ValueError(f"markets of {market.market_size} seats for {seats} networks (one per seat)")
+    start = market.inventory.copy()
     trades, volume = 0, 0.0
     for _ in range(steps):
-        for e, market in enumerate(markets):
-            states[:, e] = market.states()
-        proposals = policies.forward(states)
-        for e, market in enumerate(markets):
-            apply_update(market.matrices, proposals[:, e], alpha)
-            stats = trade_step(market, rng, env)
-            trades += stats.trades
-            volume += stats.volume
+        states = market.states().reshape(markets, seats, -1).swapaxes(0, 1)  # [P, E, D]
+        proposals = policies.forward(states).swapaxes(0, 1).reshape(-1, n, n)
+        apply_update(market.matrices, proposals, alpha)
+        stats = trade_step(market, rng, env)
+        trades += stats.trades
+        volume += stats.volume
     return MarketResults(
-        fitness=np.stack([fitness(market, start) for market, start in zip(markets, starts, strict=True)]),
-        success_rate=np.stack([market.success_rate() for market in markets]),
+        fitness=fitness(market, start).reshape(markets, seats),
+        success_rate=market.success_rate().reshape(markets, seats),
         trades=trades,
         volume=volume,
     )

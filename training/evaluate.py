@@ -114,10 +114,9 @@ def evaluate(
 
     def run(policies: PolicyPopulation) -> MarketResults:
         rng = np.random.default_rng(seed)
-        places = [MarketPopulation.random(rng, seats, len(items), env.world_size) for _ in range(markets)]
-        for market in places:
-            market.desired = desired.copy()
-        return play(places, policies, steps, config.learning.matrix_update_rate, env, rng)
+        market = MarketPopulation.random(rng, seats * markets, len(items), env.world_size, markets=markets)
+        market.desired = np.tile(desired, markets)
+        return play(market, policies, steps, config.learning.matrix_update_rate, env, rng)
 
     both = PolicyPopulation.concat([trained, random])
     even = np.arange(seats) % 2 == 0

@@ -109,21 +109,19 @@ class Evolution:
     def _new_ids(self, generation: int, count: int) -> list[str]:
         return [f"{self.run_id}-g{generation}a{k}" for k in range(count)]
 
-    def markets(self) -> list[MarketPopulation]:
-        """Fresh markets for this generation, seat p holding lineage p's desired item and matrix."""
-        lin = self.lineages
-        markets = []
-        for _ in range(self.config.training.markets_per_generation):
-            market = MarketPopulation.random(
-                self.rng, len(lin.agent_ids), self.env.num_items, self.env.world_size
-            )
-            market.agent_ids = list(lin.agent_ids)
-            market.desired = lin.desired.copy()
-            market.matrices = lin.matrices.copy()
-            markets.append(market)
-        return markets
+    def markets(self) -> MarketPopulation:
+        """This generation's fresh markets (one block each), seat p holding lineage p's desired item and
+        inherited matrix."""
+        lin, count = self.lineages, self.config.training.markets_per_generation
+        size = len(lin.agent_ids)
+        market = MarketPopulation.random(
+            self.rng, size * count, self.env.num_items, self.env.world_size, markets=count
+        )
+        market.desired = np.tile(lin.desired, count)
+        market.matrices = np.tile(lin.matrices, (count, 1, 1))
+        return market
 
-    def next_generation(self, generation: int, fitness: FloatArray, first_market: MarketPopulation) -> None:
+    def next_generation(self, generation: int, fitness: FloatArray, market: MarketPopulation) -> None:
         """Selection, mutation and fresh agents; ``generation`` is the one the newcomers are born into."""
         lin, cfg, n = self.lineages, self.config.training, self.env.num_items
         size = len(lin.agent_ids)
@@ -131,7 +129,7 @@ class Evolution:
         survivors = order[: max(1, round(size * self.env.survival_rate))]
         fresh = min(round(size * cfg.fresh_agent_fraction), size - survivors.size)
         parents = survivors[np.arange(size - survivors.size - fresh) % survivors.size]
-        matrices = first_market.matrices
+        matrices = market.matrices[: len(lin.agent_ids)]  # as they ended the first market
         children = matrices[parents] + self.rng.normal(0.0, cfg.matrix_mutation_std, matrices[parents].shape)
         # alpha = 1 makes the update rule "take the proposal, clip to [0.1, 10], diagonal 1".
         child_matrices = apply_update(children.astype(np.float32), children, alpha=1.0)
@@ -155,7 +153,8 @@ class Evolution:
         )
 
     def save(self, path: Path, index: int, market: MarketPopulation) -> Path:
-        """Agent ``index`` of the current population as an original-format checkpoint."""
+        """Agent ``index`` of the current population as an original-format checkpoint (its inventory,
+        matrix and position as they ended the first market)."""
         lin, items = self.lineages, self.env.items_list
         weights = lin.policies.state_dict(index)
         network = TradingNetwork(state_dim(len(items)), lin.policies.hidden_dim, len(items))
@@ -266,9 +265,9 @@ def _run(
     with bar:
         for generation in range(1, total + 1):
             tick = time.perf_counter()
-            markets = evolution.markets()
+            market = evolution.markets()
             results = play(
-                markets,
+                market,
                 evolution.lineages.policies,
                 env.generation_length,
                 config.learning.matrix_update_rate,
@@ -304,7 +303,7 @@ def _run(
             if generation % cfg.model_save_frequency == 0:
                 for rank, index in enumerate(ranked, start=1):
                     path = summary.output_dir / f"agent_gen{generation}_rank{rank}.pth"
-                    summary.checkpoints.append(evolution.save(path, int(index), markets[0]))
+                    summary.checkpoints.append(evolution.save(path, int(index), market))
             if stats.best_fitness > best_ever:
                 best_ever, stale = stats.best_fitness, 0
             else:
@@ -322,9 +321,9 @@ def _run(
                     agent = lin.agent_ids[int(index)]
                     summary.final_fitness[agent] = round(float(fitness[index]), 4)
                     path = summary.output_dir / f"agent_{agent}_final.pth"
-                    summary.final_checkpoints.append(evolution.save(path, int(index), markets[0]))
+                    summary.final_checkpoints.append(evolution.save(path, int(index), market))
                 break
-            evolution.next_generation(generation + 1, fitness, markets[0])
+            evolution.next_generation(generation + 1, fitness, market)
     summary.seconds = time.perf_counter() - started
     _write_json_atomic(summary.summary_path, _summary_document(config, summary))
     logger.info(

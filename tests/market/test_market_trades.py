@@ -91,15 +91,28 @@ def test_swapping_the_rate_direction_changes_the_outcome() -> None:
     np.testing.assert_array_equal(pop.inventory[1, [DIAMOND, GOLD]], [5.0, 7.5])
 
 
-def test_target_refuses_a_quote_below_its_own_rate_whatever_the_reverse_entries_say() -> None:
-    # 2 * 0.6 > 1: B refuses. Read the other way round (0.5 * 0.1) it would have accepted.
-    pop = two_agents(ask=2.0, reverse_ask=0.5, target_rate=0.6, reverse_target_rate=0.1)
-    before = pop.inventory.copy()
-    stats = trade_step(pop, np.random.default_rng(0), ENV)
-    assert stats.trades == 0 and stats.requests == 1
-    np.testing.assert_array_equal(pop.inventory, before)
-    np.testing.assert_array_equal(pop.attempted, [1, 0])
-    np.testing.assert_array_equal(pop.success_rate(), [0.0, 0.0])
+@pytest.mark.parametrize(
+    ("ask", "target_rate", "paid"),
+    [(2.0, 0.6, 1 / 1.2), (4.0, 2.5, 0.1)],
+)
+def test_a_quote_below_the_target_price_is_accepted_with_probability_of_the_paid_fraction(
+    ask: float, target_rate: float, paid: float
+) -> None:
+    # Read the other way round (reverse entries 0.5 and 0.1) every quote would pay 20x the price.
+    rng = np.random.default_rng(5)
+    trials, accepted = 2000, 0
+    for _ in range(trials):
+        pop = two_agents(ask=ask, reverse_ask=0.5, target_rate=target_rate, reverse_target_rate=0.1)
+        before = pop.inventory.copy()
+        stats = trade_step(pop, rng, ENV)
+        assert stats.requests == 1 and pop.attempted[0] == 1
+        if stats.trades:
+            accepted += 1
+            assert pop.inventory[0, GOLD] == pytest.approx(stats.given[0] * ask, abs=QUANTUM)
+        else:
+            np.testing.assert_array_equal(pop.inventory, before)
+            assert pop.success_rate()[0] == 0.0
+    assert abs(accepted / trials - paid) < 0.03
 
 
 def test_a_target_chooses_requests_in_proportion_to_one_over_one_plus_distance() -> None:
@@ -164,3 +177,29 @@ def test_random_market_has_unique_ids_and_original_initial_ranges() -> None:
     assert pop.inventory.min() >= 5 and pop.inventory.max() <= 14
     assert ((pop.positions >= 0) & (pop.positions <= 100)).all()
     assert pop.states().shape == (50, 61)
+
+
+def test_markets_stepped_together_stay_independent() -> None:
+    # Two markets of 20 agents at the same places: no trade and no market-mean rate crosses them.
+    rng = np.random.default_rng(2)
+    one = MarketPopulation.random(rng, 20, 5, world_size=30.0)
+    pop = MarketPopulation(
+        agent_ids=[f"m{e}a{k}" for e in range(2) for k in range(20)],
+        desired=np.tile(one.desired, 2),
+        inventory=np.tile(one.inventory, (2, 1)),
+        matrices=np.concatenate([one.matrices, one.matrices * 2.0]),
+        positions=np.tile(one.positions, (2, 1)),
+        markets=2,
+    )
+    states = pop.states()
+    np.testing.assert_allclose(states[:20], one.states(), rtol=1e-6)
+    np.testing.assert_allclose(
+        states[20:, 2 * 5 + 25 : -1], 2.0 * one.states()[:, 2 * 5 + 25 : -1], rtol=1e-6
+    )
+    totals = pop.inventory.reshape(2, 20, 5).sum(axis=1, dtype=np.float64)
+    for _ in range(40):
+        stats = trade_step(pop, rng, ENV)
+        assert (stats.requester // 20 == stats.target // 20).all()
+    np.testing.assert_array_equal(pop.inventory.reshape(2, 20, 5).sum(axis=1, dtype=np.float64), totals)
+    with pytest.raises(ValueError, match="3 markets"):
+        MarketPopulation.random(rng, 20, 5, 30.0, markets=3)

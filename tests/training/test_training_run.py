@@ -80,7 +80,7 @@ def test_every_agent_ever_created_gets_a_new_id(tmp_path: Path, make_config: Con
     for generation in range(2, 12):
         before = evolution.lineages.agent_ids
         fitness = np.random.default_rng(generation).random(len(before)).astype(np.float32)
-        evolution.next_generation(generation, fitness, evolution.markets()[0])
+        evolution.next_generation(generation, fitness, evolution.markets())
         ids = evolution.lineages.agent_ids
         assert len(ids) == len(before) == len(set(ids))
         survivors = [i for i in ids if i in before]
@@ -96,7 +96,7 @@ def test_survivors_keep_their_network_and_offspring_are_mutated(
     evolution = Evolution(make_config(tmp_path), seed=4, run_id="t")
     old = evolution.lineages
     fitness = np.arange(6, dtype=np.float32)  # agent 5 is best
-    evolution.next_generation(2, fitness, evolution.markets()[0])
+    evolution.next_generation(2, fitness, evolution.markets())
     new = evolution.lineages
     assert new.agent_ids[:3] == [old.agent_ids[i] for i in (5, 4, 3)]
     for name, tensor in new.policies.params.items():
