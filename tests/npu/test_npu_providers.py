@@ -63,7 +63,9 @@ class TestOnHtp:
         path = export_static(trading_network(0), tmp_path / "agent_b1.onnx", batch_size=1).path
 
         _, placement = create_session(
-            path, NpuConfig(context_cache=False, performance_mode=mode), disable_cpu_fallback=True
+            path,
+            NpuConfig.model_validate({"context_cache": False, "performance_mode": mode}),
+            disable_cpu_fallback=True,
         )
 
         assert placement.on_npu
