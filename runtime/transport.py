@@ -53,6 +53,11 @@ def client_options(cfg: MqttConfig) -> dict[str, object]:
     return options
 
 
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class MqttLink:
     """One MQTT connection kept alive by :meth:`run` until :meth:`disconnect`; publishes fail fast while down.
 
@@ -94,12 +99,16 @@ class MqttLink:
         backoff = INITIAL_BACKOFF_S
         try:
             while not self._stopping.is_set():
+                connections = self.connections
                 try:
                     await self._session()
-                    backoff = INITIAL_BACKOFF_S
                 except aiomqtt.MqttError as exc:
                     if self._stopping.is_set():
                         break
+                    if _cancelling():  # aiomqtt's disconnect on the way out raised over our cancellation
+                        raise asyncio.CancelledError from exc
+                    if self.connections > connections:  # this session had connected: a fresh outage
+                        backoff = INITIAL_BACKOFF_S
                     delay = backoff * random.uniform(0.8, 1.2)
                     state = "lost the connection to" if self.connections else "cannot reach"
                     logger.warning(

@@ -159,7 +159,7 @@ async def test_reconnects_and_resubscribes_after_the_broker_restarts(
     private_broker: PrivateMosquitto, prefix: str
 ) -> None:
     cfg = MqttConfig(
-        port=private_broker.port, topic_prefix=prefix, keepalive_s=5, reconnect_max_backoff_s=0.5
+        port=private_broker.port, topic_prefix=prefix, keepalive_s=5, reconnect_max_backoff_s=1.6
     )
     ticks, status = Inbox(), Inbox()
     runtime = RuntimeTransport(cfg, on_tick=ticks, will_payload=OFFLINE, client_id="rt-restart")
@@ -172,7 +172,7 @@ async def test_reconnects_and_resubscribes_after_the_broker_restarts(
     await wait_until(lambda: not runtime.connected.is_set(), 5, "the transport to notice the broker is gone")
     assert not await runtime.publish_matrices(b"lost")
     assert runtime.unsent.counts["not_connected"] == 1
-    await asyncio.sleep(1.0)  # several failed reconnect attempts, backoff capped at 0.5 s
+    await asyncio.sleep(1.0)  # failed attempts after ~0.2, 0.6 s: the backoff has grown to 0.8 s
     private_broker.start()  # same port, persistence off: subscriptions and retained status are gone
 
     await asyncio.wait_for(runtime.connected.wait(), 5)
@@ -183,6 +183,14 @@ async def test_reconnects_and_resubscribes_after_the_broker_restarts(
     # ...and resubscribed to ticks by itself.
     await game.publish(runtime.topics.tick, encode_tick(make_tick(tick=99)))
     assert decode_tick(await ticks.next(), LIMITS).tick == 99
+
+    # A second, short outage starts again from the initial backoff (0.2 s), not from where the first ended.
+    private_broker.stop()
+    await wait_until(lambda: not runtime.connected.is_set(), 5, "the second outage to be noticed")
+    lost = time.monotonic()
+    private_broker.start()
+    await asyncio.wait_for(runtime.connected.wait(), 5)
+    assert runtime.connections == 3 and time.monotonic() - lost < 0.75
 
     await runtime.close(OFFLINE)
     await game.disconnect()
@@ -269,3 +277,20 @@ def test_client_options_take_credentials_from_the_environment_and_tls_from_confi
     assert getattr(options["tls_params"], "ca_certs", None) == str(ca_file)
     with pytest.raises(ConfigError, match=r"mqtt\.ca_file"):
         client_options(MqttConfig(tls=True, ca_file=str(tmp_path / "missing.pem")))
+
+
+@pytest.mark.parametrize("broker", ["up", "dead", "frozen"])
+async def test_cancelling_run_ends_it(private_broker: PrivateMosquitto, prefix: str, broker: str) -> None:
+    """Cancelling run() ends it whatever the broker is doing (never turned into another reconnect)."""
+    cfg = MqttConfig(port=private_broker.port, topic_prefix=prefix, reconnect_max_backoff_s=0.3)
+    runtime = RuntimeTransport(cfg, on_tick=Inbox(), will_payload=OFFLINE, client_id="rt-cancel")
+    task = await started(runtime)
+    assert private_broker.process is not None
+    if broker == "dead":
+        private_broker.stop()
+    elif broker == "frozen":  # the socket stays open, nothing answers
+        private_broker.process.send_signal(signal.SIGSTOP)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 20)
+    assert not runtime.connected.is_set()
