@@ -16,7 +16,7 @@ import signal
 import sys
 
 from runtime.config import Config
-from runtime.serve import STARTUP_ERRORS, RuntimeServer, configure
+from runtime.serve import STARTUP_ERRORS, RuntimeServer, add_config_arguments, configure
 
 log = logging.getLogger("runtime.demo")
 
@@ -24,9 +24,7 @@ SIMULATOR_START_TIMEOUT_S = 600.0  # bootstrap training + conversion on a slow m
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="config file (default: ./config.yaml, else built-in)")
-    parser.add_argument("--agents", type=int, help="override runtime.num_agents")
-    parser.add_argument("--model-dir", help="override runtime.model_dir (the converted models to serve)")
+    add_config_arguments(parser)
     parser.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: Ctrl-C)")
     parser.add_argument(
         "--ticks", type=int, default=0, help="stop after this many market ticks (0: no limit)"
@@ -35,9 +33,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--rate", type=float, help="market ticks per second (default: simulator.tick_rate_hz)"
     )
     parser.add_argument("--json", help="write the simulator's final summary here as JSON")
-    parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level"
-    )
 
 
 def simulator_command(config: Config, args: argparse.Namespace) -> list[str]:

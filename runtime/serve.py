@@ -277,15 +277,20 @@ def _signals_stop(server: RuntimeServer) -> Any:
             loop.remove_signal_handler(sig)
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `run` and `demo` share: which config, and the overrides an operator reaches for."""
     parser.add_argument("--config", default=None, help="config file (default: ./config.yaml, else built-in)")
     parser.add_argument("--agents", type=int, help="override runtime.num_agents")
     parser.add_argument("--model-dir", help="override runtime.model_dir (the converted models to serve)")
-    parser.add_argument("--no-convert", action="store_true", help="serve the existing models only")
-    parser.add_argument("--no-reload", action="store_true", help="do not watch the model directory")
     parser.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level"
     )
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--no-convert", action="store_true", help="serve the existing models only")
+    parser.add_argument("--no-reload", action="store_true", help="do not watch the model directory")
 
 
 def configure(args: argparse.Namespace) -> Config:

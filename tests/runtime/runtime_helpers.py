@@ -151,14 +151,9 @@ def write_config(path: Path, **sections: dict[str, object]) -> Path:
 
 def runtime_process(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     """`blockmarket run --config CONFIG` in its own process (stdout/stderr to ``log_path``)."""
-    code = (
-        "import argparse, sys; from runtime import serve; p = argparse.ArgumentParser(); "
-        "serve.configure_parser(p); sys.exit(serve.main(p.parse_args()))"
-    )
+    command = [sys.executable, "-m", "runtime.cli", "run", "--config", str(config)]
     with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-c", code, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
-        )
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from runtime.cli import setup_logging
+from runtime.cli import build_parser, setup_logging
 from runtime.config import load_config
 from runtime.protocol import MarketTick, Topics, encode_tick
 from runtime.serve import RuntimeServer
@@ -20,6 +20,7 @@ from runtime.transport import MqttLink
 
 
 async def probe(config_path: str, ticks: int) -> dict[str, object]:
+    build_parser()  # what `blockmarket run` imports first: every subcommand's module
     config = load_config(config_path)
     setup_logging(config.logging.level, config.logging.format)
     server = RuntimeServer(config)
@@ -50,7 +51,7 @@ async def probe(config_path: str, ticks: int) -> dict[str, object]:
         "answers": len(answers),
         "agents": len(ids),
         "torch_imported": "torch" in sys.modules,
-        "conversion_imported": any(m.startswith("conversion") for m in sys.modules),
+        "converter_imported": "conversion.converter" in sys.modules,
     }
 
 

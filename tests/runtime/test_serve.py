@@ -54,7 +54,7 @@ def test_serving_process_converts_in_a_worker_and_never_imports_torch(tmp_path: 
         "answers": 3,
         "agents": 8,
         "torch_imported": False,
-        "conversion_imported": False,
+        "converter_imported": False,
     }, done.stderr[-3000:]
     converted = sorted(p.name for p in (checkpoints / "onnx").glob("*_metadata.json"))
     assert converted == ["agent_a0_final_metadata.json", "agent_a1_final_metadata.json"]
