@@ -157,7 +157,8 @@ class MarketSimulator:
         self._limits = Limits(
             max_payload_bytes=config.mqtt.max_payload_bytes, max_agents=max(count, 1), num_items=n
         )
-        self._row_of = {agent_id: row for row, agent_id in enumerate(self.population.agent_ids)}
+        self._ids = tuple(self.population.agent_ids)  # one tuple for every tick (not rebuilt per tick)
+        self._row_of = {agent_id: row for row, agent_id in enumerate(self._ids)}
         self._rows_cache: tuple[tuple[str, ...], npt.NDArray[np.int64]] = ((), np.zeros(0, np.int64))
         self.drops = DropCounter(logger, what=f"answer on {self.topics.matrices}")
         self._sent_at: dict[int, float] = {}  # tick -> perf_counter at publish, until answered or expired
@@ -232,7 +233,7 @@ class MarketSimulator:
         return MarketTick(
             tick=tick,
             sent_at=time.time(),
-            agent_ids=tuple(pop.agent_ids),
+            agent_ids=self._ids,
             inventory=pop.inventory,
             successful=pop.successful.astype(np.float32),
             attempted=pop.attempted.astype(np.float32),
