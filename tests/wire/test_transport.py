@@ -190,7 +190,7 @@ async def test_reconnects_and_resubscribes_after_the_broker_restarts(
     lost = time.monotonic()
     private_broker.start()
     await asyncio.wait_for(runtime.connected.wait(), 5)
-    assert runtime.connections == 3 and time.monotonic() - lost < 0.75
+    assert runtime.connections == 3 and time.monotonic() - lost < 1.1  # without the reset: >= 1.28 s
 
     await runtime.close(OFFLINE)
     await game.disconnect()
