@@ -10,7 +10,7 @@ starting matrices and random stream, so only the policies differ. Two comparison
 
 Example:
 
-    blockmarket evaluate --model-dir models/trading_agents --markets 16 --seed 0
+    blockmarket evaluate --model-dir models/trading_agents --markets 64 --seed 0
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--pattern", default=DEFAULT_PATTERN, help=f"checkpoint glob (default: {DEFAULT_PATTERN})"
     )
     parser.add_argument(
-        "--markets", type=at_least(1), default=16, help="independent markets played (default: 16)"
+        "--markets", type=at_least(1), default=64, help="independent markets played (default: 64)"
     )
     parser.add_argument(
         "--steps", type=at_least(1), help="steps per market (default: environment.generation_length)"

@@ -194,6 +194,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Temp file + rename, like the checkpoints: a reader never sees half a summary."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; a summary is for every reader
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")

@@ -163,3 +163,11 @@ def test_cli_rejects_a_bad_config_naming_the_key(
     cli.configure_parser(parser)
     assert cli.main(parser.parse_args(["--config", str(config_file)])) == 2
     assert "training.markets_per_generation" in capsys.readouterr().err
+
+
+def test_the_converter_converts_and_validates_what_training_wrote(trained_dir: Path, tmp_path: Path) -> None:
+    from conversion.converter import ONNXConverter
+
+    results = ONNXConverter(Config(), model_path=trained_dir, output_dir=tmp_path).convert_all_models()
+    assert len(results) == len(list(trained_dir.glob("*.pth"))) == 6
+    assert all(r.status == "converted" for r in results), [r.error for r in results]
