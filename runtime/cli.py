@@ -43,7 +43,10 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, log_file: str | N
     if log_file:
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(
-        level=level, format=fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+        level=level,
+        format=fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
     )
 
 

@@ -191,7 +191,9 @@ def _missing_keys(section: type[BaseModel], data: dict[str, Any], prefix: str = 
         annotation = field.annotation
         if key not in data:
             missing.append(prefix + key)
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(data[key], dict):
+        elif (
+            isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(data[key], dict)
+        ):
             missing += _missing_keys(annotation, data[key], f"{prefix}{key}.")
     return missing
 

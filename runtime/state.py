@@ -28,7 +28,7 @@ def state_dim(num_items: int) -> int:
 
 def items_from_state_dim(dim: int) -> int:
     """Invert :func:`state_dim`; raises if no integer n gives ``dim``."""
-    n = int(round((-2 + np.sqrt(4 + 8 * (dim - 1))) / 4))
+    n = round(float(np.sqrt(4 + 8 * (dim - 1)) - 2) / 4)
     if n < 1 or state_dim(n) != dim:
         raise ValueError(f"state dimension {dim} is not 2n^2 + 2n + 1 for any item count n")
     return n
