@@ -114,8 +114,7 @@ class AgentPopulation:
 
     def groups(self) -> dict[str, IntArray]:
         """Model key -> the rows of the agents it serves (ascending)."""
-        keys = np.asarray(self.model_keys)
-        return {str(key): np.flatnonzero(keys == key) for key in dict.fromkeys(self.model_keys)}
+        return groups_of(self.model_keys)
 
     def rows_for(self, agent_ids: tuple[str, ...]) -> IntArray:
         """Population rows of a tick's agents, cached while the game server sends the same roster."""
@@ -130,6 +129,23 @@ class AgentPopulation:
         rows = np.fromiter((self._row_of[a] for a in agent_ids), dtype=np.int64, count=len(agent_ids))
         self._cached_ids, self._cached_rows = agent_ids, rows
         return rows
+
+    def extend(self, newcomers: AgentPopulation) -> None:
+        """Append agents in place (hot reload of new checkpoints); existing rows and their state stay."""
+        if newcomers.items != self.items:
+            raise ValueError(f"new agents trade {list(newcomers.items)}, the population {list(self.items)}")
+        clash = set(newcomers.agent_ids) & set(self._row_of)
+        if clash:
+            raise ValueError(f"agent ids already served: {', '.join(sorted(clash))}")
+        first = len(self)
+        self.agent_ids += newcomers.agent_ids
+        self.model_keys += newcomers.model_keys
+        self.desired = np.concatenate([self.desired, newcomers.desired])
+        self.matrices = np.concatenate([self.matrices, newcomers.matrices])
+        self.inventory = np.concatenate([self.inventory, newcomers.inventory])
+        self.success_rate = np.concatenate([self.success_rate, newcomers.success_rate])
+        self._row_of.update({agent_id: first + i for i, agent_id in enumerate(newcomers.agent_ids)})
+        self._cached_ids = self._cached_rows = None
 
     def observe(
         self, rows: IntArray, inventory: npt.ArrayLike, successful: npt.ArrayLike, attempted: npt.ArrayLike
@@ -153,6 +169,12 @@ class AgentPopulation:
         updated = apply_update(self.matrices[rows], proposals[rows], alpha)
         self.matrices[rows] = updated
         return updated
+
+
+def groups_of(model_keys: Sequence[str]) -> dict[str, IntArray]:
+    """Model key -> the rows (ascending) whose agents run it, in order of first appearance."""
+    keys = np.asarray(model_keys)
+    return {str(key): np.flatnonzero(keys == key) for key in dict.fromkeys(model_keys)}
 
 
 def assign_models(models: Sequence[ModelInfo], num_agents: int, assignment: Assignment) -> list[ModelInfo]:
@@ -184,15 +206,25 @@ def create_population(
 ) -> AgentPopulation:
     """A fresh population: agents assigned to models, desired items from the metadata, seeded state."""
     assigned = assign_models(models, num_agents, assignment)
+    return new_agents(assigned, agent_ids_for(assigned, assignment), items, np.random.default_rng(seed))
+
+
+def new_agents(
+    assigned: Sequence[ModelInfo],
+    agent_ids: Sequence[str],
+    items: Sequence[str],
+    rng: np.random.Generator,
+    first_row: int = 0,
+) -> AgentPopulation:
+    """Agents for the given models: desired item from the metadata (else round-robin by row), fresh state."""
     index = {item: i for i, item in enumerate(items)}
     desired = [
-        index[m.desired_item] if m.desired_item in index else row % len(items)
-        for row, m in enumerate(assigned)
+        index[m.desired_item] if m.desired_item in index else (first_row + i) % len(items)
+        for i, m in enumerate(assigned)
     ]
-    rng = np.random.default_rng(seed)
     count = len(assigned)
     return AgentPopulation(
-        agent_ids=agent_ids_for(assigned, assignment),
+        agent_ids=agent_ids,
         items=items,
         desired=desired,
         model_keys=[m.key for m in assigned],

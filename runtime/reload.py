@@ -14,7 +14,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.models import METADATA_SUFFIX, ModelError, read_model
+import numpy as np
+
+from runtime.agents import new_agents
+from runtime.models import METADATA_SUFFIX, ModelError, ModelInfo, read_model
 from runtime.sessions import SessionPool
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,11 @@ class ModelWatcher:
 
 
 class ModelReloader:
-    """The reload loop: convert new checkpoints, then reload changed models into the pool."""
+    """The reload loop: convert new checkpoints, then reload changed models into the pool.
+
+    A model nobody runs yet becomes a new agent when each agent is one checkpoint
+    (``one_per_checkpoint``); agents drawn round-robin keep their models until a restart reassigns them.
+    """
 
     def __init__(
         self,
@@ -78,11 +85,15 @@ class ModelReloader:
         *,
         poll_s: float,
         convert: Callable[[], Awaitable[object]] | None = None,
+        add_new_agents: bool = False,
+        seed: int = 0,
     ) -> None:
         self.pool = pool
         self.watcher = watcher
         self.poll_s = poll_s
         self.convert = convert
+        self.add_new_agents = add_new_agents
+        self.seed = seed
         self.reloads = 0
         self._unassigned: set[str] = set()
 
@@ -92,7 +103,7 @@ class ModelReloader:
             await self.check()
 
     async def check(self) -> None:
-        """One poll: convert what is new, then reload every served model whose files changed."""
+        """One poll: convert what is new, then reload every model whose files changed."""
         changes = self.watcher.poll()
         if changes.checkpoints and self.convert is not None:
             log.info("new or changed checkpoints: converting them in a worker process")
@@ -102,24 +113,46 @@ class ModelReloader:
             await self.reload(changes.models)
 
     async def reload(self, keys: Iterable[str]) -> None:
-        served = set(self.pool.models)
-        changed = {}
+        changed, new = {}, []
         for key in sorted(keys):
-            if key not in served:
-                if key not in self._unassigned:
-                    self._unassigned.add(key)
-                    log.warning(
-                        "new model %s in %s is not assigned to any agent; restart the runtime to serve it",
-                        key, self.watcher.model_dir,
-                    )  # fmt: skip
-                continue
             try:
                 info = read_model(self.watcher.model_dir / f"{key}{METADATA_SUFFIX}")
             except ModelError as exc:
                 self.pool.reload_failures += 1
                 log.error("hot reload of %s skipped, the previous version keeps serving: %s", key, exc)
                 continue
-            if info.version != self.pool.models[key].version:
+            if key not in self.pool.models:
+                new.append(info)
+            elif info.version != self.pool.models[key].version:
                 changed[key] = info
         if changed and await self.pool.reload(changed):
+            self.reloads += 1
+        if new:
+            await self._add_agents(new)
+
+    async def _add_agents(self, models: list[ModelInfo]) -> None:
+        population = self.pool.population
+        usable = [m for m in models if m.items == population.items]
+        for info in models:
+            if info.items != population.items:
+                log.warning(
+                    "new model %s trades %s, the runtime %s: skipped", info.key, info.items, population.items
+                )
+        if not self.add_new_agents:
+            for info in usable:
+                if info.key not in self._unassigned:
+                    self._unassigned.add(info.key)
+                    log.warning(
+                        "new model %s is not assigned to any agent (runtime.assignment round_robin); "
+                        "restart the runtime to draw agents from it",
+                        info.key,
+                    )
+            return
+        if not usable:
+            return
+        taken = set(population.agent_ids)
+        ids = [m.agent_id if m.agent_id and m.agent_id not in taken else m.key for m in usable]
+        rng = np.random.default_rng([self.seed, len(population)])
+        newcomers = new_agents(usable, ids, population.items, rng, first_row=len(population))
+        if await self.pool.add_agents(newcomers, {m.key: m for m in usable}):
             self.reloads += 1

@@ -207,7 +207,14 @@ class RuntimeServer:
         cfg = self.config
         convert = self.convert if cfg.runtime.convert_on_startup else None
         watcher = ModelWatcher(cfg.model_dir, lambda: checkpoints(cfg))
-        return ModelReloader(pool, watcher, poll_s=cfg.runtime.reload_poll_s, convert=convert)
+        return ModelReloader(
+            pool,
+            watcher,
+            poll_s=cfg.runtime.reload_poll_s,
+            convert=convert,
+            add_new_agents=cfg.runtime.assignment == "one_per_checkpoint",
+            seed=cfg.runtime.seed,
+        )
 
     def status(self, state: str) -> dict[str, Any]:
         """The retained status message: roster, models, EPs and serving figures."""

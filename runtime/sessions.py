@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.agents import AgentPopulation
+from runtime.agents import AgentPopulation, groups_of
 from runtime.config import NpuConfig
 from runtime.models import MATRIX_OUTPUT, ModelInfo
 from runtime.state import FloatArray, IntArray, realistic_states
@@ -61,6 +61,7 @@ class InferenceUnit:
 
     name: str
     rows: IntArray  # ascending population rows, in the session's input row order
+    row_keys: tuple[str, ...]  # the model key of each of those rows
     models: Mapping[str, ModelInfo]  # model key -> the version this unit was built from
     session: Any
     provider: str
@@ -108,23 +109,38 @@ class UnitPlan:
 
     name: str
     rows: IntArray
+    row_keys: tuple[str, ...]
     models: Mapping[str, ModelInfo]
 
     @property
     def is_pack(self) -> bool:
         return self.name.startswith("pack:")
 
+    def served_by(self, unit: InferenceUnit | None) -> bool:
+        """True when ``unit`` already serves exactly this plan (same rows, models and versions)."""
+        return (
+            unit is not None
+            and np.array_equal(unit.rows, self.rows)
+            and unit.row_keys == self.row_keys
+            and {k: m.version for k, m in unit.models.items()}
+            == {k: m.version for k, m in self.models.items()}
+        )
+
 
 def plan_units(
-    population: AgentPopulation, models: Mapping[str, ModelInfo], max_sessions: int
+    model_keys: Sequence[str], models: Mapping[str, ModelInfo], max_sessions: int
 ) -> list[UnitPlan]:
-    """One session per model while that fits in max_sessions, else one population pack per architecture."""
-    groups = population.groups()
+    """One session per model while that fits in max_sessions, else one population pack per architecture.
+
+    ``model_keys`` is the model of each population row.
+    """
+    groups = groups_of(model_keys)
+    keys_of = np.asarray(model_keys)
     missing = sorted(set(groups) - set(models))
     if missing:
         raise PoolError(f"agents are assigned to unknown models: {', '.join(missing)}")
     if len(groups) <= max_sessions:
-        return [UnitPlan(key, rows, {key: models[key]}) for key, rows in groups.items()]
+        return [UnitPlan(key, rows, (key,) * len(rows), {key: models[key]}) for key, rows in groups.items()]
     by_arch: dict[tuple[str, int, int | None, int], list[str]] = {}
     for key in groups:
         by_arch.setdefault(models[key].architecture, []).append(key)
@@ -136,9 +152,8 @@ def plan_units(
     plans = []
     for (model_type, input_dim, *_), keys in by_arch.items():
         rows = np.sort(np.concatenate([groups[k] for k in keys]))
-        plans.append(
-            UnitPlan(f"pack:{model_type}-{input_dim}x{len(rows)}", rows, {k: models[k] for k in keys})
-        )
+        name = f"pack:{model_type}-{input_dim}x{len(rows)}"
+        plans.append(UnitPlan(name, rows, tuple(keys_of[rows]), {k: models[k] for k in keys}))
     return plans
 
 
@@ -171,10 +186,8 @@ class SessionPool:
 
     async def start(self) -> PoolGeneration:
         """Build and validate every unit off the loop, then start serving with them."""
-        plans = plan_units(self.population, self.models, self.max_sessions)
-        loop = asyncio.get_running_loop()
-        units = await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, plan) for plan in plans))
-        self.current = PoolGeneration(1, tuple(units))
+        plans = plan_units(self.population.model_keys, self.models, self.max_sessions)
+        self.current = PoolGeneration(1, tuple(await self._build(plans)))
         log.info("session pool generation 1: %s", self.current.describe())
         return self.current
 
@@ -199,13 +212,14 @@ class SessionPool:
             affected = [u for u in old.units if set(u.models) & set(changed)]
             if not affected:
                 return False
-            loop = asyncio.get_running_loop()
             plans = [
-                UnitPlan(u.name, u.rows, {k: changed.get(k, info) for k, info in u.models.items()})
+                UnitPlan(
+                    u.name, u.rows, u.row_keys, {k: changed.get(k, info) for k, info in u.models.items()}
+                )
                 for u in affected
             ]
             try:
-                fresh = await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, p) for p in plans))
+                fresh = await self._build(plans)
             except Exception as exc:  # any failure (file, ORT, validation) keeps the old models serving
                 self.reload_failures += 1
                 log.error(
@@ -222,6 +236,40 @@ class SessionPool:
             )
             return True
 
+    async def add_agents(self, newcomers: AgentPopulation, models: Mapping[str, ModelInfo]) -> bool:
+        """Serve new agents from the next tick on: the units of the grown roster are planned and the
+        changed ones built and validated off the loop; then roster and units are swapped together."""
+        async with self._swap_lock:
+            old = self.current
+            all_models = {**self.models, **models}
+            plans = plan_units(
+                self.population.model_keys + newcomers.model_keys, all_models, self.max_sessions
+            )
+            serving = {u.name: u for u in old.units}
+            todo = [p for p in plans if not p.served_by(serving.get(p.name))]
+            try:
+                fresh = {u.name: u for u in await self._build(todo)}
+            except Exception as exc:  # the current roster keeps being served as it is
+                self.reload_failures += 1
+                log.error("new agents %s not added: %s", ", ".join(newcomers.agent_ids), exc)
+                return False
+            self.population.extend(newcomers)  # no await from here on: the swap falls between two ticks
+            self.models = all_models
+            self.current = PoolGeneration(
+                old.number + 1, tuple(fresh.get(p.name) or serving[p.name] for p in plans)
+            )
+            log.info(
+                "hot reload: generation %d adds agents %s (%d agents)",
+                self.current.number,
+                ", ".join(newcomers.agent_ids),
+                len(self.population),
+            )
+            return True
+
+    async def _build(self, plans: Sequence[UnitPlan]) -> list[InferenceUnit]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, p) for p in plans)))
+
     def close(self) -> None:
         """Stop the inference threads (the sessions go with the last generation reference)."""
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -236,7 +284,9 @@ class SessionPool:
         static = _static_batch(session)
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
-        unit = InferenceUnit(plan.name, plan.rows, plan.models, session, provider, path, static)
+        unit = InferenceUnit(
+            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static
+        )
         states, out = validate_unit(unit, self.population.num_items)
         if plan.is_pack:
             self._check_pack(unit, states, out)
@@ -245,7 +295,7 @@ class SessionPool:
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
         """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances)."""
         atol, rtol = PACK_TOLERANCE["npu" if "QNN" in unit.provider else "cpu"]
-        keys = np.asarray([self.population.model_keys[row] for row in unit.rows])
+        keys = np.asarray(unit.row_keys)
         for key, info in unit.models.items():
             rows = np.flatnonzero(keys == key)
             session, _ = self.factory(info.onnx_path, False)
@@ -270,7 +320,7 @@ class SessionPool:
         from runtime.pack import PackForm, build_pack, extract_trading_weights, save_pack
 
         form: PackForm = "conv" if self.use_npu else "matmul"
-        keys = [self.population.model_keys[row] for row in plan.rows]
+        keys = plan.row_keys
         digest = hashlib.sha256(
             "|".join([form, *(f"{k}@{plan.models[k].version}" for k in keys)]).encode()
         ).hexdigest()[:16]

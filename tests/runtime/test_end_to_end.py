@@ -87,14 +87,14 @@ async def test_128_agents_200_ticks_with_the_simulator(
             assert status["agents"] == AGENTS and len(status["model_versions"]) == 12
             simulate = [
                 *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
-                *("--ticks", "200", "--rate", "20", "--json", str(summary_path), "--quiet"),
+                *("--ticks", "200", "--rate", "10", "--json", str(summary_path), "--quiet"),
             ]
             simulator = await asyncio.create_subprocess_exec(
                 *simulate, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
             )
             output, _ = await asyncio.wait_for(simulator.communicate(), 120)
             assert simulator.returncode == 0, output.decode()[-3000:]
-            await wait_for(lambda: len(recorder.answers) >= 200, 5, "all 200 answers at the recorder")
+            await wait_for(lambda: len(recorder.answers) >= 200, 15, "all 200 answers at the recorder")
     summary = json.loads(summary_path.read_text())
     assert summary["ticks_sent"] == 200 and summary["answered"] == 200 and summary["missing"] == 0
     assert summary["rule_violations"] == 0 and summary["unknown_agents"] == 0
@@ -234,3 +234,27 @@ async def test_hot_reload_in_a_serving_runtime(tmp_path: Path, model_dir: Path, 
             game.answers[i].matrices, expected, rtol=1e-4, atol=1e-5, err_msg=f"tick {i}"
         )
     assert "hot reload: generation 2 serves m1@" in (tmp_path / "run.log").read_text()
+
+
+async def test_a_new_checkpoint_joins_a_serving_runtime_as_a_new_agent(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    config_path = serving_config(tmp_path, model_dir, prefix)
+    text = config_path.read_text().replace("reload_poll_s: 2.0", "reload_poll_s: 0.2")
+    config_path.write_text(text.replace("assignment: round_robin", "assignment: one_per_checkpoint"))
+    config = load_config(config_path)
+    with running(config_path, tmp_path):
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            assert (await game.online())["agent_ids"] == ["ckpt-0", "ckpt-1", "ckpt-2"]
+            write_model(model_dir, "m3", trading_weights(3), agent_id="newcomer", desired_item="emerald")
+            number = 0
+            while "newcomer" not in game.status["agent_ids"]:
+                await game.send(game.tick(number))  # the old roster is served throughout
+                check_matrices((await game.answer(number)).matrices, 3, len(ITEMS))
+                number += 1
+                assert number < 300, "the new agent never joined"
+            assert game.status["desired"][-1] == "emerald"
+            await game.send(game.tick(number))  # the game server now ticks the grown roster
+            answer = await game.answer(number)
+    assert answer.agent_ids[-1] == "newcomer"
+    check_matrices(answer.matrices, 4, len(ITEMS))

@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.agents import create_population
+from runtime.models import discover_models
 from runtime.reload import ModelReloader, ModelWatcher
+from runtime.sessions import SessionPool
 from runtime.state import realistic_states
 from tests.runtime.runtime_helpers import ITEMS, reference_forward, trading_weights, write_model
-from tests.runtime.test_sessions import make_pool
+from tests.runtime.test_sessions import CountingFactory, make_pool
 
 
 def touch_later(path: Path) -> None:
@@ -93,3 +96,24 @@ async def test_new_checkpoint_is_converted_then_reloaded(tmp_path: Path, model_d
     np.testing.assert_allclose(
         (await pool.infer(states))[rows], reference_forward(converted, states[rows]), rtol=1e-4
     )
+
+
+async def test_new_checkpoints_become_new_agents_when_each_agent_is_a_checkpoint(model_dir: Path) -> None:
+    models, _ = discover_models(model_dir, ITEMS)
+    pop = create_population(models, ITEMS, num_agents=0, assignment="one_per_checkpoint", seed=0)
+    pool = SessionPool(
+        pop, {m.key: m for m in models}, factory=CountingFactory(), max_sessions=4, model_dir=model_dir
+    )
+    await pool.start()
+    before = pop.matrices.copy()
+    reloader = ModelReloader(pool, ModelWatcher(model_dir, list), poll_s=0.01, add_new_agents=True)
+    for i in (3, 4):  # five models with max_sessions 4: the grown roster is served through one pack
+        write_model(model_dir, f"m{i}", trading_weights(i), agent_id="ckpt-1" if i == 3 else "ckpt-4")
+    await reloader.check()
+    assert pool.population is pop and pop.agent_ids == ("ckpt-0", "ckpt-1", "ckpt-2", "m3", "ckpt-4")
+    np.testing.assert_array_equal(pop.matrices[:3], before)  # existing agents keep their state
+    (unit,) = pool.current.units
+    assert unit.name == "pack:TradingNetwork-61x5" and pool.current.number == 2
+    states = realistic_states(np.random.default_rng(2), 5, len(ITEMS))
+    want = np.concatenate([reference_forward(trading_weights(i), states[i : i + 1]) for i in range(5)])
+    np.testing.assert_allclose(await pool.infer(states), want, rtol=1e-4)
