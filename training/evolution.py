@@ -129,10 +129,10 @@ class Evolution:
         survivors = order[: max(1, round(size * self.env.survival_rate))]
         fresh = min(round(size * cfg.fresh_agent_fraction), size - survivors.size)
         parents = survivors[np.arange(size - survivors.size - fresh) % survivors.size]
-        matrices = market.matrices[: len(lin.agent_ids)]  # as they ended the first market
-        children = matrices[parents] + self.rng.normal(0.0, cfg.matrix_mutation_std, matrices[parents].shape)
+        matrices = market.matrices[:size]  # as they ended the first market
+        noisy = matrices[parents] + self.rng.normal(0.0, cfg.matrix_mutation_std, (parents.size, n, n))
         # alpha = 1 makes the update rule "take the proposal, clip to [0.1, 10], diagonal 1".
-        child_matrices = apply_update(children.astype(np.float32), children, alpha=1.0)
+        child_matrices = apply_update(noisy.astype(np.float32), noisy, alpha=1.0)
         born = parents.size + fresh
         self.lineages = Lineages(
             agent_ids=[lin.agent_ids[i] for i in survivors] + self._new_ids(generation, born),
