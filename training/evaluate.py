@@ -86,7 +86,7 @@ def evaluate(
     from conversion.networks import ArchitectureError, TradingNetwork, load_network
     from runtime.market import MarketPopulation
     from training.episode import play
-    from training.policy import PolicyPopulation
+    from training.policy import PolicyPopulation, single_threaded
 
     env = config.environment
     items = list(env.items_list)
@@ -119,15 +119,16 @@ def evaluate(
         return play(market, policies, steps, config.learning.matrix_update_rate, env, rng)
 
     both = PolicyPopulation.concat([trained, random])
-    even = np.arange(seats) % 2 == 0
-    first = run(both.take(np.where(even, np.arange(seats), seats + np.arange(seats))))
-    swapped = run(both.take(np.where(even, seats + np.arange(seats), np.arange(seats))))
+    seat, even = np.arange(seats), np.arange(seats) % 2 == 0
+    with single_threaded():
+        first = run(both.take(np.where(even, seat, seats + seat)))  # trained agents in the even seats
+        swapped = run(both.take(np.where(even, seats + seat, seat)))  # ... and in the odd ones
+        only_trained, only_random = run(trained), run(random)
     head_to_head = Comparison(
         trained=float(np.concatenate([first.fitness[:, even], swapped.fitness[:, ~even]]).mean()),
         random=float(np.concatenate([first.fitness[:, ~even], swapped.fitness[:, even]]).mean()),
         trades=(first.trades + swapped.trades) / (2 * markets),
     )
-    only_trained, only_random = run(trained), run(random)
     whole_market = Comparison(
         trained=float(only_trained.fitness.mean()),
         random=float(only_random.fitness.mean()),

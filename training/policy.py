@@ -7,7 +7,8 @@ leading population axis, so agent k's ``state_dict`` is a slice and loads into `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,17 @@ from runtime.state import state_dim
 # TradingNetwork's Linear layers in forward order: ReLU after all but the head, softplus + floor after it.
 HIDDEN_LAYERS = ("shared.0", "shared.2", "shared.4")
 HEAD = "trading_matrix_head"
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one thread: the per-step tensors are tiny, and two threads were ~6x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _template(num_items: int, hidden_dim: int) -> dict[str, torch.Size]:
