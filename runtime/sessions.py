@@ -67,6 +67,7 @@ class InferenceUnit:
     provider: str
     model_path: Path
     batch_size: int | None  # static batch of the session's input; None = dynamic
+    slots: IntArray | None = None  # input row of each agent row in a static batch (None: the first M)
     input_name: str = field(init=False)
     output_name: str = field(init=False)
 
@@ -77,11 +78,12 @@ class InferenceUnit:
 
     def run(self, states: FloatArray) -> FloatArray:
         """Proposed matrices [M, n^2] for the unit's M agents' states [M, D]; called off the loop thread."""
-        if self.batch_size is None or self.batch_size == len(states):
+        if self.batch_size is None or (self.slots is None and self.batch_size == len(states)):
             return np.asarray(self.session.run([self.output_name], {self.input_name: states})[0])
+        slots = np.arange(len(states)) if self.slots is None else self.slots
         padded = np.zeros((self.batch_size, states.shape[1]), dtype=np.float32)
-        padded[: len(states)] = states
-        return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[: len(states)]
+        padded[slots] = states
+        return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[slots]
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def plan_units(
     for (model_type, input_dim, *_), keys in by_arch.items():
         rows = np.sort(np.concatenate([groups[k] for k in keys]))
         name = f"pack:{model_type}-{input_dim}x{len(rows)}"
-        plans.append(UnitPlan(name, rows, tuple(keys_of[rows]), {k: models[k] for k in keys}))
+        plans.append(UnitPlan(name, rows, tuple(map(str, keys_of[rows])), {k: models[k] for k in keys}))
     return plans
 
 
@@ -276,8 +278,10 @@ class SessionPool:
 
     def build_unit(self, plan: UnitPlan) -> InferenceUnit:
         """Create and warm one session (blocking: run it in an executor), validated before it can serve."""
+        slots = None
         if plan.is_pack:
-            path, prefer_npu = self._pack_file(plan), self.use_npu
+            slots, per_model = pack_slots(plan)
+            path, prefer_npu = self._pack_file(plan, per_model), self.use_npu
         else:
             path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
         session, provider = self.factory(path, prefer_npu)
@@ -285,7 +289,7 @@ class SessionPool:
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
         unit = InferenceUnit(
-            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static
+            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots
         )
         states, out = validate_unit(unit, self.population.num_items)
         if plan.is_pack:
@@ -315,20 +319,33 @@ class SessionPool:
             return best.path, True
         return info.onnx_path, False
 
-    def _pack_file(self, plan: UnitPlan) -> Path:
-        """Build (or reuse) the pack for these rows' models, named by their versions and order."""
+    def _pack_file(self, plan: UnitPlan, per_model: int) -> Path:
+        """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions."""
         from runtime.pack import PackForm, build_pack, extract_trading_weights, save_pack
 
         form: PackForm = "conv" if self.use_npu else "matmul"
-        keys = plan.row_keys
-        digest = hashlib.sha256(
-            "|".join([form, *(f"{k}@{plan.models[k].version}" for k in keys)]).encode()
-        ).hexdigest()[:16]
-        path = self.model_dir / PACK_DIR / f"pack-{form}-{len(keys)}-{digest}.onnx"
+        versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
+        digest = hashlib.sha256("|".join([form, str(per_model), *versions]).encode()).hexdigest()[:16]
+        path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
         if not path.is_file():
-            weights = {k: extract_trading_weights(info.onnx_path) for k, info in plan.models.items()}
-            save_pack(build_pack([weights[k] for k in keys], form=form), path)
+            weights = [extract_trading_weights(info.onnx_path) for info in plan.models.values()]
+            save_pack(build_pack(weights, form=form, batch_per_agent=per_model), path)
         return path
+
+
+def pack_slots(plan: UnitPlan) -> tuple[IntArray, int]:
+    """Pack input row of each agent row: model k (in plan order) owns rows k*B .. k*B+B-1, B = largest group.
+
+    One weight set per model, not per agent: agents sharing a model share its rows, so a pack's weights
+    do not grow with the number of agents (on CPU that is what keeps it a fast GEMM, not a memory scan).
+    """
+    keys = np.asarray(plan.row_keys)
+    groups = [np.flatnonzero(keys == key) for key in plan.models]
+    per_model = max(len(g) for g in groups)
+    slots = np.empty(len(keys), dtype=np.int64)
+    for k, group in enumerate(groups):
+        slots[group] = k * per_model + np.arange(len(group))
+    return slots, per_model
 
 
 def _static_batch(session: Any) -> int | None:

@@ -82,7 +82,8 @@ async def test_batched_groups_match_per_agent_runs(model_dir: Path) -> None:
 async def test_population_pack_serves_all_models_in_one_call(model_dir: Path) -> None:
     pool = await make_pool(model_dir, agents=10, max_sessions=2)
     (unit,) = pool.current.units
-    assert unit.name.startswith("pack:") and unit.batch_size == 10 and len(pool.current.versions) == 3
+    assert unit.name.startswith("pack:") and len(pool.current.versions) == 3
+    assert unit.batch_size == 12  # one weight set per model (3), 4 rows each (the largest group)
     factory = pool.factory
     assert isinstance(factory, CountingFactory)
     factory.calls.clear()
@@ -164,7 +165,7 @@ async def test_population_pack_runs_on_the_qnn_htp_backend(model_dir: Path) -> N
         model_dir, agents=16, max_sessions=2, use_npu=True, factory=default_session_factory(npu, 1)
     )
     (unit,) = pool.current.units
-    assert unit.provider == "QNNExecutionProvider" and unit.model_path.name.startswith("pack-conv-16-")
+    assert unit.provider == "QNNExecutionProvider" and unit.model_path.name.startswith("pack-conv-3x6-")
     states = realistic_states(np.random.default_rng(5), 16, len(ITEMS))
     got = await pool.infer(states)
     want = per_agent_reference(model_dir, pool.population.model_keys, states)
