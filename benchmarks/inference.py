@@ -9,9 +9,10 @@ model) one market tick is timed along three paths, side by side in one process:
                  The sum of all matrices is taken once per tick (kind to the original: a per-agent mean
                  over the others would be O(N^2)). Above --original-agents agents, that many agents are
                  timed and the per-agent part is extrapolated linearly to N (marked "extrapolated").
-* ort_per_agent  one onnxruntime session.run per agent on the converted model (CPU EP), with the
-                 states built vectorized: this isolates the cost of per-agent calls. Distinct weights:
-                 --ort-models distinct sessions cycled over the agents (agent i -> session i mod M).
+* ort_per_agent  one onnxruntime session.run per agent on the converted model (CPU EP, one intra-op
+                 thread per session), with the states built vectorized: this isolates the cost of
+                 per-agent calls. Distinct weights: --ort-models distinct sessions (default 1000) cycled
+                 over the agents (agent i -> session i mod M), so N=10000 reuses each model 10 times.
 * ours           runtime.state.build_states for the whole population, ONE session.run (population pack,
                  matmul form, for distinct weights; the dynamic-batch model for a shared one), then
                  runtime.state.apply_update. "bare_run" is that session.run alone on the same input.
@@ -40,6 +41,7 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 
 from benchmarks._report import (
     add_output_argument,
@@ -116,12 +118,16 @@ class WeightBank:
         """[W1, b1, ..., W_head, b_head] of one agent (the layout runtime.pack.build_pack takes)."""
         return [array[index] for layer in self.layers for array in layer]
 
-    def network(self, index: int) -> TradingNetwork:
-        net = TradingNetwork(state_dim(self.num_items), self.hidden, self.num_items)
+    def state_dict(self, index: int) -> dict[str, FloatArray]:
+        """One agent's weights under the original parameter names (also the converted ONNX initializers)."""
         state = {}
         for key, (weight, bias) in zip(LAYER_KEYS, self.layers, strict=True):
-            state[f"{key}.weight"] = torch.from_numpy(weight[index].copy())
-            state[f"{key}.bias"] = torch.from_numpy(bias[index].copy())
+            state[f"{key}.weight"], state[f"{key}.bias"] = weight[index], bias[index]
+        return state
+
+    def network(self, index: int) -> TradingNetwork:
+        net = TradingNetwork(state_dim(self.num_items), self.hidden, self.num_items)
+        state = {name: torch.from_numpy(array.copy()) for name, array in self.state_dict(index).items()}
         net.load_state_dict(state, strict=True)
         return net.eval()
 
@@ -306,12 +312,23 @@ def cross_check(session: ort.InferenceSession, original: OriginalMarket, market:
     return float(np.abs(ours[:timed] - original.proposals(states[:timed])).max())
 
 
-def ort_sessions(bank: WeightBank, count: int, threads: int, folder: Path) -> list[ort.InferenceSession]:
-    """``count`` converted single-agent models (dynamic batch, what conversion writes), one session each."""
+def ort_sessions(bank: WeightBank, count: int, folder: Path) -> list[ort.InferenceSession]:
+    """``count`` single-agent sessions of the converted graph, each with its own agent's weights.
+
+    One model is exported as conversion does; the others are that graph with their initializers (named
+    after the original parameters) replaced, which is what converting each checkpoint would give, in
+    milliseconds instead of an export each. One intra-op thread: a one-row call gains nothing from a
+    second one, and a thread pool per session would spin on the cores the other sessions need.
+    """
+    template = onnx.load(str(convert_to_onnx(bank.network(0), folder / "agent.onnx").path))
     sessions = []
     for i in range(count):
-        exported = convert_to_onnx(bank.network(i), folder / f"agent_{i}.onnx")
-        sessions.append(cpu_session(exported.path, threads))
+        model = onnx.ModelProto()
+        model.CopyFrom(template)
+        weights = bank.state_dict(i)
+        for tensor in model.graph.initializer:
+            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+        sessions.append(cpu_session(model, threads=1))
     return sessions
 
 
@@ -406,7 +423,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1000,
         help="agents timed on the original path (rest extrapolated)",
     )
-    parser.add_argument("--ort-models", type=int, default=100, help="distinct sessions for ort_per_agent")
+    parser.add_argument("--ort-models", type=int, default=1000, help="distinct sessions for ort_per_agent")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="array size for the bandwidth probe")
     parser.add_argument("--seed", type=int, default=0)
     add_output_argument(parser, "inference")
@@ -423,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bm-inference-") as tmp:
         folder = Path(tmp)
-        pool = ort_sessions(bank, min(args.ort_models, max(args.agents)), args.threads, folder)
+        pool = ort_sessions(bank, min(args.ort_models, max(args.agents)), folder)
         for agents in sorted(args.agents):
             for case in args.cases:
                 print(f"... {case} weights, N={agents}", file=sys.stderr, flush=True)
@@ -436,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ticks": args.ticks,
         "original_agents_timed": args.original_agents,
         "ort_models_cycled": args.ort_models,
+        "ort_per_agent_intra_op_threads": 1,
         "pack_form": "matmul",
         "execution_provider": "CPUExecutionProvider",
         "command": command_line("inference", argv),
