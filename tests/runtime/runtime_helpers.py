@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from runtime.protocol import (
 )
 from runtime.state import state_dim
 from runtime.transport import MqttLink
+from tests.wire.wire_helpers import wait_until
 
 ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
 Weights = list[npt.NDArray[np.float32]]
@@ -207,7 +208,7 @@ class GameClient:
 
     async def online(self, timeout: float = 60.0) -> dict[str, Any]:
         """The retained status once the runtime is online (its roster tells us the agent ids)."""
-        await wait_for(lambda: self.status.get("state") == "online", timeout, "the runtime's online status")
+        await wait_until(lambda: self.status.get("state") == "online", timeout, "the runtime's online status")
         return self.status
 
     def tick(self, number: int, seed: int = 0, market_mean: bool = False) -> MarketTick:
@@ -232,16 +233,8 @@ class GameClient:
         assert await self.link.publish(self.topics.tick, payload)
 
     async def answer(self, number: int, timeout: float = 10.0) -> MatricesMessage:
-        await wait_for(lambda: number in self.answers, timeout, f"the answer to tick {number}")
+        await wait_until(lambda: number in self.answers, timeout, f"the answer to tick {number}")
         return self.answers[number]
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class OfflineMarket:

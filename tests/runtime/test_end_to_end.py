@@ -30,11 +30,10 @@ from tests.runtime.runtime_helpers import (
     runtime_process,
     stop_process,
     trading_weights,
-    wait_for,
     write_config,
     write_model,
 )
-from tests.wire.wire_helpers import PrivateMosquitto
+from tests.wire.wire_helpers import PrivateMosquitto, wait_until
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -94,7 +93,7 @@ async def test_128_agents_200_ticks_with_the_simulator(
             )
             output, _ = await asyncio.wait_for(simulator.communicate(), 120)
             assert simulator.returncode == 0, output.decode()[-3000:]
-            await wait_for(lambda: len(recorder.answers) >= 200, 15, "all 200 answers at the recorder")
+            await wait_until(lambda: len(recorder.answers) >= 200, 15, "all 200 answers at the recorder")
     summary = json.loads(summary_path.read_text())
     assert summary["ticks_sent"] == 200 and summary["answered"] == 200 and summary["missing"] == 0
     assert summary["rule_violations"] == 0 and summary["unknown_agents"] == 0
@@ -124,7 +123,7 @@ async def test_broker_restart_keeps_serving_with_agent_state_intact(
                 await asyncio.sleep(1.0)
                 broker.start()
                 game.status.clear()
-                await wait_for(game.link.connected.is_set, 15, "the test client to reconnect")
+                await wait_until(game.link.connected.is_set, 15, "the test client to reconnect")
                 await game.online(15)  # the runtime reconnected and re-published its status
                 for number in range(30, 60):
                     await game.send(game.tick(number))
@@ -174,7 +173,7 @@ async def test_bad_input_never_stops_serving_and_is_counted(
                 await game.send(game.tick(number))  # a valid tick right after each bad one is served
                 await game.answer(number)
             expected = dict(Counter(kind.removesuffix("_truncated") for kind in payloads))
-            await wait_for(lambda: game.status.get("dropped") == expected, 5, f"dropped counts {expected}")
+            await wait_until(lambda: game.status.get("dropped") == expected, 5, f"dropped counts {expected}")
             assert game.status["ticks_served"] == len(payloads)
     assert OfflineMarket.check(config_path, game) == len(payloads)
 

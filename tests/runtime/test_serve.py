@@ -17,9 +17,9 @@ from tests.runtime.runtime_helpers import (
     check_matrices,
     runtime_process,
     stop_process,
-    wait_for,
     write_config,
 )
+from tests.wire.wire_helpers import wait_until
 
 PROBE = Path(__file__).with_name("serve_probe.py")
 
@@ -91,7 +91,7 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
             await game.send(game.tick(0))
             check_matrices((await game.answer(0)).matrices, 5, len(ITEMS))
             assert stop_process(process) == 0
-            await wait_for(lambda: game.status.get("state") == "offline", 10, "the offline status")
+            await wait_until(lambda: game.status.get("state") == "offline", 10, "the offline status")
             assert game.status["ticks_served"] == 1
     finally:
         stop_process(process)
