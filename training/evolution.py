@@ -211,6 +211,7 @@ def _summary_document(config: Config, summary: TrainingSummary) -> dict[str, Any
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(summary.seconds, 3),
         "stop_reason": summary.stop_reason,
+        "output_dir": str(summary.output_dir),
         "best_fitness": summary.best_fitness,
         "generations": [asdict(g) for g in summary.generations],
         "checkpoints": [p.name for p in summary.checkpoints],
