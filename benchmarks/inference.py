@@ -30,7 +30,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,39 +232,56 @@ def memory_bandwidth(megabytes: int, repeats: int) -> dict[str, float]:
     }
 
 
-def path_result(samples: Sequence[float], agents: int, scale: float = 1.0, **extra: Any) -> dict[str, Any]:
-    """Latency summary and agent-updates/s of per-tick samples (scaled when extrapolated)."""
-    scaled = [s * scale for s in samples]
-    summary = latency_summary(scaled)
-    return {"updates_per_s": round(agents / float(np.median(scaled)), 1), **summary, **extra}
+def path_result(samples: Sequence[float], agents: int, **extra: Any) -> dict[str, Any]:
+    """Agent-updates/s (N / median tick) and the latency summary of per-tick samples."""
+    return {
+        "updates_per_s": round(agents / float(np.median(samples)), 1),
+        **latency_summary(samples),
+        **extra,
+    }
 
 
-def measure_original(
-    market: Market, bank: WeightBank, case: str, items: Sequence[str], alpha: float, timed: int, ticks: int
-) -> tuple[dict[str, Any], OriginalMarket]:
-    """The original loop on ``timed`` of N agents; the per-agent part is scaled to N."""
-    count = len(market.desired)
-    timed = min(timed, count)
+Tick = Callable[[], object]
+
+
+def interleaved(
+    calls: Mapping[str, Tick], ticks: int, warmup: int = 1, primed: Sequence[str] = ()
+) -> dict[str, list[float]]:
+    """Each call once per round, ``ticks`` timed rounds: background load drifting hits every path alike.
+
+    A ``primed`` call runs once untimed just before its timed run, so it is measured on warm caches
+    (as back-to-back ticks are) rather than right after a path that flushed them.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for round_number in range(warmup + ticks):
+        for name, call in calls.items():
+            if name in primed:
+                call()
+            start = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - start
+            if round_number >= warmup:
+                samples[name].append(elapsed)
+    return samples
+
+
+def original_market(
+    market: Market, bank: WeightBank, case: str, items: Sequence[str], alpha: float, timed: int
+) -> tuple[OriginalMarket, float]:
+    """The original loop over the first ``timed`` agents, and the time of its once-per-tick matrix sum."""
     shared = bank.network(0)
-    networks = [shared if case == "shared" else bank.network(i) for i in range(timed)]
+    networks = [
+        shared if case == "shared" else bank.network(i) for i in range(min(timed, len(market.desired)))
+    ]
     original = OriginalMarket(market, networks, items, alpha)
-    total_time = min(time_calls(lambda: np.sum(original.others, axis=0), 5))
-    loops = time_calls(original.tick, ticks, warmup=1)
-    # tick(N) = sum over all N matrices (measured inside each loop) + per-agent part * N / timed
-    per_tick = [total_time + (s - total_time) * count / timed for s in loops]
-    return (
-        path_result(per_tick, count, timed_agents=timed, extrapolated=timed < count),
-        original,
-    )
+    return original, min(time_calls(lambda: np.sum(original.others, axis=0), 5))
 
 
-def measure_ort_per_agent(
-    market: Market, sessions: Sequence[ort.InferenceSession], ticks: int, alpha: float
-) -> dict[str, Any]:
+def ort_per_agent_tick(market: Market, sessions: Sequence[ort.InferenceSession], alpha: float) -> Tick:
     """One session.run per agent (agent i -> sessions[i mod M]); states and update vectorized."""
-    count = len(market.desired)
-    states = np.empty((count, state_dim(market.inventory.shape[1])), dtype=np.float32)
-    proposals = np.empty((count, market.inventory.shape[1] ** 2), dtype=np.float32)
+    count, n = market.inventory.shape
+    states = np.empty((count, state_dim(n)), dtype=np.float32)
+    proposals = np.empty((count, n * n), dtype=np.float32)
     name = sessions[0].get_inputs()[0].name
 
     def tick() -> None:
@@ -273,14 +290,11 @@ def measure_ort_per_agent(
             proposals[i] = sessions[i % len(sessions)].run(None, {name: states[i : i + 1]})[0][0]
         apply_update(market.matrices, proposals, alpha)
 
-    return path_result(time_calls(tick, ticks, warmup=1), count, sessions_cycled=len(sessions))
+    return tick
 
 
-def measure_ours(
-    market: Market, session: ort.InferenceSession, ticks: int, alpha: float, weight_bytes: int, distinct: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Vectorized state + one session.run + vectorized update, and the bare session.run on the same input."""
-    count = len(market.desired)
+def our_ticks(market: Market, session: ort.InferenceSession, alpha: float) -> tuple[Tick, Tick]:
+    """Vectorized state + one session.run + vectorized update; and that session.run alone."""
     states = market.states()
     name = session.get_inputs()[0].name
 
@@ -292,15 +306,7 @@ def measure_ours(
     def bare_run() -> None:
         session.run(None, {name: states})
 
-    # Interleaved (tick, bare, tick, bare, ...) so background load hits both alike.
-    samples = [time_calls(call, 1, warmup=0)[0] for _ in range(ticks + 2) for call in (tick, bare_run)][4:]
-    ours, bare = path_result(samples[0::2], count), path_result(samples[1::2], count)
-    for result in (ours, bare):
-        result["weight_bytes_per_tick"] = weight_bytes
-        if distinct:  # shared weights stay in cache: bytes/time is no bandwidth figure there
-            result["weight_read_gb_s"] = round(weight_bytes / (result["p50_ms"] / 1e3) / 1e9, 3)
-    ours["tick_over_bare_run"] = round(ours["p50_ms"] / bare["p50_ms"], 3)
-    return ours, bare
+    return tick, bare_run
 
 
 def cross_check(session: ort.InferenceSession, original: OriginalMarket, market: Market) -> float:
@@ -343,32 +349,45 @@ def run_case(
         weight_bytes = initializer_bytes(pack)
         path = save_pack(pack, folder / "pack.onnx")
         del pack  # the session reads the file: the proto's copy of the weights is not kept alive
-        session, per_agent_sessions = cpu_session(path, args.threads), pool[: min(agents, args.ort_models)]
+        session, sessions = cpu_session(path, args.threads), pool[: min(agents, args.ort_models)]
     else:
         model = convert_to_onnx(bank.network(0), folder / "shared.onnx").path
-        session, per_agent_sessions = cpu_session(model, args.threads), pool[:1]
+        session, sessions = cpu_session(model, args.threads), pool[:1]
         weight_bytes = initializer_bytes(onnx.load(str(model)))
     setup_s = time.perf_counter() - start
-    original, original_market = measure_original(
-        Market.random(rng, agents, args.items),
-        bank,
-        case,
-        items,
-        args.alpha,
-        args.original_agents,
-        args.ticks,
-    )
-    per_agent = measure_ort_per_agent(
-        Market.random(rng, agents, args.items), per_agent_sessions, args.ticks, args.alpha
+    original, sum_s = original_market(
+        Market.random(rng, agents, args.items), bank, case, items, args.alpha, args.original_agents
     )
     market = Market.random(rng, agents, args.items)
-    error = cross_check(session, original_market, market)
-    ours, bare = measure_ours(market, session, args.ticks, args.alpha, weight_bytes, case == "distinct")
-    ours["session_setup_s"] = round(setup_s, 3)
-    ours["max_abs_error_vs_pytorch"] = error
-    paths = {"original": original, "ort_per_agent": per_agent, "ours": ours, "bare_run": bare}
+    error = cross_check(session, original, market)
+    ours_tick, bare_run = our_ticks(market, session, args.alpha)
+    calls = {
+        "original": original.tick,
+        "ort_per_agent": ort_per_agent_tick(Market.random(rng, agents, args.items), sessions, args.alpha),
+        "ours": ours_tick,
+        "bare_run": bare_run,
+    }
+    samples = interleaved(calls, args.ticks, primed=("ours", "bare_run"))
+    timed = len(original.agents)
+    # original tick(N) = the matrix sum over all N (inside each sample) + the per-agent part * N / timed
+    scaled = [sum_s + (t - sum_s) * agents / timed for t in samples["original"]]
+    ours = path_result(
+        samples["ours"], agents, session_setup_s=round(setup_s, 3), max_abs_error_vs_pytorch=error
+    )
+    bare = path_result(samples["bare_run"], agents)
+    for result in (ours, bare):
+        result["weight_bytes_per_tick"] = weight_bytes
+        if case == "distinct":  # a shared model stays in cache: bytes / time is no bandwidth figure there
+            result["weight_read_gb_s"] = round(weight_bytes / (result["p50_ms"] / 1e3) / 1e9, 3)
+    ours["tick_over_bare_run"] = round(ours["p50_ms"] / bare["p50_ms"], 3)
+    paths = {
+        "original": path_result(scaled, agents, timed_agents=timed, extrapolated=timed < agents),
+        "ort_per_agent": path_result(samples["ort_per_agent"], agents, sessions_cycled=len(sessions)),
+        "ours": ours,
+        "bare_run": bare,
+    }
     ratios = {
-        f"{name}_vs_original": round(paths[name]["updates_per_s"] / original["updates_per_s"], 2)
+        f"{name}_vs_original": round(paths[name]["updates_per_s"] / paths["original"]["updates_per_s"], 2)
         for name in ("ort_per_agent", "ours")
     }
     return {"case": case, "agents": agents, "paths": paths, "ratios": ratios}
