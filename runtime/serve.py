@@ -107,30 +107,25 @@ class RuntimeServer:
             slot=slot,
         )
         self.scheduler = scheduler
-        tasks = [
-            asyncio.create_task(transport.run(), name="mqtt"),
+        connection = asyncio.create_task(transport.run(), name="mqtt")
+        serving = [
             asyncio.create_task(scheduler.run(), name="scheduler"),
             asyncio.create_task(self.report_status(transport), name="status"),
             asyncio.create_task(self._announce_ready(transport), name="ready"),
         ]
         if self.config.runtime.hot_reload:
-            tasks.append(asyncio.create_task(self.reloader(pool).run(), name="reload"))
-        exit_code = 0
+            serving.append(asyncio.create_task(self.reloader(pool).run(), name="reload"))
         with _signals_stop(self) if self.handle_signals else contextlib.nullcontext():
             try:
-                exit_code = await self._until_stopped(tasks)
+                return await self._until_stopped([connection, *serving])
             finally:
-                for task in tasks[1:]:
-                    task.cancel()
-                await asyncio.gather(*tasks[1:], return_exceptions=True)
+                await _cancel(serving)  # no tick is served after this: the offline status is final
                 await transport.close(final_status=encode_status(self.status("offline")))
-                tasks[0].cancel()
-                await asyncio.gather(tasks[0], return_exceptions=True)
+                await _cancel([connection])
                 if broker is not None:
                     await broker.stop()
                 pool.close()
                 log.info("runtime stopped: %s", self._summary())
-        return exit_code
 
     async def prepare_models(self) -> None:
         """Convert what is new (worker process); bootstrap a population when there is nothing at all."""
@@ -269,6 +264,12 @@ class RuntimeServer:
             return 0
         finally:
             stop.cancel()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.contextmanager
