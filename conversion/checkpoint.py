@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from conversion.files import atomic_target
 
 ORIGINAL_KEYS = (
     "network_state_dict",
@@ -155,14 +156,8 @@ def save_checkpoint(
         "position": np.asarray(position, dtype=np.float64).reshape(2),
         "reward_history": [float(r) for r in reward_history],
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path

@@ -10,11 +10,8 @@ new id ``<run>-g<generation>a<k>``, so no checkpoint overwrites another agent's.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from conversion.checkpoint import save_checkpoint
+from conversion.metadata import write_json_atomic
 from conversion.networks import TradingNetwork
 from runtime.config import Config
 from runtime.market import MarketPopulation
@@ -190,20 +188,6 @@ def _stats(
     )
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Temp file + rename, like the checkpoints: a reader never sees half a summary."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it private; a summary is for every reader
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _summary_document(config: Config, summary: TrainingSummary) -> dict[str, Any]:
     return {
         "run_id": summary.run_id,
@@ -323,7 +307,7 @@ def _run(
                 break
             evolution.next_generation(generation + 1, fitness, market)
     summary.seconds = time.perf_counter() - started
-    _write_json_atomic(summary.summary_path, _summary_document(config, summary))
+    write_json_atomic(summary.summary_path, _summary_document(config, summary))
     logger.info(
         "training %s: %s; best fitness %.2f; %d checkpoints in %s",
         summary.run_id,
