@@ -7,7 +7,10 @@ separate processes, talking to the real broker, so the figures include what a de
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +25,13 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+import onnx
 import yaml
+from onnx import numpy_helper
 
 from benchmarks._report import REPO_ROOT
 from runtime.config import Config, load_config
+from runtime.models import METADATA_SUFFIX
 from runtime.protocol import Limits, ProtocolError, Topics, decode_status
 
 STATUS_LIMITS = Limits(max_payload_bytes=64 * 1024 * 1024)
@@ -78,6 +84,46 @@ def write_checkpoints(folder: Path, count: int, items: tuple[str, ...], hidden: 
             )
         )
     return paths
+
+
+def distinct_models(source: Path, target: Path, count: int, seed: int, noise: float = 0.01) -> Path:
+    """A model directory of ``count`` distinct agents, in the converter's output format.
+
+    The first ones are the converted models in ``source`` (copied as they are); the rest are derived
+    from them as evolutionary offspring are: every weight plus N(0, ``noise``), written as the ONNX +
+    metadata pair the converter writes (new agent id, new sha256). Converting 10,000 checkpoints would
+    take ~12 minutes; serving does not care how the files were made.
+    """
+    sources = sorted(source.glob(f"*{METADATA_SUFFIX}"))
+    if not sources:
+        raise HarnessError(f"{source}: no converted models to derive agents from")
+    target.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    graphs: dict[Path, onnx.ModelProto] = {}
+    for i in range(count):
+        metadata_path = sources[i % len(sources)]
+        metadata = json.loads(metadata_path.read_text())
+        onnx_name = metadata["model_info"]["onnx_path"]
+        if i < len(sources):
+            shutil.copy2(source / onnx_name, target / onnx_name)
+            shutil.copy2(metadata_path, target / metadata_path.name)
+            continue
+        template = graphs.setdefault(metadata_path, onnx.load(str(source / onnx_name)))
+        model = onnx.ModelProto()
+        model.CopyFrom(template)
+        for tensor in model.graph.initializer:
+            weights = numpy_helper.to_array(tensor)
+            noisy = (weights + rng.normal(0.0, noise, weights.shape)).astype(weights.dtype)
+            tensor.CopyFrom(numpy_helper.from_array(noisy, tensor.name))
+        payload = model.SerializeToString()
+        stem = f"agent_derived{i:05d}"
+        (target / f"{stem}.onnx").write_bytes(payload)
+        metadata["model_info"]["onnx_path"] = f"{stem}.onnx"
+        metadata["agent_info"]["agent_id"] = f"derived{i:05d}"
+        metadata["conversion_info"]["onnx_sha256"] = hashlib.sha256(payload).hexdigest()
+        metadata["conversion_info"]["derived_from"] = onnx_name
+        (target / f"{stem}{METADATA_SUFFIX}").write_text(json.dumps(metadata, indent=2))
+    return target
 
 
 def write_config(path: Path, overrides: dict[str, dict[str, Any]]) -> Config:
