@@ -100,7 +100,13 @@ class ModelReloader:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # a failed conversion or unreadable directory must not stop serving
+                self.pool.reload_failures += 1
+                log.exception(
+                    "hot reload check of %s failed; the current models keep serving", self.watcher.model_dir
+                )
 
     async def check(self) -> None:
         """One poll: convert what is new, then reload every model whose files changed."""

@@ -149,7 +149,13 @@ class RuntimeServer:
         log.info(
             "converting new checkpoints under %s in a worker process", self.config.training.model_save_path
         )
-        summary = await run_in_worker(convert_checkpoints, self.config)
+        try:
+            summary = await run_in_worker(convert_checkpoints, self.config)
+        except ModuleNotFoundError as exc:  # a serving-only install has no torch/onnx export stack
+            raise StartupError(
+                f"converting checkpoints needs the '{exc.name}' package: pip install 'blockmarket[convert]', "
+                "or set runtime.convert_on_startup: false to serve the converted models only"
+            ) from exc
         for line in summary.failed:
             log.error("conversion failed: %s", line)
         log.info(

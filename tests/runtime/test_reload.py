@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -117,3 +118,31 @@ async def test_new_checkpoints_become_new_agents_when_each_agent_is_a_checkpoint
     states = realistic_states(np.random.default_rng(2), 5, len(ITEMS))
     want = np.concatenate([reference_forward(trading_weights(i), states[i : i + 1]) for i in range(5)])
     np.testing.assert_allclose(await pool.infer(states), want, rtol=1e-4)
+
+
+async def test_a_failing_conversion_does_not_stop_the_reload_loop(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await make_pool(model_dir, agents=3, max_sessions=8)
+    checkpoints: list[Path] = []
+
+    async def convert() -> None:
+        raise RuntimeError("worker process died")
+
+    reloader = ModelReloader(pool, ModelWatcher(model_dir, lambda: checkpoints), poll_s=0.01, convert=convert)
+    loop = asyncio.create_task(reloader.run())
+    try:
+        (tmp_path / "bad.pth").write_bytes(b"x")
+        checkpoints.append(tmp_path / "bad.pth")
+        with caplog.at_level(logging.ERROR):
+            await asyncio.sleep(0.1)
+        assert not loop.done() and pool.reload_failures == 1 and "worker process died" in caplog.text
+        write_model(model_dir, "m2", trading_weights(222))  # the loop still reloads afterwards
+        touch_later(model_dir / "m2.onnx")
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if pool.current.number == 2:
+                break
+        assert pool.current.number == 2
+    finally:
+        loop.cancel()
