@@ -26,7 +26,7 @@ from runtime.protocol import (
     encode_agent_matrices,
     encode_matrices,
 )
-from runtime.sessions import SessionPool
+from runtime.sessions import PoolGeneration, SessionPool
 from runtime.state import FloatArray, state_dim
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ class TickScheduler:
         population.observe(rows, tick.inventory, tick.successful, tick.attempted)
         states = population.states(tick.market_mean, out=self._state_buffer())
         try:
-            proposals = await self.pool.infer(states)
+            generation = self.pool.current  # a swap during this tick serves the next one
+            proposals = await self.pool.infer(states, generation)
         except Exception:  # an ORT failure on one tick must not stop serving the next
             self.inference_errors += 1
             log.exception("tick %d: inference failed; agents keep their matrices", tick.tick)
@@ -154,7 +155,7 @@ class TickScheduler:
             agent_ids=tick.agent_ids,
             matrices=matrices,
             latency_ms=(time.perf_counter() - received_at) * 1e3,
-            model_versions=self._model_versions(),
+            model_versions=self._model_versions(generation),
         )
         published = await self.publisher.publish_matrices(encode_matrices(msg))
         if self.per_agent_topics:
@@ -168,14 +169,14 @@ class TickScheduler:
         return msg
 
     def _state_buffer(self) -> FloatArray:
-        """Reuse one [N, D] buffer across ticks (the population size is fixed for a run)."""
+        """Reuse one [N, D] buffer across ticks (reallocated only when the roster grows)."""
         dim = state_dim(self.population.num_items)
         if self._states.shape != (len(self.population), dim):
             self._states = np.empty((len(self.population), dim), dtype=np.float32)
         return self._states
 
-    def _model_versions(self) -> dict[str, str]:
-        generation = self.pool.current
+    def _model_versions(self, generation: PoolGeneration) -> dict[str, str]:
+        """The versions of the generation that served the tick (cached per generation)."""
         if self._versions[0] != generation.number:
             self._versions = (generation.number, generation.versions)
         return self._versions[1]

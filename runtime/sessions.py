@@ -194,9 +194,12 @@ class SessionPool:
         log.info("session pool generation 1: %s", self.current.describe())
         return self.current
 
-    async def infer(self, states: FloatArray) -> FloatArray:
-        """Proposals [N, n^2] for all agents: one call per unit, units concurrently, off the loop thread."""
-        units = self.current.units
+    async def infer(self, states: FloatArray, generation: PoolGeneration | None = None) -> FloatArray:
+        """Proposals [N, n^2] for all agents: one call per unit, units concurrently, off the loop thread.
+
+        ``generation`` (default: the current one) is what the caller reports as having served the tick.
+        """
+        units = (generation or self.current).units
         loop = asyncio.get_running_loop()
         if len(units) == 1 and len(units[0].rows) == len(states):
             return await loop.run_in_executor(self.executor, units[0].run, states)

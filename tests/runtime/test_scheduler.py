@@ -155,6 +155,7 @@ async def test_hot_reload_swaps_between_ticks_without_missing_one(model_dir: Pat
     changed = {"m1": read_model(model_dir / "m1_metadata.json")}
     reload_task: asyncio.Task | None = None
     generations: list[int] = []
+    versions: list[str] = []
     for number in range(20):
         if number == 5:
             reload_task = asyncio.create_task(pool.reload(changed))
@@ -166,11 +167,13 @@ async def test_hot_reload_swaps_between_ticks_without_missing_one(model_dir: Pat
         seeds = {"m0": 0, "m1": 42 if generations[-1] == 2 else 1, "m2": 2}
         expected = offline_step(before, pop.desired, [seeds[k] for k in pop.model_keys], tick)
         np.testing.assert_allclose(pop.matrices, expected, rtol=1e-5, atol=1e-6)
+        versions.append(publisher.decoded()[-1].model_versions["m1"])  # the version that served it
         await asyncio.sleep(0.005)
     assert reload_task is not None and await reload_task
     assert [m.tick for m in publisher.decoded()] == list(range(20))
     assert generations[0] == 1 and generations[-1] == 2
     assert generations == sorted(generations)
+    assert [v == changed["m1"].version for v in versions] == [g == 2 for g in generations]
 
 
 @pytest.mark.parametrize("agents", [1, 130])
