@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.config import EnvironmentConfig
+from runtime.neighbours import pairs_in_range
 from runtime.state import (
     FloatArray,
     IntArray,
@@ -171,17 +172,26 @@ class TradeStats:
         return float(self.given.sum(dtype=np.float64) + self.received.sum(dtype=np.float64))
 
 
-def _one_per_group(groups: IntArray, log_weight: FloatArray, rng: np.random.Generator) -> IntArray:
-    """For every distinct value in ``groups``, the index of one member drawn with probability
-    proportional to exp(log_weight) (Gumbel-max trick: argmax of log w + Gumbel noise)."""
+def _race_winners(groups: IntArray, cost: FloatArray) -> IntArray:
+    """Index of the cheapest member of every run of equal values in ``groups`` (runs must be
+    contiguous; ties go to the first). With cost = E / w, E ~ Exp(1) i.i.d., member i of a run wins
+    with probability w_i / sum(w) (an exponential race), in O(len) without sorting."""
     if groups.size == 0:
         return np.zeros(0, np.int64)
-    keys = log_weight + rng.gumbel(size=groups.size)
-    order = np.lexsort((keys, groups))
-    sorted_groups = groups[order]
-    last = np.ones(order.size, dtype=bool)
-    last[:-1] = sorted_groups[1:] != sorted_groups[:-1]
-    return order[last]
+    run_start = np.ones(groups.size, dtype=bool)
+    run_start[1:] = groups[1:] != groups[:-1]
+    starts = np.flatnonzero(run_start)
+    best = np.minimum.reduceat(cost, starts)
+    hits = np.flatnonzero(cost == np.repeat(best, np.diff(starts, append=groups.size)))
+    first = np.ones(hits.size, dtype=bool)
+    first[1:] = groups[hits[1:]] != groups[hits[:-1]]
+    return hits[first]
+
+
+def _race_costs(rng: np.random.Generator, squared_distance: FloatArray) -> FloatArray:
+    """E * (1 + distance), E ~ Exp(1): the race that picks a pair with probability ∝ 1/(1+distance)."""
+    exponential = rng.standard_exponential(squared_distance.size, dtype=np.float32)
+    return (exponential * (np.float32(1.0) + np.sqrt(squared_distance))).astype(np.float32, copy=False)
 
 
 def _on_grid(amount: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -200,39 +210,30 @@ def trade_step(pop: MarketPopulation, rng: np.random.Generator, env: Environment
     offer[agents, want] = -np.inf
     give = offer.argmax(axis=1)
     can_offer = np.isfinite(offer[agents, give])
-    ask = pop.matrices[agents, give, want].astype(np.float64)  # units of `want` asked per unit of `give`
+    ask = pop.matrices[agents, give, want]  # units of `want` asked per unit of `give`
 
-    # Candidate pairs (requester r, target t): same market, in range, not itself, t holds what r wants.
-    size = pop.market_size
-    x, y = pop.positions[:, 0], pop.positions[:, 1]
-    bx, by = x.reshape(-1, size), y.reshape(-1, size)
-    dx = bx[:, :, None] - bx[:, None, :]
-    dy = by[:, :, None] - by[:, None, :]
-    in_range = dx * dx + dy * dy <= np.float32(env.max_trade_distance) ** 2  # [markets, size, size]
-    seat = np.arange(size)
-    in_range[:, seat, seat] = False
-    in_range &= can_offer.reshape(-1, size)[:, :, None]
-    block, seat_r, seat_t = np.nonzero(in_range)
-    req, tgt = block * size + seat_r, block * size + seat_t
-    holds = inv[tgt, want[req]] >= QUANTUM
-    req, tgt = req[holds], tgt[holds]
+    # Candidate pairs (requester r, target t): same market, in range, not itself, r has an offer
+    # (requester-major). t's price for what r asks is M_t[d, g]; +inf where t holds no d (no candidate).
+    pairs = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer)
+    req, tgt = pairs.requester, pairs.target
+    price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf)).reshape(-1)
+    quote = price[np.multiply(tgt, n * n, dtype=np.int64) + (want * n + give)[req]]
     asking = np.zeros(count, dtype=bool)
-    asking[req] = True
+    asking[req[quote < np.inf]] = True
 
-    # t's own price for the x * ask units of d it would give is x * ask * M_t[d, g] units of g; it gets
-    # x. It accepts a quote paying its price, and one paying a fraction f < 1 of it with probability f
-    # (a cliff at f = 1 would give evolution no gradient to follow).
-    paid = 1.0 / (ask[req] * pop.matrices[tgt, want[req], give[req]])
-    accepts = rng.random(req.size) < paid
-    req, tgt = req[accepts], tgt[accepts]
-    closeness = -np.log1p(np.hypot(x[req] - x[tgt], y[req] - y[tgt]).astype(np.float64))
-    chosen = _one_per_group(req, closeness, rng)  # each requester asks one accepting target
-    req, tgt, closeness = req[chosen], tgt[chosen], closeness[chosen]
-    accepted = _one_per_group(tgt, closeness, rng)  # each target accepts one request
-    req, tgt = req[accepted], tgt[accepted]
+    # The quote pays t the fraction f = 1 / (ask * M_t[d, g]) of its own price for the x * ask units of
+    # d it gives for x of g. t accepts a quote paying its price, and one paying f < 1 with probability
+    # f (a cliff at f = 1 would give evolution no gradient to follow): accept iff u * ask * M_t < 1.
+    accepts = rng.random(req.size, dtype=np.float32) * (ask[req] * quote) < 1.0
+    req, tgt, squared = req[accepts], tgt[accepts], pairs.squared_distance[accepts]
+    chosen = _race_winners(req, _race_costs(rng, squared))  # each requester asks one accepting target
+    req, tgt, squared = req[chosen], tgt[chosen], squared[chosen]
+    by_target = np.argsort(tgt, kind="stable")
+    accepted = by_target[_race_winners(tgt[by_target], _race_costs(rng, squared)[by_target])]
+    req, tgt = req[accepted], tgt[accepted]  # each target accepts one request
 
     # An agent may give as requester and as target in one step: split a holding between the two uses.
-    g, w, rate = give[req], want[req], ask[req]
+    g, w, rate = give[req], want[req], ask[req].astype(np.float64)
     commitments = np.zeros((count, n), dtype=np.int64)
     np.add.at(commitments, (req, g), 1)
     np.add.at(commitments, (tgt, w), 1)
