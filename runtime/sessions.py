@@ -316,12 +316,16 @@ class SessionPool:
                 )
 
     def _model_file(self, info: ModelInfo, agents: int) -> tuple[Path, bool]:
-        """An NPU variant whose static batch holds the whole group (one call per tick), else fp32 on CPU."""
+        """An NPU variant whose static batch holds the whole group (one call per tick), else the fp32 model.
+
+        Without a fitting variant the fp32 model still asks for the NPU when serving there, so that
+        runtime.providers explains why it lands on CPU (or refuses, with npu.require_npu).
+        """
         fitting = [v for v in info.variants if v.batch_size >= agents and v.path.is_file()]
         if self.use_npu and fitting:
             best = min(fitting, key=lambda v: v.batch_size)
             return best.path, True
-        return info.onnx_path, False
+        return info.onnx_path, self.use_npu
 
     def _pack_file(self, plan: UnitPlan, per_model: int) -> Path:
         """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions."""

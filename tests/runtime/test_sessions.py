@@ -183,3 +183,15 @@ async def test_a_pack_that_disagrees_with_its_models_is_refused(model_dir: Path)
 
     with pytest.raises(PoolError, match="differ from the model run alone"):
         await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks())
+
+
+@pytest.mark.qnn
+async def test_require_npu_refuses_a_group_without_a_static_variant(model_dir: Path) -> None:
+    pytest.importorskip("onnxruntime_qnn")
+    from runtime.config import NpuConfig
+    from runtime.providers import ProviderError
+    from runtime.sessions import default_session_factory
+
+    factory = default_session_factory(NpuConfig(context_cache=False, require_npu=True), 1)
+    with pytest.raises(ProviderError, match="dynamic input dimensions"):
+        await make_pool(model_dir, agents=3, max_sessions=8, use_npu=True, factory=factory)
