@@ -2,7 +2,8 @@
 
 Agents sharing a model share one batched session. When the population needs more models than
 ``runtime.max_sessions`` allows, the distinct-weight models of one architecture are served through a
-*population pack* (runtime.pack): one static-shape graph, agent row i evaluated with its own weights.
+*population pack* (runtime.pack): one static-shape graph holding one weight set per model, each
+evaluated on the rows of that model's agents, so all of them take one call.
 
 What serves a tick is an immutable :class:`PoolGeneration`. Sessions are built and validated off the
 event loop; a new generation replaces the old one by a single reference assignment on the loop thread,
@@ -172,7 +173,6 @@ class SessionPool:
         max_sessions: int,
         model_dir: Path,
         use_npu: bool = False,
-        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.population = population
         self.models = dict(models)
@@ -180,9 +180,7 @@ class SessionPool:
         self.max_sessions = max_sessions
         self.model_dir = model_dir
         self.use_npu = use_npu
-        self.executor = executor or ThreadPoolExecutor(
-            max_workers=max_sessions, thread_name_prefix="inference"
-        )
+        self.executor = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="inference")
         self.current = PoolGeneration(0, ())
         self.reload_failures = 0
         self._swap_lock = asyncio.Lock()
@@ -212,63 +210,49 @@ class SessionPool:
         return proposals
 
     async def reload(self, changed: Mapping[str, ModelInfo]) -> bool:
-        """Rebuild the units using ``changed`` models off the loop; swap them in only if they validate."""
-        async with self._swap_lock:
-            old = self.current
-            affected = [u for u in old.units if set(u.models) & set(changed)]
-            if not affected:
-                return False
-            plans = [
-                UnitPlan(
-                    u.name, u.rows, u.row_keys, {k: changed.get(k, info) for k, info in u.models.items()}
-                )
-                for u in affected
-            ]
-            try:
-                fresh = await self._build(plans)
-            except Exception as exc:  # any failure (file, ORT, validation) keeps the old models serving
-                self.reload_failures += 1
-                log.error(
-                    "hot reload of %s failed, the previous version keeps serving: %s", ", ".join(changed), exc
-                )
-                return False
-            replaced = dict(zip((u.name for u in affected), fresh, strict=True))
-            self.current = PoolGeneration(old.number + 1, tuple(replaced.get(u.name, u) for u in old.units))
-            self.models.update(changed)
-            log.info(
-                "hot reload: generation %d serves %s",
-                self.current.number,
-                ", ".join(f"{k}@{v.version}" for k, v in changed.items()),
-            )
-            return True
+        """Serve new versions of some models: the units using them are rebuilt, the others kept."""
+        versions = ", ".join(f"{key}@{info.version}" for key, info in changed.items())
+        return await self._replan(self.population.model_keys, changed, None, versions)
 
     async def add_agents(self, newcomers: AgentPopulation, models: Mapping[str, ModelInfo]) -> bool:
-        """Serve new agents from the next tick on: the units of the grown roster are planned and the
-        changed ones built and validated off the loop; then roster and units are swapped together."""
+        """Serve new agents (new checkpoints) from the next tick on; existing agents keep their state."""
+        keys = self.population.model_keys + newcomers.model_keys
+        return await self._replan(keys, models, newcomers, f"new agents {', '.join(newcomers.agent_ids)}")
+
+    async def _replan(
+        self,
+        model_keys: Sequence[str],
+        changed: Mapping[str, ModelInfo],
+        newcomers: AgentPopulation | None,
+        what: str,
+    ) -> bool:
+        """Plan the units for this roster; build and validate the ones that differ off the loop; swap.
+
+        Any failure (file, ONNX Runtime, validation) keeps the current generation serving. Roster and
+        units change together with no await in between, so the swap falls between two ticks.
+        """
         async with self._swap_lock:
             old = self.current
-            all_models = {**self.models, **models}
-            plans = plan_units(
-                self.population.model_keys + newcomers.model_keys, all_models, self.max_sessions
-            )
-            serving = {u.name: u for u in old.units}
-            todo = [p for p in plans if not p.served_by(serving.get(p.name))]
-            try:
-                fresh = {u.name: u for u in await self._build(todo)}
-            except Exception as exc:  # the current roster keeps being served as it is
-                self.reload_failures += 1
-                log.error("new agents %s not added: %s", ", ".join(newcomers.agent_ids), exc)
+            models = {**self.models, **changed}
+            plans = plan_units(model_keys, models, self.max_sessions)
+            serving = {unit.name: unit for unit in old.units}
+            todo = [plan for plan in plans if not plan.served_by(serving.get(plan.name))]
+            if not todo and newcomers is None:
                 return False
-            self.population.extend(newcomers)  # no await from here on: the swap falls between two ticks
-            self.models = all_models
+            try:
+                fresh = {unit.name: unit for unit in await self._build(todo)}
+            except Exception as exc:
+                self.reload_failures += 1
+                log.error("hot reload of %s failed, the previous version keeps serving: %s", what, exc)
+                return False
+            if newcomers is not None:
+                self.population.extend(newcomers)
+            self.models = models
             self.current = PoolGeneration(
                 old.number + 1, tuple(fresh.get(p.name) or serving[p.name] for p in plans)
             )
             log.info(
-                "hot reload: generation %d adds agents %s (%d agents)",
-                self.current.number,
-                ", ".join(newcomers.agent_ids),
-                len(self.population),
+                "hot reload: generation %d serves %s (%s)", self.current.number, what, self.current.describe()
             )
             return True
 
