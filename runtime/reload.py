@@ -38,7 +38,7 @@ def stamps(paths: Iterable[Path]) -> dict[Path, FileStamp]:
 
 
 def model_key(path: Path) -> str:
-    """`m_metadata.json` and `m.onnx` both belong to model `m` (NPU variants `m_*.onnx` are in metadata)."""
+    """`m_metadata.json` and `m.onnx` both belong to model `m`."""
     name = path.name
     return name[: -len(METADATA_SUFFIX)] if name.endswith(METADATA_SUFFIX) else path.stem
 
@@ -65,7 +65,10 @@ class ModelWatcher:
 
     def poll(self) -> Changes:
         models, ckpts = self._model_stamps(), stamps(self._list_checkpoints())
-        changed = {model_key(p) for p, stamp in models.items() if self._models.get(p) != stamp}
+        touched = {model_key(p) for p, stamp in models.items() if self._models.get(p) != stamp}
+        # NPU variants and QNN context caches (`<name>_*.onnx`) have no metadata of their own: the
+        # converter rewrites `<name>_metadata.json` with them, which is what reports the change
+        changed = {key for key in touched if (self.model_dir / f"{key}{METADATA_SUFFIX}").is_file()}
         new_checkpoints = any(self._checkpoints.get(p) != stamp for p, stamp in ckpts.items())
         self._models, self._checkpoints = models, ckpts
         return Changes(frozenset(changed), new_checkpoints)
@@ -129,7 +132,7 @@ class ModelReloader:
                 continue
             if key not in self.pool.models:
                 new.append(info)
-            elif info.version != self.pool.models[key].version:
+            elif info != self.pool.models[key]:  # a new version, or new NPU variants
                 changed[key] = info
         if changed and await self.pool.reload(changed):
             self.reloads += 1
@@ -156,8 +159,10 @@ class ModelReloader:
             return
         if not usable:
             return
-        taken = set(population.agent_ids)
-        ids = [m.agent_id if m.agent_id and m.agent_id not in taken else m.key for m in usable]
+        taken, ids = set(population.agent_ids), []
+        for info in usable:  # the checkpoint's agent id unless already served, then the (unique) file stem
+            ids.append(info.agent_id if info.agent_id and info.agent_id not in taken else info.key)
+            taken.add(ids[-1])
         rng = np.random.default_rng([self.seed, len(population)])
         newcomers = new_agents(usable, ids, population.items, rng, first_row=len(population))
         if await self.pool.add_agents(newcomers, {m.key: m for m in usable}):

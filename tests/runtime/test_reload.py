@@ -34,6 +34,8 @@ def test_watcher_reports_changed_models_and_new_checkpoints(tmp_path: Path, mode
     write_model(model_dir, "m7", trading_weights(7))
     assert watcher.poll().models == {"m1", "m7"}
     assert watcher.poll().models == frozenset()  # reported once
+    (model_dir / "m1_ctx.onnx").write_bytes(b"QNN context cache written next to the model")
+    assert watcher.poll().models == frozenset()  # no metadata of its own: not a model
     (tmp_path / "new.pth").write_bytes(b"x")
     checkpoints.append(tmp_path / "new.pth")
     assert watcher.poll().checkpoints and not watcher.poll().checkpoints
