@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.config import EnvironmentConfig
-from runtime.neighbours import pairs_in_range
+from runtime.neighbours import Method, pairs_in_range
 from runtime.state import (
     FloatArray,
     IntArray,
@@ -198,8 +198,13 @@ def _on_grid(amount: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.floor(amount / QUANTUM) * QUANTUM
 
 
-def trade_step(pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig) -> TradeStats:
-    """Run one market step in place (inventories and counters of ``pop``) and report what happened."""
+def trade_step(
+    pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig, pairs: Method = "auto"
+) -> TradeStats:
+    """Run one market step in place (inventories and counters of ``pop``) and report what happened.
+
+    ``pairs`` picks how candidate pairs are found (runtime.neighbours); every method gives the same
+    pairs in the same order, hence the same market for the same seed."""
     count, n = pop.inventory.shape
     agents = np.arange(count)
     inv = pop.inventory
@@ -212,22 +217,26 @@ def trade_step(pop: MarketPopulation, rng: np.random.Generator, env: Environment
     can_offer = np.isfinite(offer[agents, give])
     ask = pop.matrices[agents, give, want]  # units of `want` asked per unit of `give`
 
-    # Candidate pairs (requester r, target t): same market, in range, not itself, r has an offer
-    # (requester-major). t's price for what r asks is M_t[d, g]; +inf where t holds no d (no candidate).
-    pairs = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer)
-    req, tgt = pairs.requester, pairs.target
-    price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf)).reshape(-1)
-    quote = price[np.multiply(tgt, n * n, dtype=np.int64) + (want * n + give)[req]]
+    # Candidate pairs (requester r, target t): same market, in range, not itself, r has an offer;
+    # requester-major, as ranks of the grid order (per-agent tables are permuted into it once).
+    # t's price for what r asks is M_t[d, g]; +inf where t holds no d (then t is no candidate).
+    candidates = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer, pairs)
+    order, req, tgt = candidates.order, candidates.requester_rank, candidates.target_rank
+    price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf))[order].reshape(-1)
+    deal = (want * n + give)[order]  # where r's (d, g) sits in a flattened n×n matrix
+    quote = price[tgt.astype(np.int64, copy=False) * (n * n) + deal[req]]
+    asking_ranked = np.zeros(count, dtype=bool)
+    asking_ranked[req[quote < np.inf]] = True
     asking = np.zeros(count, dtype=bool)
-    asking[req[quote < np.inf]] = True
+    asking[order] = asking_ranked
 
     # The quote pays t the fraction f = 1 / (ask * M_t[d, g]) of its own price for the x * ask units of
     # d it gives for x of g. t accepts a quote paying its price, and one paying f < 1 with probability
     # f (a cliff at f = 1 would give evolution no gradient to follow): accept iff u * ask * M_t < 1.
-    accepts = rng.random(req.size, dtype=np.float32) * (ask[req] * quote) < 1.0
-    req, tgt, squared = req[accepts], tgt[accepts], pairs.squared_distance[accepts]
+    accepts = rng.random(req.size, dtype=np.float32) * (ask[order][req] * quote) < 1.0
+    req, tgt, squared = req[accepts], tgt[accepts], candidates.squared_distance[accepts]
     chosen = _race_winners(req, _race_costs(rng, squared))  # each requester asks one accepting target
-    req, tgt, squared = req[chosen], tgt[chosen], squared[chosen]
+    req, tgt, squared = order[req[chosen]], order[tgt[chosen]], squared[chosen]
     by_target = np.argsort(tgt, kind="stable")
     accepted = by_target[_race_winners(tgt[by_target], _race_costs(rng, squared)[by_target])]
     req, tgt = req[accepted], tgt[accepted]  # each target accepts one request

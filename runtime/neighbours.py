@@ -30,16 +30,28 @@ _CELL_SLACK = 1.0 + 1e-4  # cells a hair wider than d/k: float32 distance roundi
 
 @dataclass(frozen=True)
 class CandidatePairs:
-    """Ordered pairs (requester, target) of distinct agents of one market within the distance limit.
+    """Ordered pairs (r, t) of distinct agents of one market within the distance limit, as *ranks*:
+    positions in the grid order (market, row, column, index), ``order[rank]`` being the agent.
 
-    Requester-major: all pairs of one requester are consecutive. Requesters (and, within a requester,
-    targets) follow the grid order, i.e. ascending ``rank``, where ``rank[a]`` is agent a's position
-    in the (market, row, column, index) sort.
+    Requester-major: all pairs of one requester are consecutive; requester ranks ascend, and so do
+    target ranks within a requester. Ranks, not agent indices, because the per-pair work downstream is
+    cheaper on tables permuted once into grid order (N rows) than on K gathers through ``order``.
     """
 
-    requester: IntArray  # [K]
-    target: IntArray  # [K]
+    order: IntArray  # [N] agent at each rank
+    requester_rank: Ranks  # [K]
+    target_rank: Ranks  # [K]
     squared_distance: FloatArray  # [K] float32, as compared with the limit
+
+    @property
+    def requester(self) -> IntArray:
+        """Requester agent indices [K]."""
+        return self.order[self.requester_rank]
+
+    @property
+    def target(self) -> IntArray:
+        """Target agent indices [K]."""
+        return self.order[self.target_rank]
 
 
 def pairs_in_range(
@@ -70,12 +82,16 @@ def pairs_in_range(
     use_dense = method == "dense" or (method == "auto" and market_size <= DENSE_MAX_AGENTS)
     ranks_r, ranks_t, itself = (grid.dense_pairs if use_dense else grid.run_pairs)(active[grid.order])
     sx, sy = grid.sorted_xy
-    dx = sx[ranks_t] - sx[ranks_r]
-    dy = sy[ranks_t] - sy[ranks_r]
-    d2 = dx * dx + dy * dy
+    d2 = sx[ranks_t]  # in place from here: fresh K-sized arrays cost page faults, not just copies
+    d2 -= sx[ranks_r]
+    d2 *= d2
+    dy = sy[ranks_t]
+    dy -= sy[ranks_r]
+    dy *= dy
+    d2 += dy
     d2[itself] = np.inf  # O(requesters), not a comparison per candidate
     keep = np.flatnonzero(d2 <= grid.limit2)
-    return CandidatePairs(grid.order[ranks_r[keep]], grid.order[ranks_t[keep]], d2[keep])
+    return CandidatePairs(grid.order, ranks_r[keep], ranks_t[keep], d2[keep])
 
 
 @dataclass(frozen=True)

@@ -104,16 +104,13 @@ def test_bad_input_is_refused_with_a_reason() -> None:
         pairs_in_range(np.zeros((4, 3), np.float32), 4, 1.0)
 
 
-def test_trade_step_is_the_same_market_whichever_method_finds_the_pairs(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_trade_step_is_the_same_market_whichever_method_finds_the_pairs() -> None:
     env = Config().environment
     outcomes = []
-    for threshold in (0, 10_000):  # 0: always the grid; 10,000: always the dense mask
-        monkeypatch.setattr("runtime.neighbours.DENSE_MAX_AGENTS", threshold)
+    for method in ("grid", "dense"):
         rng = np.random.default_rng(9)
         pop = MarketPopulation.random(rng, 120, 5, world_size=60.0, markets=2)
-        trades = [trade_step(pop, rng, env).trades for _ in range(20)]
+        trades = [trade_step(pop, rng, env, pairs=method).trades for _ in range(20)]
         outcomes.append((trades, pop.inventory.copy(), pop.successful.copy(), pop.attempted.copy()))
     (trades_grid, *arrays_grid), (trades_dense, *arrays_dense) = outcomes
     assert trades_grid == trades_dense and sum(trades_grid) > 0

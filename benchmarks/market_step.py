@@ -1,0 +1,165 @@
+"""Market step: ms per runtime.market.trade_step, candidate pairs from the dense N×N mask vs the grid.
+
+For each case (agents, markets, world size) a fresh ``MarketPopulation.random`` market (n = 5 items,
+config.yaml's trade distance and amount) is stepped ``--steps`` times per method, the methods
+interleaved step by step on identical copies (same seed: the methods give the same market, which the
+run checks). ``dense`` is the brute-force mask the market used before (O(N²/E) memory and time per
+step); ``grid`` is the uniform grid (O(pairs in range)); ``auto`` is what trade_step does by default
+(dense up to runtime.neighbours.DENSE_MAX_AGENTS agents per market, else grid). Dense is skipped above
+``--dense-max`` agents per market (10,000 agents need ~2.4 GB of pair indices per step).
+
+The last default case keeps 10,000 agents at the density of 1000 in the 100×100 world (side 316): the
+pair count, not N, is what a step costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
+from runtime.config import Config, EnvironmentConfig
+from runtime.market import MarketPopulation, trade_step
+from runtime.neighbours import DENSE_MAX_AGENTS, Method, pairs_in_range
+
+METHODS: tuple[Method, ...] = ("dense", "grid", "auto")
+HEADERS = [
+    "agents",
+    "markets",
+    "world",
+    "pairs",
+    "dense ms",
+    "grid ms",
+    "auto ms",
+    "auto p99",
+    "speedup",
+    "same",
+]
+TARGET_MS = {1000: 10.0, 10000: 100.0}  # the brief's goals (simulator at 20 ticks/s needs << 50 ms)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One market shape: ``agents`` in all, split into ``markets``, in a square world of ``world``."""
+
+    agents: int
+    markets: int
+    world: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.agents} ({self.markets} mkts)" if self.markets > 1 else str(self.agents)
+
+
+DEFAULT_CASES = (
+    Case(640, 64, 100.0),  # training: 64 markets of 10
+    Case(128, 1, 100.0),
+    Case(1000, 1, 100.0),
+    Case(10000, 1, 100.0),
+    Case(10000, 1, 316.0),
+)
+
+
+def fresh_market(case: Case, seed: int) -> MarketPopulation:
+    return MarketPopulation.random(
+        np.random.default_rng(seed), case.agents, 5, case.world, markets=case.markets
+    )
+
+
+def time_case(case: Case, env: EnvironmentConfig, steps: int, dense_max: int, seed: int) -> dict[str, Any]:
+    """Median/p99 ms per step per method, and the candidate pairs per step (first step)."""
+    methods = [m for m in METHODS if m != "dense" or case.agents // case.markets <= dense_max]
+    markets = {m: fresh_market(case, seed) for m in methods}
+    rngs = {m: np.random.default_rng(seed + 1) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    first = markets[methods[0]]
+    in_range = pairs_in_range(first.positions, first.market_size, env.max_trade_distance).requester.size
+    trades = 0
+    for _ in range(steps):
+        for method in methods:
+            start = time.perf_counter()
+            stats = trade_step(markets[method], rngs[method], env, pairs=method)
+            times[method].append(time.perf_counter() - start)
+        trades += stats.trades
+    reference = markets[methods[0]].inventory
+    same = all(np.array_equal(markets[m].inventory, reference) for m in methods)
+    result: dict[str, Any] = {
+        "agents": case.agents,
+        "markets": case.markets,
+        "world_size": case.world,
+        "pairs_in_range": int(in_range),
+        "trades_per_step": round(trades / steps, 1),
+        "methods_agree": same,
+    }
+    for method in METHODS:
+        ms = np.asarray(times.get(method, []), dtype=np.float64) * 1e3
+        result[f"{method}_p50_ms"] = round(float(np.median(ms)), 3) if ms.size else None
+        result[f"{method}_p99_ms"] = round(float(np.percentile(ms, 99)), 3) if ms.size else None
+    dense, auto = result["dense_p50_ms"], result["auto_p50_ms"]
+    result["speedup"] = round(dense / auto, 1) if dense else None
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.market_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--agents", type=int, nargs="+", default=None,
+        help="one market of each size in the 100×100 world instead of the default cases",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per method (default 30)")
+    parser.add_argument(
+        "--large-steps", type=int, default=5, help="timed steps for cases of >= 5000 agents (default 5)"
+    )
+    parser.add_argument(
+        "--dense-max", type=int, default=3000, help="skip the dense mask above this many agents per market"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    add_output_argument(parser, "market_step")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = machine_info()
+    env = Config().environment
+    cases = DEFAULT_CASES if args.agents is None else tuple(Case(n, 1, env.world_size) for n in args.agents)
+    rows = []
+    for case in cases:
+        steps = args.large_steps if case.agents >= 5000 else args.steps
+        print(f"... {case.label} agents, world {case.world:g}: {steps} steps", file=sys.stderr, flush=True)
+        rows.append(time_case(case, env, steps, args.dense_max, args.seed))
+    print_table(
+        "ms per trade_step (p50; dense = the N×N mask before, grid = O(pairs in range), auto = default)",
+        HEADERS,
+        [
+            [r["agents"], r["markets"], r["world_size"], r["pairs_in_range"], r["dense_p50_ms"],
+             r["grid_p50_ms"], r["auto_p50_ms"], r["auto_p99_ms"], r["speedup"], r["methods_agree"]]
+            for r in rows
+        ],
+    )  # fmt: skip
+    settings = {
+        "items": 5,
+        "max_trade_distance": env.max_trade_distance,
+        "max_trade_amount": env.max_trade_amount,
+        "dense_max_agents_auto": DENSE_MAX_AGENTS,
+        "steps": args.steps,
+        "large_steps": args.large_steps,
+        "targets_ms": TARGET_MS,
+        "command": command_line("market_step", argv),
+    }
+    write_results(args.out, "market_step", machine, settings, rows)
+    return 0 if all(r["methods_agree"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
