@@ -106,6 +106,8 @@ def test_agents_are_views_of_the_population_arrays() -> None:
     assert agent.inventory[4] == 11.0
     assert agent.agent_id == "a2" and agent.model_key == "m0"
     assert agent.desired_item == ITEMS[int(pop.desired[2])]
+    assert [a.agent_id for a in pop.agents()] == list(pop.agent_ids)
+    assert [a.desired_item for a in pop.agents()] == pop.desired_items
 
 
 def test_round_robin_assignment_and_desired_items(model_dir: Path) -> None:
