@@ -4,8 +4,8 @@ number of pairs in range rather than N².
 A uniform grid (cell side = max distance / CELLS_PER_DISTANCE) sorts agents by (market, row, column);
 each requester's possible targets then lie in 2k+1 contiguous runs of that order (one per nearby row,
 k = CELLS_PER_DISTANCE), which are expanded into pairs with repeat/cumsum and filtered by exact
-distance. Small markets use the dense N×N mask instead (cheaper below ~DENSE_MAX_AGENTS agents).
-Both produce the *same* arrays in the same order, so the method never changes a seeded market.
+distance. Markets of at most DENSE_MAX_AGENTS agents use the dense per-market mask instead (cheaper
+there). Both produce the *same* arrays in the same order, so the method never changes a seeded market.
 """
 
 from __future__ import annotations
