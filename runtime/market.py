@@ -224,16 +224,21 @@ def trade_step(
     order, req, tgt = candidates.order, candidates.requester_rank, candidates.target_rank
     price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf))[order].reshape(-1)
     deal = (want * n + give)[order]  # where r's (d, g) sits in a flattened n×n matrix
-    quote = price[tgt.astype(np.int64, copy=False) * (n * n) + deal[req]]
+    cell = tgt * (n * n)  # in place below: K-sized temporaries cost page faults, not just copies
+    cell += deal[req]
+    quote = price[cell]
     asking_ranked = np.zeros(count, dtype=bool)
-    asking_ranked[req[quote < np.inf]] = True
+    asking_ranked[req[np.flatnonzero(quote < np.inf)]] = True  # flatnonzero: 3x faster than a mask
     asking = np.zeros(count, dtype=bool)
     asking[order] = asking_ranked
 
     # The quote pays t the fraction f = 1 / (ask * M_t[d, g]) of its own price for the x * ask units of
     # d it gives for x of g. t accepts a quote paying its price, and one paying f < 1 with probability
     # f (a cliff at f = 1 would give evolution no gradient to follow): accept iff u * ask * M_t < 1.
-    accepts = rng.random(req.size, dtype=np.float32) * (ask[order][req] * quote) < 1.0
+    draw = rng.random(req.size, dtype=np.float32)
+    draw *= ask[order][req]
+    draw *= quote
+    accepts = np.flatnonzero(draw < 1.0)
     req, tgt, squared = req[accepts], tgt[accepts], candidates.squared_distance[accepts]
     chosen = _race_winners(req, _race_costs(rng, squared))  # each requester asks one accepting target
     req, tgt, squared = order[req[chosen]], order[tgt[chosen]], squared[chosen]

@@ -11,7 +11,7 @@ there). Both produce the *same* arrays in the same order, so the method never ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +19,6 @@ import numpy.typing as npt
 from runtime.state import FloatArray, IntArray
 
 BoolArray = npt.NDArray[np.bool_]
-Ranks = npt.NDArray[np.integer[Any]]  # int32 where the candidate count allows (half the memory traffic)
 Method = Literal["auto", "grid", "dense"]
 
 CELLS_PER_DISTANCE = 3  # k: cells of side d/k, runs of 2k+1 cells: scans ((2k+1)/k)² d² around each agent
@@ -39,8 +38,8 @@ class CandidatePairs:
     """
 
     order: IntArray  # [N] agent at each rank
-    requester_rank: Ranks  # [K]
-    target_rank: Ranks  # [K]
+    requester_rank: IntArray  # [K]
+    target_rank: IntArray  # [K]
     squared_distance: FloatArray  # [K] float32, as compared with the limit
 
     @property
@@ -135,30 +134,29 @@ class _Grid:
             limit2=np.float32(max_distance) ** 2,
         )
 
-    def run_pairs(self, active: BoolArray) -> tuple[Ranks, Ranks, Ranks]:
+    def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
         """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
         requester (one contiguous run of ranks per nearby row, expanded without a Python loop), and
         where each requester meets itself."""
-        ranks = np.flatnonzero(active).astype(np.int32)
-        offsets = np.arange(-self.reach, self.reach + 1, dtype=np.int32)
+        ranks = np.flatnonzero(active)
+        offsets = np.arange(-self.reach, self.reach + 1)
         row = self.row[ranks, None] + offsets  # [R, 2k+1]
         base = (self.market[ranks, None] * self.rows + row) * self.columns
         first = base + np.maximum(self.column[ranks, None] - self.reach, 0)
         last = base + np.minimum(self.column[ranks, None] + self.reach, self.columns - 1)
         start = np.searchsorted(self.keys, first, side="left")
         stop = np.searchsorted(self.keys, last, side="right")
-        length = np.where((row >= 0) & (row < self.rows), stop - start, 0).astype(np.int32)
-        ends = np.cumsum(length.ravel(), dtype=np.int64)
-        total = int(ends[-1]) if ends.size else 0
-        index: type[np.signedinteger[Any]] = np.int32 if total < np.iinfo(np.int32).max else np.int64
-        # target rank = start of its run + its position within the run
-        shift = np.repeat((start.ravel() - (ends - length.ravel())).astype(index), length.ravel())
-        targets: Ranks = np.arange(shift.size, dtype=index) + shift
+        length = np.where((row >= 0) & (row < self.rows), stop - start, 0)
+        ends = np.cumsum(length.ravel())
+        # target rank = start of its run + its position within the run (int64 throughout: numpy
+        # converts any other index type to intp on every gather, which costs more than it saves)
+        shift = np.repeat(start.ravel() - (ends - length.ravel()), length.ravel())
+        targets = np.arange(shift.size) + shift
         requesters = np.repeat(ranks, length.sum(axis=1))
         own_run = (ends - length.ravel()).reshape(length.shape)[:, self.reach]
         return requesters, targets, own_run + (ranks - start[:, self.reach])
 
-    def dense_pairs(self, active: BoolArray) -> tuple[Ranks, Ranks, Ranks]:
+    def dense_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
         """(requester rank, target rank) of every pair within a market, for active requesters (the
         N²/E mask, in the same order as :meth:`run_pairs` after the distance filter), and where each
         requester meets itself."""
