@@ -203,3 +203,26 @@ def test_markets_stepped_together_stay_independent() -> None:
     np.testing.assert_array_equal(pop.inventory.reshape(2, 20, 5).sum(axis=1, dtype=np.float64), totals)
     with pytest.raises(ValueError, match="3 markets"):
         MarketPopulation.random(rng, 20, 5, 30.0, markets=3)
+
+
+def test_a_requester_chooses_among_accepting_targets_in_proportion_to_one_over_one_plus_distance() -> None:
+    # A wants gold; two gold holders (wanting apples nobody has) at distance 1 and 9 both accept.
+    matrices = np.full((3, 5, 5), 0.5, np.float32)
+    inventory = np.zeros((3, 5), np.float32)
+    inventory[0, DIAMOND] = 10.0
+    inventory[1:, GOLD] = 10.0
+    base = MarketPopulation(
+        agent_ids=["A", "near", "far"],
+        desired=np.array([GOLD, APPLE, APPLE]),
+        inventory=inventory,
+        matrices=matrices,
+        positions=np.array([[0.0, 0.0], [0.0, 1.0], [9.0, 0.0]], np.float32),
+    )
+    rng = np.random.default_rng(4)
+    trials, near = 3000, 0
+    for _ in range(trials):
+        pop = MarketPopulation(base.agent_ids, base.desired, base.inventory.copy(), matrices, base.positions)
+        stats = trade_step(pop, rng, ENV)
+        assert stats.trades == 1 and stats.requests == 1
+        near += int(stats.target[0] == 1)
+    assert abs(near / trials - 0.5 / 0.6) < 0.03
