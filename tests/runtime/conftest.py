@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,9 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def prefix() -> str:
-    """A unique topic prefix: tests share the broker at 127.0.0.1:1883."""
-    return f"bmtest-{uuid.uuid4().hex[:12]}"
+def prefix() -> Iterator[str]:
+    """A unique topic prefix (tests share the broker at 127.0.0.1:1883); its retained status is cleared."""
+    value = f"bmtest-{uuid.uuid4().hex[:12]}"
+    yield value
+    clear = ["mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-t", f"{value}/runtime/status", "-r", "-n"]
+    subprocess.run(clear, check=True, timeout=10, capture_output=True)
