@@ -25,7 +25,7 @@ from runtime.broker import BrokerError, ensure_broker
 from runtime.config import Config, ConfigError, NpuConfig, load_config
 from runtime.models import ModelError, discover_models
 from runtime.protocol import Limits, encode_status
-from runtime.providers import ProviderError, qnn_available
+from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.reload import ModelReloader, ModelWatcher
 from runtime.scheduler import TickScheduler, TickSlot
 from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
@@ -55,6 +55,9 @@ def serve_on_npu(npu: NpuConfig) -> bool:
     On x86_64 that backend is a CPU simulator (numerically the NPU, but ~100x slower than ONNX Runtime's
     CPU kernels), so there the runtime serves on CPU unless npu.require_npu asks for the HTP path anyway.
     """
+    if npu.require_npu and not (npu.enabled and qnn_available()):
+        reason = "npu.enabled is false" if not npu.enabled else qnn_unavailable_reason()
+        raise ProviderError(f"npu.require_npu is true but the NPU cannot be used: {reason}")
     if not npu.enabled or not qnn_available():
         return False
     if platform.machine().lower() in ("x86_64", "amd64") and not npu.require_npu:

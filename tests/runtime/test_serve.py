@@ -96,3 +96,16 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
     finally:
         stop_process(process)
     assert "runtime stopped: 5 agents: 1 ticks served" in (tmp_path / "run.log").read_text()
+
+
+def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """npu.require_npu must stop a start where QNN cannot be used, never fall back to CPU quietly."""
+    from runtime import serve
+    from runtime.config import NpuConfig
+    from runtime.providers import ProviderError
+
+    monkeypatch.setattr(serve, "qnn_available", lambda: False)
+    monkeypatch.setattr(serve, "qnn_unavailable_reason", lambda: "onnxruntime_qnn is not importable")
+    with pytest.raises(ProviderError, match="not importable"):
+        serve.serve_on_npu(NpuConfig(require_npu=True))
+    assert serve.serve_on_npu(NpuConfig(require_npu=False)) is False
