@@ -184,18 +184,23 @@ def _coerce(data: Any) -> Any:
     return data
 
 
-def _missing_keys(section: type[BaseModel], data: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every key must be written out: a config file is the whole truth, not a patch on defaults."""
-    missing = []
+def _key_problems(section: type[BaseModel], data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key must be written out (a config file is the whole truth, not a patch on defaults) and
+    every key written must exist."""
+    problems = [
+        f"{prefix}{key}: unknown key (check the spelling; config.yaml in the repository lists all keys)"
+        for key in data
+        if key not in section.model_fields
+    ]
     for key, field in section.model_fields.items():
         annotation = field.annotation
         if key not in data:
-            missing.append(prefix + key)
+            problems.append(f"{prefix}{key}: missing key")
         elif (
             isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(data[key], dict)
         ):
-            missing += _missing_keys(annotation, data[key], f"{prefix}{key}.")
-    return missing
+            problems += _key_problems(annotation, data[key], f"{prefix}{key}.")
+    return problems
 
 
 def _relax_numbers(section: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
@@ -220,20 +225,16 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
     """Validate a mapping; errors name the source and the dotted key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    missing = _missing_keys(Config, data)
-    if missing:
-        raise ConfigError("\n".join(f"{source}: {key}: missing key" for key in missing))
+    problems = _key_problems(Config, data)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
     try:
         return Config.model_validate(_relax_numbers(Config, _coerce(data)))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see config.yaml in the repository for all keys)"
-            else:
-                msg = err["msg"]
-            lines.append(f"{source}: {key}: {msg}")
+            lines.append(f"{source}: {key}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
 
 
