@@ -37,13 +37,15 @@ def items_from_state_dim(dim: int) -> int:
 def market_mean_matrices(matrices: FloatArray) -> FloatArray:
     """For every agent, the element-wise mean of the *other* agents' matrices ([N, n, n]).
 
-    A lone agent has no market data: zeros, as in the original.
+    A lone agent has no market data: zeros, as in the original. Computed as (sum - own) / (N - 1) in
+    float32 (relative error ~1e-6, far below what the networks resolve).
     """
     count = matrices.shape[0]
     if count < 2:
         return np.zeros_like(matrices, dtype=np.float32)
-    total = matrices.sum(axis=0, dtype=np.float64)
-    return ((total[None] - matrices) / (count - 1)).astype(np.float32)
+    out = np.subtract(matrices.sum(axis=0), matrices, dtype=np.float32)
+    out *= np.float32(1.0 / (count - 1))
+    return out
 
 
 def build_states(
@@ -72,16 +74,20 @@ def build_states(
     if out is None:
         out = np.empty((count, state_dim(n)), dtype=np.float32)
     nn = n * n
-    peak = inv.max(axis=1, keepdims=True)
-    np.divide(inv, np.where(peak > 0, peak, 1.0), out=out[:, :n])
-    out[:, n : 2 * n] = 0.0
-    out[np.arange(count), n + want] = 1.0
+    # Per-item column loops (n is small) beat numpy's reductions over a length-n axis by ~4x.
+    peak = inv[:, 0].copy()
+    for item in range(1, n):
+        np.maximum(peak, inv[:, item], out=peak)
+    peak[peak <= 0] = 1.0
+    np.divide(inv, peak[:, None], out=out[:, :n])
+    out[:, n : 2 * n] = want[:, None] == np.arange(n)
     out[:, 2 * n : 2 * n + nn] = mats.reshape(count, nn)
+    market = out[:, 2 * n + nn : 2 * n + 2 * nn]
     if market_mean is None:
-        out[:, 2 * n + nn : 2 * n + 2 * nn] = market_mean_matrices(mats).reshape(count, nn)
+        market[...] = market_mean_matrices(mats).reshape(count, nn)
     else:
         mean = np.asarray(market_mean, dtype=np.float32)
-        out[:, 2 * n + nn : 2 * n + 2 * nn] = np.broadcast_to(mean.reshape(-1, nn), (count, nn))
+        market[...] = np.broadcast_to(mean.reshape(-1, nn), (count, nn))
     out[:, -1] = rate
     return out
 
