@@ -29,7 +29,7 @@ from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reas
 from runtime.reload import ModelReloader, ModelWatcher
 from runtime.scheduler import TickScheduler, TickSlot
 from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
-from runtime.transport import RuntimeTransport
+from runtime.transport import RuntimeTransport, runtime_client_id
 from runtime.workers import (
     bootstrap_population,
     checkpoints,
@@ -80,6 +80,7 @@ class RuntimeServer:
         self.handle_signals = handle_signals
         self.ready = asyncio.Event()  # set once the pool serves and the broker connection is up
         self.started_at = time.time()
+        self.client_id = runtime_client_id(config.mqtt)
         self.population: AgentPopulation | None = None
         self.pool: SessionPool | None = None
         self.scheduler: TickScheduler | None = None
@@ -96,8 +97,9 @@ class RuntimeServer:
         broker = await ensure_broker(self.config.mqtt)
         mqtt = self.config.mqtt
         slot = TickSlot()
+        self._check_status_size()
         transport = RuntimeTransport(
-            mqtt, on_tick=slot.put, will_payload=encode_status(self.status("offline"))
+            mqtt, on_tick=slot.put, will_payload=encode_status(self.last_will()), client_id=self.client_id
         )
         scheduler = TickScheduler(
             population,
@@ -220,22 +222,42 @@ class RuntimeServer:
             seed=cfg.runtime.seed,
         )
 
+    def last_will(self) -> dict[str, Any]:
+        """The MQTT last will: which process went offline, not the roster (a will is at most 65,535 bytes)."""
+        return {
+            "state": "offline",
+            "pid": os.getpid(),
+            "client_id": self.client_id,
+            "started_at": self.started_at,
+        }
+
     def status(self, state: str) -> dict[str, Any]:
-        """The retained status message: roster, models, EPs and serving figures."""
+        """The retained status: identity, models, EPs, serving figures, and the roster while online."""
         pop, pool = self.population, self.pool
-        status: dict[str, Any] = {"state": state, "pid": os.getpid(), "started_at": self.started_at}
+        status: dict[str, Any] = {**self.last_will(), "state": state}
         if pop is not None and pool is not None:
             status.update(
                 agents=len(pop),
-                agent_ids=list(pop.agent_ids),
-                desired=pop.desired_items,
                 items=list(pop.items),
                 eps=pool.current.providers,
                 model_versions=pool.current.versions,
             )
+            if state == "online":  # an offline runtime serves nobody: a game must not tick its old roster
+                status.update(agent_ids=list(pop.agent_ids), desired=pop.desired_items)
         if self.scheduler is not None:
             status.update(self.scheduler.stats())
         return status
+
+    def _check_status_size(self) -> None:
+        """Warn when the roster makes the status bigger than clients with this config accept."""
+        size, limit = len(encode_status(self.status("online"))), self.config.mqtt.max_payload_bytes
+        if size > limit:
+            log.warning(
+                "the status with the roster is %d bytes, above mqtt.max_payload_bytes (%d): game servers and "
+                "`blockmarket simulate` using this config will refuse it; raise mqtt.max_payload_bytes",
+                size,
+                limit,
+            )
 
     async def report_status(self, transport: RuntimeTransport) -> None:
         """Publish the retained status once connected and every runtime.status_interval_s, with a log line."""

@@ -29,6 +29,12 @@ TickHandler = Callable[[bytes, float], None]  # (payload, time.perf_counter() at
 INITIAL_BACKOFF_S = 0.2
 MAX_QUEUED_INCOMING = 1024  # aiomqtt's inbound queue; handlers are cheap, so this only bounds memory
 STATUS_QOS = 1
+MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)
+
+
+def runtime_client_id(cfg: MqttConfig) -> str:
+    """The runtime's MQTT client id: ``mqtt.client_id`` or one per process (named in its status and will)."""
+    return cfg.client_id or f"blockmarket-runtime-{os.getpid()}"
 
 
 def client_options(cfg: MqttConfig) -> dict[str, object]:
@@ -202,9 +208,14 @@ class RuntimeTransport(MqttLink):
         client_id: str | None = None,
     ) -> None:
         self.topics = Topics(cfg.topic_prefix)
+        if len(will_payload) > MAX_WILL_BYTES:  # refused here, not as a struct.error inside every connect
+            raise ValueError(
+                f"the last will for {self.topics.status} is {len(will_payload)} bytes, "
+                f"MQTT allows {MAX_WILL_BYTES}: keep it to the state and the process's identity"
+            )
         super().__init__(
             cfg,
-            client_id=client_id or cfg.client_id or f"blockmarket-runtime-{os.getpid()}",
+            client_id=client_id or runtime_client_id(cfg),
             subscriptions={self.topics.tick: on_tick},
             will=aiomqtt.Will(self.topics.status, will_payload, qos=STATUS_QOS, retain=True),
         )

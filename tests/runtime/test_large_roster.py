@@ -1,0 +1,78 @@
+"""10,000 agents: the runtime connects (its last will stays small), announces the roster, serves a tick."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from runtime.config import MqttConfig, load_config
+from runtime.protocol import encode_status
+from runtime.simulator import discover_roster
+from runtime.transport import MAX_WILL_BYTES, RuntimeTransport
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    GameClient,
+    check_matrices,
+    runtime_process,
+    stop_process,
+    write_config,
+)
+from tests.wire.wire_helpers import wait_until
+
+AGENTS = 10_000
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+async def test_ten_thousand_agents_connect_announce_the_roster_and_leave_a_small_will(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    config_path = write_config(
+        tmp_path / "config.yaml",
+        runtime={
+            "num_agents": AGENTS,
+            "model_dir": str(model_dir),
+            "convert_on_startup": False,
+            "hot_reload": False,
+            "status_interval_s": 0.5,
+        },
+        training={"model_save_path": str(tmp_path / "none")},
+        mqtt={"topic_prefix": prefix},
+        npu={"enabled": False},
+    )
+    config = load_config(config_path)
+    process = runtime_process(config_path, tmp_path / "run.log")
+    try:
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            status = await game.online(120)
+            assert status["agents"] == AGENTS and len(status["agent_ids"]) == AGENTS
+            assert (
+                len(status["desired"]) == AGENTS
+                and status["client_id"] == f"blockmarket-runtime-{process.pid}"
+            )
+            roster = await discover_roster(config, 10)  # what `blockmarket simulate` reads
+            assert roster is not None and roster.agent_ids == tuple(status["agent_ids"])
+            await game.send(game.tick(0))
+            check_matrices((await game.answer(0, timeout=30)).matrices, AGENTS, len(ITEMS))
+            process.send_signal(signal.SIGKILL)  # no goodbye: the broker publishes the last will
+            process.wait(10)
+            await wait_until(lambda: game.status.get("state") == "offline", 10, "the last will")
+            assert game.status == {
+                "state": "offline",
+                "pid": process.pid,
+                "client_id": f"blockmarket-runtime-{process.pid}",
+                "started_at": status["started_at"],
+            }
+    finally:
+        stop_process(process)
+    log = (tmp_path / "run.log").read_text()
+    assert "connected to MQTT broker" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_will_beyond_the_mqtt_limit_is_refused_by_name() -> None:
+    """paho would fail every connect with a struct.error; the transport says what is wrong up front."""
+    roster = {"state": "offline", "agent_ids": [f"agent-{i:04d}" for i in range(AGENTS)]}
+    with pytest.raises(ValueError, match=f"runtime/status is \\d+ bytes, MQTT allows {MAX_WILL_BYTES}"):
+        RuntimeTransport(MqttConfig(), on_tick=lambda *_: None, will_payload=encode_status(roster))
