@@ -134,6 +134,7 @@ class RuntimeConfig(_Section):
     model_dir: str | None = None  # default: conversion output dir
     max_sessions: int = Field(8, ge=1)
     intra_op_threads: int = Field(1, ge=0)
+    allow_spinning: bool = False  # ORT intra-op threads busy-wait between calls: a core burnt between ticks
     convert_on_startup: bool = True
     bootstrap_generations: int = Field(5, ge=1)
     hot_reload: bool = True

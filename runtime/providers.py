@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import onnxruntime as ort
 
@@ -186,9 +186,19 @@ def dynamic_inputs(model_path: Path) -> list[str]:
     ]
 
 
-def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+class _Threads(NamedTuple):
+    """ORT intra-op threading; spinning keeps a core busy between calls (a serving loop wants it off)."""
+
+    intra_op: int = 1
+    allow_spinning: bool = True
+
+
+def _session_options(threads: _Threads) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
+    options.intra_op_num_threads = threads.intra_op
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if threads.allow_spinning else "0"
+    )
     options.log_severity_level = 3  # QNN's per-session notices are noise; placement is logged by us
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     return options
@@ -205,10 +215,8 @@ def _placement(session: ort.InferenceSession, model: Path, **extra: Any) -> Plac
     return Placement(model=model, nodes=dict(nodes), cpu_ops=tuple(cpu_ops), **extra)
 
 
-def _cpu_session(model: Path, intra_op_threads: int, reason: str) -> tuple[ort.InferenceSession, Placement]:
-    session = ort.InferenceSession(
-        str(model), sess_options=_session_options(intra_op_threads), providers=[CPU_EP]
-    )
+def _cpu_session(model: Path, threads: _Threads, reason: str) -> tuple[ort.InferenceSession, Placement]:
+    session = ort.InferenceSession(str(model), sess_options=_session_options(threads), providers=[CPU_EP])
     return session, _placement(session, model, reason=reason)
 
 
@@ -218,6 +226,7 @@ def create_session(
     *,
     prefer_npu: bool = True,
     intra_op_threads: int = 1,
+    allow_spinning: bool = True,
     disable_cpu_fallback: bool | None = None,
 ) -> tuple[ort.InferenceSession, Placement]:
     """An inference session on the QNN HTP NPU when possible, else CPU; and where its nodes landed.
@@ -225,15 +234,17 @@ def create_session(
     ``disable_cpu_fallback`` (default: ``npu.require_npu``) makes ORT refuse to put any node on CPU.
     With ``npu.require_npu`` every reason to run on CPU raises :class:`ProviderError` instead of warning.
     ``prefer_npu=False`` asks for CPU on purpose (e.g. the dynamic-batch fp32 model): no warning.
+    ``allow_spinning=False`` lets ORT's intra-op threads sleep between calls (runtime.allow_spinning).
     """
     model = Path(model_path)
+    threads = _Threads(intra_op_threads, allow_spinning)
     if not model.is_file():
         raise ProviderError(f"{model}: model file not found")
     if not (prefer_npu and npu.enabled):  # a deliberate choice: logged, not warned
         if prefer_npu and npu.require_npu:
             raise ProviderError(f"{model}: npu.require_npu is true but npu.enabled is false")
         why = "CPU requested by the caller" if not prefer_npu else "the NPU is disabled (npu.enabled: false)"
-        session, placement = _cpu_session(model, intra_op_threads, reason=why)
+        session, placement = _cpu_session(model, threads, reason=why)
         log.info("placement %s", placement.describe())
         return session, placement
     reason = _npu_blocker(model, npu)
@@ -241,16 +252,16 @@ def create_session(
         if npu.require_npu:
             raise ProviderError(f"{model}: npu.require_npu is true but {reason}")
         _warn_once(model, f"{model.name}: running on CPU — {reason}")
-        return _cpu_session(model, intra_op_threads, reason=reason)
+        return _cpu_session(model, threads, reason=reason)
     strict = npu.require_npu if disable_cpu_fallback is None else disable_cpu_fallback
     try:
-        session, placement = _qnn_session(model, npu, intra_op_threads, strict)
+        session, placement = _qnn_session(model, npu, threads, strict)
     except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeError subclasses for a refused graph
         if strict or npu.require_npu:
             raise ProviderError(f"{model}: QNN HTP cannot run the whole graph: {exc}") from exc
         reason = f"QNN session creation failed ({exc})"
         _warn_once(model, f"{model.name}: running on CPU — {reason}")
-        return _cpu_session(model, intra_op_threads, reason=reason)
+        return _cpu_session(model, threads, reason=reason)
     if placement.on_npu:
         log.info("placement %s", placement.describe())
         return session, placement
@@ -287,13 +298,13 @@ def _warn_once(model: Path, message: str) -> None:
 
 
 def _qnn_session(
-    model: Path, npu: NpuConfig, intra_op_threads: int, strict: bool
+    model: Path, npu: NpuConfig, threads: _Threads, strict: bool
 ) -> tuple[ort.InferenceSession, Placement]:
     """Create the QNN session, through the context-binary cache when enabled."""
     provider_options = qnn_provider_options(npu)
 
     def open_session(path: Path, config: Mapping[str, str]) -> ort.InferenceSession:
-        options = _session_options(intra_op_threads)
+        options = _session_options(threads)
         if strict:
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         for key, value in config.items():

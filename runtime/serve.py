@@ -192,7 +192,8 @@ class RuntimeServer:
         pool = SessionPool(
             population,
             {m.key: m for m in models},
-            factory=self.session_factory or default_session_factory(cfg.npu, cfg.runtime.intra_op_threads),
+            factory=self.session_factory
+            or default_session_factory(cfg.npu, cfg.runtime.intra_op_threads, cfg.runtime.allow_spinning),
             max_sessions=cfg.runtime.max_sessions,
             model_dir=cfg.model_dir,
             use_npu=use_npu,

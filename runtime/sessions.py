@@ -44,13 +44,17 @@ class PoolError(RuntimeError):
     """The models cannot be served as configured (the message says which and why)."""
 
 
-def default_session_factory(npu: NpuConfig, intra_op_threads: int) -> SessionFactory:
+def default_session_factory(npu: NpuConfig, intra_op_threads: int, allow_spinning: bool) -> SessionFactory:
     """Sessions from runtime.providers: the QNN HTP NPU when the model can run there, else CPU."""
     from runtime.providers import create_session
 
     def make(path: Path, prefer_npu: bool) -> tuple[Any, str]:
         session, placement = create_session(
-            path, npu, prefer_npu=prefer_npu, intra_op_threads=intra_op_threads
+            path,
+            npu,
+            prefer_npu=prefer_npu,
+            intra_op_threads=intra_op_threads,
+            allow_spinning=allow_spinning,
         )
         return session, placement.provider
 
