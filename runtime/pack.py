@@ -8,6 +8,9 @@ Two equivalent formulations of the same MLP (ReLU hidden layers, head -> softplu
 * ``"matmul"``: states as [N, B, D] times stacked weights [N, D, H] (3-D batched MatMul). For CPU.
 * ``"conv"``: agents as channel groups, ``Conv(kernel 1x1, group=N)`` over [1, N*D, B, 1]. For QNN HTP,
   where the batched-MatMul form returned wrong results in fp16 and grouped Conv matched (DESIGN.md).
+* ``"matmul_int8"``: the matmul form with int8 weights and one fp32 scale per agent and output channel,
+  read as int8 by ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul`` (activations quantized to uint8
+  per call). For CPU at large N, where a tick is bound by reading every agent's weights: 4x fewer bytes.
 
 Weights are numpy arrays in PyTorch ``nn.Linear`` layout (``weight`` [out, in], ``bias`` [out]), so a
 pack can be built both from checkpoints (conversion) and from already-converted fp32 ONNX files (runtime,
@@ -16,7 +19,8 @@ no torch) via :func:`extract_trading_weights`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +29,19 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-PackForm = Literal["matmul", "conv"]
+from runtime.state import items_from_state_dim, realistic_states
+
+PackForm = Literal["matmul", "conv", "matmul_int8"]
 Weights = Sequence[npt.NDArray[np.floating]]
 
 POLICY_FLOOR = 0.1  # TradingNetwork's output is softplus(head) + 0.1
 INPUT_NAME = "state_vector"
 OUTPUT_NAME = "trading_matrix"
 OPSET = 17
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (DynamicQuantizeMatMul)
+INT8_MAX = 127
+CALIBRATION_STATES = 32  # realistic states the int8 form equalizes activations on (edge cases first)
+CALIBRATION_SEED = 20240601
 IR_VERSION = 10  # readable by every ONNX Runtime >= 1.17
 META_PREFIX = "blockmarket.pack."
 
@@ -113,29 +123,31 @@ def build_pack(
     batch_per_agent: int = 1,
     dtype: type[np.floating] = np.float32,
 ) -> onnx.ModelProto:
-    """One static-shape graph evaluating agent i's network on its own B rows, for all N agents at once."""
+    """One static-shape graph evaluating agent i's network on its own B rows, for all N agents at once.
+
+    The model is assembled in place: each stacked weight goes once into its initializer's raw bytes, so a
+    10,000-agent pack costs about one extra copy of the weights (no make_graph / make_model / checker
+    copies). :func:`save_pack` checks the written file.
+    """
     if form not in _FORMS:
         raise PackError(f"unknown pack form {form!r} (use {' or '.join(map(repr, _FORMS))})")
     if batch_per_agent < 1:
         raise PackError(f"batch_per_agent must be >= 1, got {batch_per_agent}")
+    if form == "matmul_int8" and np.dtype(dtype) != np.float32:
+        raise PackError(f"the matmul_int8 form computes in float32, not {np.dtype(dtype)}")
     shapes = _check_population(weight_sets)
     agents, batch = len(weight_sets), batch_per_agent
     in_dim, out_dim = shapes[0][1], shapes[-1][0]
-    builder = _GraphBuilder(np.dtype(dtype))
-    stacked = [np.stack([np.asarray(w[i]) for w in weight_sets]) for i in range(len(weight_sets[0]))]
-    _FORMS[form](builder, stacked, shapes, batch)
+    model = onnx.ModelProto(ir_version=IR_VERSION, producer_name="blockmarket.pack")
+    model.opset_import.append(helper.make_opsetid("", OPSET))
+    if form == "matmul_int8":
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    graph = model.graph
+    graph.name = f"population_pack_{form}_{agents}x{batch}"
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph = helper.make_graph(
-        builder.nodes,
-        f"population_pack_{form}_{agents}x{batch}",
-        [helper.make_tensor_value_info(INPUT_NAME, elem, [agents * batch, in_dim])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, elem, [agents * batch, out_dim])],
-        initializer=builder.initializers,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="blockmarket.pack"
-    )
-    model.ir_version = IR_VERSION
+    graph.input.append(helper.make_tensor_value_info(INPUT_NAME, elem, [agents * batch, in_dim]))
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, elem, [agents * batch, out_dim]))
+    _FORMS[form](_GraphBuilder(graph, np.dtype(dtype)), weight_sets, shapes, batch)
     helper.set_model_props(
         model,
         {
@@ -144,37 +156,113 @@ def build_pack(
             f"{META_PREFIX}batch_per_agent": str(batch),
         },
     )
-    onnx.checker.check_model(model)
     return model
 
 
+def _stacked(
+    weight_sets: Sequence[Weights], index: int, dtype: np.dtype, *, transpose: bool = False
+) -> np.ndarray:
+    """Parameter ``index`` of every agent as one contiguous [N, ...] array, written in place once."""
+    first = np.shape(weight_sets[0][index])
+    out = np.empty((len(weight_sets), *(first[::-1] if transpose else first)), dtype=dtype)
+    np.stack([np.asarray(w[index]).T if transpose else w[index] for w in weight_sets], out=out)
+    return out
+
+
+def _quantized(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked [N, out, in] fp32 weights (overwritten) -> int8 [N, in, out] and scales [N, 1, out].
+
+    Symmetric, one scale per agent and output channel: an agent's weights never share a scale with
+    another agent's, so a small-weight agent keeps its full 8 bits.
+    """
+    scale = np.abs(weight).max(axis=2) / INT8_MAX
+    scale[scale == 0] = 1.0  # an all-zero channel stays all zero
+    np.divide(weight, scale[:, :, None], out=weight)
+    np.rint(weight, out=weight)
+    return weight.astype(np.int8).transpose(0, 2, 1), scale[:, None, :]
+
+
+def _equalized_layers(weight_sets: Sequence[Weights], layers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each layer's stacked fp32 ([N, out, in], [N, out]), rescaled so every agent's hidden activations
+    peak at 1 on realistic states.
+
+    The int8 form quantizes activations with one scale per call, shared by all agents: without this an
+    agent whose activations are 100x smaller than another's would keep only a few levels of it. ReLU
+    commutes with a positive factor, so dividing agent i's layer by c and multiplying its next layer's
+    weights by c computes exactly the same function.
+    """
+    try:
+        num_items = items_from_state_dim(int(np.shape(weight_sets[0][0])[1]))
+    except ValueError as exc:
+        raise PackError(f"the matmul_int8 form calibrates on agent states: {exc}") from exc
+    hidden = realistic_states(np.random.default_rng(CALIBRATION_SEED), CALIBRATION_STATES, num_items)
+    carried = np.ones(len(weight_sets), dtype=np.float32)  # the previous layer's factor, per agent
+    for layer in range(layers):
+        weight = _stacked(weight_sets, 2 * layer, np.dtype(np.float32))
+        bias = _stacked(weight_sets, 2 * layer + 1, np.dtype(np.float32))
+        weight *= carried[:, None, None]
+        if layer < layers - 1:
+            hidden = np.maximum(hidden @ weight.transpose(0, 2, 1) + bias[:, None, :], 0.0)  # [N, S, out]
+            carried = hidden.max(axis=(1, 2))
+            carried[carried == 0] = 1.0  # a dead layer stays as it is
+            weight /= carried[:, None, None]
+            bias /= carried[:, None]
+            hidden /= carried[:, None, None]
+        yield weight, bias
+
+
 def _matmul_graph(
-    builder: _GraphBuilder, stacked: list[np.ndarray], shapes: list[tuple[int, int]], batch: int
+    builder: _GraphBuilder,
+    weight_sets: Sequence[Weights],
+    shapes: list[tuple[int, int]],
+    batch: int,
+    *,
+    int8: bool = False,
 ) -> None:
-    """[N, B, D] @ [N, D, H] per layer: 3-D batched MatMul (exact on CPU, wrong on HTP fp16)."""
-    agents, in_dim, out_dim = len(stacked[0]), shapes[0][1], shapes[-1][0]
+    """[N, B, D] @ [N, D, H] per layer: 3-D batched MatMul (exact on CPU, wrong on HTP fp16).
+
+    ``int8``: the weights are int8 with per-agent, per-channel scales, multiplied by
+    DynamicQuantizeMatMul without ever being widened to fp32 in memory.
+    """
+    agents, in_dim, out_dim = len(weight_sets), shapes[0][1], shapes[-1][0]
     hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
+    equalized = _equalized_layers(weight_sets, len(shapes)) if int8 else None
     for layer in range(len(shapes)):
-        weight = builder.const(f"w{layer}", stacked[2 * layer].transpose(0, 2, 1))  # [N, in, out]
-        bias = builder.const(f"b{layer}", stacked[2 * layer + 1][:, None, :])  # [N, 1, out]
-        hidden = builder.node("Add", [builder.node("MatMul", [hidden, weight]), bias])
+        if equalized is not None:
+            weight, bias = next(equalized)
+            quantized, scale = _quantized(weight)
+            product = builder.node(
+                "DynamicQuantizeMatMul",
+                [
+                    hidden,
+                    builder.const(f"w{layer}", quantized, quantized.dtype),
+                    builder.const(f"s{layer}", scale),
+                ],
+                domain=MS_DOMAIN,
+            )
+        else:
+            weight = _stacked(weight_sets, 2 * layer, builder.dtype, transpose=True)  # [N, in, out]
+            product = builder.node("MatMul", [hidden, builder.const(f"w{layer}", weight)])
+            bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)
+        hidden = builder.node("Add", [product, builder.const(f"b{layer}", bias[:, None, :])])  # [N, 1, out]
         hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
     builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
 
 
 def _conv_graph(
-    builder: _GraphBuilder, stacked: list[np.ndarray], shapes: list[tuple[int, int]], batch: int
+    builder: _GraphBuilder, weight_sets: Sequence[Weights], shapes: list[tuple[int, int]], batch: int
 ) -> None:
     """Agents as channel groups of [1, N*D, B, 1], one grouped 1x1 Conv per layer (matches on HTP)."""
-    agents, in_dim, out_dim = len(stacked[0]), shapes[0][1], shapes[-1][0]
+    agents, in_dim, out_dim = len(weight_sets), shapes[0][1], shapes[-1][0]
     hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
     if batch > 1:
         hidden = builder.node("Transpose", [hidden], perm=[0, 2, 1])  # [N, D, B]
     hidden = builder.reshape(hidden, (1, agents * in_dim, batch, 1))
     for layer, (out_features, in_features) in enumerate(shapes):
-        kernel = stacked[2 * layer].reshape(agents * out_features, in_features, 1, 1)
-        weight = builder.const(f"w{layer}", kernel)
-        bias = builder.const(f"b{layer}", stacked[2 * layer + 1].reshape(agents * out_features))
+        kernel = _stacked(weight_sets, 2 * layer, builder.dtype)
+        weight = builder.const(f"w{layer}", kernel.reshape(agents * out_features, in_features, 1, 1))
+        biases = _stacked(weight_sets, 2 * layer + 1, builder.dtype).reshape(agents * out_features)
+        bias = builder.const(f"b{layer}", biases)
         hidden = builder.node("Conv", [hidden, weight, bias], group=agents, kernel_shape=[1, 1])
         hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
     hidden = builder.reshape(hidden, (agents, out_dim, batch))
@@ -193,32 +281,37 @@ def _activation(builder: _GraphBuilder, value: str, *, last: bool) -> str:
 
 
 class _GraphBuilder:
-    """Accumulates nodes and initializers with unique names."""
+    """Appends nodes and initializers with unique names straight into the model's graph."""
 
-    def __init__(self, dtype: np.dtype) -> None:
+    def __init__(self, graph: onnx.GraphProto, dtype: np.dtype) -> None:
+        self.graph = graph
         self.dtype = dtype
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
 
     def const(self, name: str, value: npt.ArrayLike, dtype: np.dtype | None = None) -> str:
-        array = np.asarray(value, dtype=dtype or self.dtype)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """An initializer whose raw bytes are written once (little-endian, as every target is)."""
+        array = np.ascontiguousarray(value, dtype=dtype or self.dtype)
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = array.tobytes()
         return name
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
-        name = f"{op.lower()}_{len(self.nodes)}"
+        name = f"{op.lower()}_{len(self.graph.node)}"
         out = output or f"{name}_out"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        self.graph.node.append(helper.make_node(op, inputs, [out], name=name, **attrs))
         return out
 
     def reshape(self, value: str, shape: tuple[int, ...], output: str | None = None) -> str:
-        target = self.const(f"shape_{len(self.initializers)}", np.array(shape), dtype=np.dtype(np.int64))
+        target = self.const(f"shape_{len(self.graph.initializer)}", np.array(shape), dtype=np.dtype(np.int64))
         return self.node("Reshape", [value, target], output=output)
 
 
-_FORMS: dict[str, Callable[[_GraphBuilder, list[np.ndarray], list[tuple[int, int]], int], None]] = {
+_FORMS: dict[str, Callable[[_GraphBuilder, Sequence[Weights], list[tuple[int, int]], int], None]] = {
     "matmul": _matmul_graph,
     "conv": _conv_graph,
+    "matmul_int8": partial(_matmul_graph, int8=True),
 }
 
 
@@ -232,10 +325,18 @@ def pack_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def save_pack(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Write atomically (the runtime may be loading packs from the same directory)."""
+    """Write atomically (the runtime may be loading packs from the same directory), checked on disk.
+
+    The checker reads the file rather than the in-memory proto, which it would serialize once more.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     onnx.save_model(model, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp))
+    except onnx.checker.ValidationError as exc:
+        tmp.unlink()
+        raise PackError(f"{target}: the pack is not a valid ONNX model: {exc}") from exc
     tmp.replace(target)
     return target

@@ -197,6 +197,7 @@ class RuntimeServer:
             max_sessions=cfg.runtime.max_sessions,
             model_dir=cfg.model_dir,
             use_npu=use_npu,
+            cpu_pack_precision=cfg.runtime.cpu_pack_precision,
         )
         await pool.start()
         log.info(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 
 PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks at top-level files
 VALIDATION_SEED = 20240601
-# (atol, rtol) of a pack against its models run alone, on CPU (fp32) and on the HTP (fp16): docs/npu.md
-PACK_TOLERANCE = {"cpu": (1e-5, 1e-4), "npu": (3e-2, 2e-2)}
+# (atol, rtol) of a pack against its models run alone: CPU fp32, CPU int8 weights, HTP fp16 (docs/npu.md)
+PACK_TOLERANCE = {"cpu": (1e-5, 1e-4), "cpu_int8": (1e-1, 5e-2), "npu": (3e-2, 2e-2)}
 
 # (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
 SessionFactory = Callable[[Path, bool], tuple[Any, str]]
+PackPrecision = Literal["fp32", "int8"]
 
 
 class PoolError(RuntimeError):
@@ -74,6 +75,7 @@ class InferenceUnit:
     model_path: Path
     batch_size: int | None  # static batch of the session's input; None = dynamic
     slots: IntArray | None = None  # input row of each agent row in a static batch (None: the first M)
+    pack_weights: PackPrecision | None = None  # a pack's stored weights (int8: runtime.cpu_pack_precision)
     input_name: str = field(init=False)
     output_name: str = field(init=False)
 
@@ -108,7 +110,11 @@ class PoolGeneration:
         return sorted({unit.provider for unit in self.units})
 
     def describe(self) -> str:
-        return ", ".join(f"{u.name} ({len(u.rows)} agents, {u.provider})" for u in self.units)
+        return ", ".join(
+            f"{u.name} ({len(u.rows)} agents, {u.provider}"
+            + (f", {u.pack_weights} weights)" if u.pack_weights else ")")
+            for u in self.units
+        )
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,7 @@ class SessionPool:
         max_sessions: int,
         model_dir: Path,
         use_npu: bool = False,
+        cpu_pack_precision: PackPrecision = "fp32",
     ) -> None:
         self.population = population
         self.models = dict(models)
@@ -184,6 +191,7 @@ class SessionPool:
         self.max_sessions = max_sessions
         self.model_dir = model_dir
         self.use_npu = use_npu
+        self.cpu_pack_precision = cpu_pack_precision
         self.executor = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="inference")
         self.current = PoolGeneration(0, ())
         self.reload_failures = 0
@@ -270,10 +278,12 @@ class SessionPool:
 
     def build_unit(self, plan: UnitPlan) -> InferenceUnit:
         """Create and warm one session (blocking: run it in an executor), validated before it can serve."""
-        slots = None
+        slots: IntArray | None = None
+        weights: PackPrecision | None = None
         if plan.is_pack:
             slots, per_model = pack_slots(plan)
-            path, prefer_npu = self._pack_file(plan, per_model), self.use_npu
+            weights = "fp32" if self.use_npu else self.cpu_pack_precision  # NPU packs: fp32 conv form
+            path, prefer_npu = self._pack_file(plan, per_model, weights), self.use_npu
         else:
             path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
         session, provider = self.factory(path, prefer_npu)
@@ -281,7 +291,7 @@ class SessionPool:
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
         unit = InferenceUnit(
-            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots
+            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots, weights
         )
         states, out = validate_unit(unit, self.population.num_items)
         if plan.is_pack:
@@ -290,7 +300,8 @@ class SessionPool:
 
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
         """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances)."""
-        atol, rtol = PACK_TOLERANCE["npu" if "QNN" in unit.provider else "cpu"]
+        on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
+        atol, rtol = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
         keys = np.asarray(unit.row_keys)
         for key, info in unit.models.items():
             rows = np.flatnonzero(keys == key)
@@ -315,11 +326,11 @@ class SessionPool:
             return best.path, True
         return info.onnx_path, self.use_npu
 
-    def _pack_file(self, plan: UnitPlan, per_model: int) -> Path:
+    def _pack_file(self, plan: UnitPlan, per_model: int, precision: PackPrecision) -> Path:
         """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions."""
         from runtime.pack import PackForm, build_pack, extract_trading_weights, save_pack
 
-        form: PackForm = "conv" if self.use_npu else "matmul"
+        form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
         digest = hashlib.sha256("|".join([form, str(per_model), *versions]).encode()).hexdigest()[:16]
         path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
