@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -277,6 +278,46 @@ class OfflineMarket:
         for key, group in self.groups.items():
             proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
         return pop.update(rows, proposals, self.alpha).copy()
+
+
+class CpuPressure:
+    """Whether the machine was short of CPU while the block ran (tasks kept waiting for a core).
+
+    Linux PSI (/proc/pressure/cpu, "some"): the share of wall time at least one task waited for a CPU.
+    Without PSI, a 1-minute load average above the core count counts as overloaded.
+    """
+
+    PSI = Path("/proc/pressure/cpu")
+    OVERLOADED = 0.05  # an idle machine running a test measures ~2% here, two busy loops on two cores ~14%
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+        self._start = (0.0, 0.0)
+
+    def _stalled_s(self) -> float:
+        some = self.PSI.read_text().splitlines()[0]  # "some avg10=.. avg60=.. avg300=.. total=<us>"
+        return int(some.rsplit("total=", 1)[1]) / 1e6
+
+    def __enter__(self) -> CpuPressure:
+        if self.PSI.exists():
+            self._start = (self._stalled_s(), time.monotonic())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.PSI.exists():
+            stalled, started = self._start
+            self.fraction = (self._stalled_s() - stalled) / (time.monotonic() - started)
+
+    @property
+    def overloaded(self) -> bool:
+        if self.fraction is None:
+            return os.getloadavg()[0] > (os.cpu_count() or 1)
+        return self.fraction > self.OVERLOADED
+
+    def __str__(self) -> str:
+        if self.fraction is None:
+            return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        return f"tasks waited for a CPU {self.fraction:.1%} of the time"
 
 
 def check_matrices(matrices: np.ndarray, count: int, num_items: int) -> None:

@@ -24,6 +24,7 @@ from runtime.config import load_config
 from runtime.protocol import MarketTick, encode_tick
 from tests.runtime.runtime_helpers import (
     ITEMS,
+    CpuPressure,
     GameClient,
     OfflineMarket,
     check_matrices,
@@ -38,6 +39,8 @@ from tests.wire.wire_helpers import PrivateMosquitto, wait_until
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
 AGENTS = 128
+TICKS = 200
+RATE_HZ = 10
 
 
 @pytest.fixture
@@ -77,6 +80,13 @@ def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
 async def test_128_agents_200_ticks_with_the_simulator(
     tmp_path: Path, twelve_models: Path, prefix: str
 ) -> None:
+    """Every tick answered on an idle machine; under CPU overload the runtime may skip a tick (latest wins).
+
+    The simulator sends at a fixed rate without waiting for answers (as a game server does). When the
+    runtime is starved of CPU for longer than a tick period, the ticks that arrived meanwhile are coalesced
+    and only the newest is served (docs/runtime.md, Scheduler). Then every tick must still be accounted
+    for: answered, or counted as skipped in the runtime's status, and never lost on the way.
+    """
     config_path = serving_config(tmp_path, twelve_models, prefix)
     config = load_config(config_path)
     summary_path = tmp_path / "simulation.json"
@@ -86,23 +96,36 @@ async def test_128_agents_200_ticks_with_the_simulator(
             assert status["agents"] == AGENTS and len(status["model_versions"]) == 12
             simulate = [
                 *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
-                *("--ticks", "200", "--rate", "10", "--json", str(summary_path), "--quiet"),
+                *("--ticks", str(TICKS), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
             ]
-            simulator = await asyncio.create_subprocess_exec(
-                *simulate, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-            output, _ = await asyncio.wait_for(simulator.communicate(), 120)
+            with CpuPressure() as pressure:
+                simulator = await asyncio.create_subprocess_exec(
+                    *simulate, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+                )
+                output, _ = await asyncio.wait_for(simulator.communicate(), 120)
             assert simulator.returncode == 0, output.decode()[-3000:]
-            await wait_until(lambda: len(recorder.answers) >= 200, 15, "all 200 answers at the recorder")
+            await wait_until(
+                lambda: accounted(recorder) == TICKS, 15, f"the runtime to account for {TICKS} ticks"
+            )
     summary = json.loads(summary_path.read_text())
-    assert summary["ticks_sent"] == 200 and summary["answered"] == 200 and summary["missing"] == 0
+    served, skipped = recorder.status["ticks_served"], recorder.status["ticks_skipped"]
+    assert sorted(recorder.sent) == list(range(TICKS)) and summary["ticks_sent"] == TICKS
+    assert len(recorder.answers) == summary["answered"] == served and summary["missing"] == skipped
     assert summary["rule_violations"] == 0 and summary["unknown_agents"] == 0
-    assert sorted(recorder.answers) == list(range(200))
     for answer in recorder.answers.values():
         check_matrices(answer.matrices, AGENTS, len(ITEMS))
-    assert OfflineMarket.check(config_path, recorder) == 200
+    assert OfflineMarket.check(config_path, recorder) == served  # a skipped tick left no trace in state
+    unanswered = sorted(set(range(TICKS)) - set(recorder.answers))
+    allowed = TICKS // 10 if pressure.overloaded else 0
+    assert skipped <= allowed, f"{skipped} ticks skipped ({unanswered}) while {pressure}"
     log = (tmp_path / "run.log").read_text()
-    assert "pack:TradingNetwork-61x128" in log and "200 ticks served, 0 skipped" in log
+    assert "pack:TradingNetwork-61x128" in log and f"{served} ticks served, {skipped} skipped" in log
+
+
+def accounted(game: GameClient) -> int:
+    """Ticks the runtime status counts as served or skipped, once all served answers arrived (else -1)."""
+    served = game.status.get("ticks_served", 0)
+    return served + game.status.get("ticks_skipped", 0) if len(game.answers) == served else -1
 
 
 async def test_broker_restart_keeps_serving_with_agent_state_intact(
