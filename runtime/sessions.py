@@ -45,8 +45,10 @@ class PoolError(RuntimeError):
     """The models cannot be served as configured (the message says which and why)."""
 
 
-def default_session_factory(npu: NpuConfig, intra_op_threads: int, allow_spinning: bool) -> SessionFactory:
-    """Sessions from runtime.providers: the QNN HTP NPU when the model can run there, else CPU."""
+def default_session_factory(
+    npu: NpuConfig, intra_op_threads: int, allow_spinning: bool = False
+) -> SessionFactory:
+    """Serving sessions from runtime.providers: the QNN HTP NPU when the model can run there, else CPU."""
     from runtime.providers import create_session
 
     def make(path: Path, prefer_npu: bool) -> tuple[Any, str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from runtime.config import Config, NpuConfig, load_config
 from runtime.providers import create_session
 from runtime.serve import RuntimeServer
+from runtime.sessions import default_session_factory
 from tests.runtime.runtime_helpers import write_config
 
 SPINNING = "session.intra_op.allow_spinning"
@@ -43,3 +44,5 @@ def test_create_session_keeps_ort_spinning_unless_asked(model_dir: Path) -> None
     quiet, _ = create_session(model_dir / "m0.onnx", npu, allow_spinning=False)
     assert default.get_session_options().get_session_config_entry(SPINNING) == "1"
     assert quiet.get_session_options().get_session_config_entry(SPINNING) == "0"
+    served, _ = default_session_factory(npu, 1)(model_dir / "m0.onnx", False)  # the serving factory
+    assert served.get_session_options().get_session_config_entry(SPINNING) == "0"
