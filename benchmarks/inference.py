@@ -16,6 +16,9 @@ model) one market tick is timed along three paths, side by side in one process:
 * ours           runtime.state.build_states for the whole population, ONE session.run (population pack,
                  matmul form, for distinct weights; the dynamic-batch model for a shared one), then
                  runtime.state.apply_update. "bare_run" is that session.run alone on the same input.
+* ours_int8      distinct weights only: the same tick on the int8-weight pack (form matmul_int8,
+                 runtime.cpu_pack_precision: int8), 4x fewer weight bytes per tick; its max abs error vs
+                 the fp32 pack on realistic states is reported next to it.
 
 Also measured in the same run: this machine's memory read bandwidth (numpy sum over a large float32
 array, best of several, 1 and 2 threads), next to the pack's weight bytes per tick / tick time: for
@@ -62,6 +65,7 @@ from runtime.state import (
     build_states,
     initial_inventory,
     initial_matrices,
+    realistic_states,
     state_dim,
 )
 
@@ -318,6 +322,21 @@ def cross_check(session: ort.InferenceSession, original: OriginalMarket, market:
     return float(np.abs(ours[:timed] - original.proposals(states[:timed])).max())
 
 
+def int8_pack_session(
+    bank: WeightBank, agents: int, folder: Path, threads: int, fp32: ort.InferenceSession
+) -> tuple[ort.InferenceSession, int, float]:
+    """The int8 pack of the same agents: session, weight bytes, max |int8 - fp32| on realistic states."""
+    pack = build_pack([bank.agent(i) for i in range(agents)], form="matmul_int8")
+    weight_bytes = initializer_bytes(pack)
+    path = save_pack(pack, folder / "pack_int8.onnx")
+    del pack
+    session = cpu_session(path, threads)
+    states = realistic_states(np.random.default_rng(agents), agents, bank.num_items)
+    name = session.get_inputs()[0].name
+    error = np.abs(session.run(None, {name: states})[0] - fp32.run(None, {name: states})[0]).max()
+    return session, weight_bytes, float(error)
+
+
 def ort_sessions(bank: WeightBank, count: int, folder: Path) -> list[ort.InferenceSession]:
     """``count`` single-agent sessions of the converted graph, each with its own agent's weights.
 
@@ -367,7 +386,12 @@ def run_case(
         "ours": ours_tick,
         "bare_run": bare_run,
     }
-    samples = interleaved(calls, args.ticks, primed=("ours", "bare_run"))
+    if case == "distinct":
+        start = time.perf_counter()
+        int8_session, int8_bytes, int8_error = int8_pack_session(bank, agents, folder, args.threads, session)
+        int8_setup_s = time.perf_counter() - start
+        calls["ours_int8"] = our_ticks(Market.random(rng, agents, args.items), int8_session, args.alpha)[0]
+    samples = interleaved(calls, args.ticks, primed=("ours", "bare_run", "ours_int8"))
     timed = len(original.agents)
     # original tick(N) = the matrix sum over all N (inside each sample) + the per-agent part * N / timed
     scaled = [sum_s + (t - sum_s) * agents / timed for t in samples["original"]]
@@ -386,9 +410,21 @@ def run_case(
         "ours": ours,
         "bare_run": bare,
     }
+    if case == "distinct":
+        paths["ours_int8"] = path_result(
+            samples["ours_int8"],
+            agents,
+            session_setup_s=round(int8_setup_s, 3),
+            max_abs_error_vs_fp32_pack=int8_error,
+            weight_bytes_per_tick=int8_bytes,
+        )
+        paths["ours_int8"]["weight_read_gb_s"] = round(
+            int8_bytes / (paths["ours_int8"]["p50_ms"] / 1e3) / 1e9, 3
+        )
     ratios = {
         f"{name}_vs_original": round(paths[name]["updates_per_s"] / paths["original"]["updates_per_s"], 2)
-        for name in ("ort_per_agent", "ours")
+        for name in ("ort_per_agent", "ours", "ours_int8")
+        if name in paths
     }
     return {"case": case, "agents": agents, "paths": paths, "ratios": ratios}
 
@@ -474,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ort_models_cycled": args.ort_models,
         "ort_per_agent_intra_op_threads": 1,
         "pack_form": "matmul",
+        "int8_pack_form": "matmul_int8",
         "execution_provider": "CPUExecutionProvider",
         "command": command_line("inference", argv),
     }

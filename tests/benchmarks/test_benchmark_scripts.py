@@ -62,7 +62,8 @@ def test_inference_measures_every_path_and_case(inference_results: Path) -> None
     assert set(cases) == {(case, n) for case in ("distinct", "shared") for n in (8, 24)}
     for case in cases.values():
         paths = case["paths"]
-        assert set(paths) == {"original", "ort_per_agent", "ours", "bare_run"}
+        int8 = {"ours_int8"} if case["case"] == "distinct" else set()  # the int8 pack: distinct weights
+        assert set(paths) == {"original", "ort_per_agent", "ours", "bare_run", *int8}
         for path in paths.values():
             assert path["updates_per_s"] > 0
             assert 0 < path["p50_ms"] <= path["p99_ms"]
@@ -74,6 +75,9 @@ def test_inference_measures_every_path_and_case(inference_results: Path) -> None
     # Distinct weights: the pack holds every agent's weights, so bytes per tick scale with N.
     small = cases[("distinct", 8)]["paths"]["ours"]["weight_bytes_per_tick"]
     assert big["ours"]["weight_bytes_per_tick"] == pytest.approx(3 * small, rel=1e-3)
+    # The int8 pack reads about a quarter of the bytes and stays within its pack tolerance.
+    assert big["ours_int8"]["weight_bytes_per_tick"] < 0.3 * big["ours"]["weight_bytes_per_tick"]
+    assert 0 < big["ours_int8"]["max_abs_error_vs_fp32_pack"] < 0.1
 
 
 def test_plot_writes_a_png(inference_results: Path, tmp_path: Path) -> None:
