@@ -14,8 +14,10 @@ from conversion.pack_validation import pack_networks, trading_weights, validate_
 from conversion.variants import TOLERANCES, Tolerance
 from runtime.config import NpuConfig
 from runtime.pack import PackError, build_pack, extract_trading_weights, pack_metadata, save_pack
+from runtime.sessions import PACK_TOLERANCE
 
 CPU_EXACT = Tolerance(atol=1e-5, rtol=0.0)
+CPU_INT8 = Tolerance(*PACK_TOLERANCE["cpu_int8"])
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,19 @@ def test_fp16_weight_pack_matches_on_cpu_and_htp(tmp_path: Path, population: lis
 
     assert on_cpu.passed and on_cpu.placement.provider == "CPUExecutionProvider", on_cpu.summary()
     assert on_htp.passed and on_htp.placement.on_npu, on_htp.summary()
+
+
+def test_int8_pack_matches_every_agent_within_its_tolerance(
+    tmp_path: Path, population: list, npu: NpuConfig
+) -> None:
+    """The int8-weight CPU pack, checked per agent against each PyTorch network (docs/npu.md)."""
+    path = save_pack(pack_networks(population, form="matmul_int8", batch_per_agent=4), tmp_path / "i8.onnx")
+
+    report = validate_pack(path, population, npu, CPU_INT8, prefer_npu=False, rows_per_agent=8)
+
+    assert report.placement.provider == "CPUExecutionProvider"
+    assert report.passed, report.summary()
+    assert 1e-4 < max(report.max_abs_error) < CPU_INT8.atol  # quantized, and within the band
 
 
 def test_a_swapped_agent_is_named(tmp_path: Path, population: list, npu: NpuConfig) -> None:
