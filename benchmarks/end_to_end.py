@@ -66,6 +66,7 @@ def base_overrides(work: Path, threads: int) -> dict[str, dict[str, Any]]:
 def serve_and_simulate(args: argparse.Namespace, work: Path, agents: int, ticks: int) -> dict[str, Any]:
     """One `run` + one `simulate` on a fresh prefix; the simulator's and the runtime's figures merged."""
     overrides = base_overrides(work, args.threads)
+    overrides["runtime"]["cpu_pack_precision"] = args.cpu_pack_precision
     overrides["mqtt"]["topic_prefix"] = unique_prefix(f"e2e{agents}")
     overrides["runtime"]["num_agents"] = agents
     overrides["runtime"]["model_dir"] = str(
@@ -154,6 +155,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models", type=int, default=100, help="checkpoints converted (the rest are derived)"
     )
     parser.add_argument("--threads", type=int, default=2, help="runtime.intra_op_threads")
+    parser.add_argument(
+        "--cpu-pack-precision", choices=("fp32", "int8"), default="fp32", help="runtime.cpu_pack_precision"
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for `run`")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -191,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "assignment": "one_per_checkpoint: N distinct models (--models converted, the rest derived)",
         "rate_hz": args.rate,
         "runtime_intra_op_threads": args.threads,
+        "runtime_cpu_pack_precision": args.cpu_pack_precision,
         "execution_provider": "CPUExecutionProvider (npu.enabled: false)",
         "broker": f"{setup.mqtt.host}:{setup.mqtt.port}",
         "conversion_s": round(convert_s, 2),
