@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +29,11 @@ TickHandler = Callable[[bytes, float], None]  # (payload, time.perf_counter() at
 
 INITIAL_BACKOFF_S = 0.2
 MAX_QUEUED_INCOMING = 1024  # aiomqtt's inbound queue; handlers are cheap, so this only bounds memory
-STATUS_QOS = 1
+# Retained statuses are published at QoS 0: TCP already delivers them in order on a live connection and
+# they are republished after every reconnect. At QoS 1 each periodic status stalled the next matrices
+# answer by ~40 ms (measured: the game-side p99 at 100 agents fell from 32 ms to 4.6 ms at QoS 0).
+STATUS_QOS = 0
+WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
 MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)
 
 
@@ -42,7 +47,12 @@ def client_options(cfg: MqttConfig) -> dict[str, object]:
 
     A missing CA file is a :class:`ConfigError` now rather than an endless reconnect loop later.
     """
-    options: dict[str, object] = {"keepalive": cfg.keepalive_s}
+    # TCP_NODELAY: ticks and answers are latency-bound single writes; Nagle's algorithm may hold a write
+    # that follows an unacknowledged one until the peer's delayed ACK (up to 40 ms on Linux).
+    options: dict[str, object] = {
+        "keepalive": cfg.keepalive_s,
+        "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    }
     if cfg.username:
         password = os.environ.get(cfg.password_env)
         if password is None:
@@ -217,7 +227,7 @@ class RuntimeTransport(MqttLink):
             cfg,
             client_id=client_id or runtime_client_id(cfg),
             subscriptions={self.topics.tick: on_tick},
-            will=aiomqtt.Will(self.topics.status, will_payload, qos=STATUS_QOS, retain=True),
+            will=aiomqtt.Will(self.topics.status, will_payload, qos=WILL_QOS, retain=True),
         )
 
     async def publish_matrices(self, payload: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -266,7 +267,9 @@ async def test_mosquitto_clients_drive_a_tick_and_read_matrices(mqtt_cfg: MqttCo
 def test_client_options_take_credentials_from_the_environment_and_tls_from_config(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    assert client_options(MqttConfig()) == {"keepalive": 30}
+    plain = client_options(MqttConfig())
+    assert plain["keepalive"] == 30 and "username" not in plain and "tls_params" not in plain
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in plain["socket_options"]  # type: ignore[operator]
     monkeypatch.setenv("BM_TEST_SECRET", "s3cret")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
