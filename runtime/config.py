@@ -28,7 +28,7 @@ class EnvironmentConfig(_Section):
     max_trade_distance: float = Field(20.0, gt=0)
     max_trade_amount: float = Field(5.0, gt=0)
     items_list: tuple[str, ...] = ("diamond", "gold", "apple", "emerald", "redstone")
-    population_size: int = Field(10, ge=2)
+    population_size: int = Field(20, ge=2)  # 10 was too few to select from (docs/training.md)
     generation_length: int = Field(100, ge=1)
     survival_rate: float = Field(0.5, gt=0, lt=1)
     mutation_rate: float = Field(0.05, ge=0)
