@@ -58,7 +58,7 @@ class Case:
 
 
 DEFAULT_CASES = (
-    Case(640, 64, 100.0),  # training: 64 markets of 10
+    Case(640, 64, 100.0),  # training-shaped: 64 markets of 10 agents
     Case(128, 1, 100.0),
     Case(1000, 1, 100.0),
     Case(10000, 1, 100.0),
