@@ -498,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = _with_overrides(load_config(args.config), args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"blockmarket simulate: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
     for name, value in (("--ticks", args.ticks), ("--agents", args.agents)):
