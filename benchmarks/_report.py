@@ -46,6 +46,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that change which ONNX Runtime kernels run (and so speed and int8 arithmetic): x86 AVX2,
+# AVX-512 and VNNI (the int8 dot product without int16 saturation); ARM64 NEON dot product and i8mm.
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of :data:`ISA_FLAGS` this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    present: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            present.update(line.split(":", 1)[1].split())
+    return {flag: flag in present for flag in ISA_FLAGS}
+
+
 def _memory_gb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -84,6 +102,7 @@ def machine_info() -> dict[str, Any]:
     """The facts a reader needs to judge a figure: CPU, cores, memory, load, versions, commit."""
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
         "memory_gb": _memory_gb(),
         "load_average_1m": round(os.getloadavg()[0], 2),
@@ -165,5 +184,7 @@ def write_results(
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-    print(f"\nwrote {path}")
+    flags = " ".join(flag for flag, present in machine.get("cpu_flags", {}).items() if present) or "unknown"
+    print(f"\nmachine: {machine['cpu']}, {machine['logical_cores']} logical cores, CPU flags: {flags}")
+    print(f"wrote {path}")
     return path

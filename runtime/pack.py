@@ -8,9 +8,10 @@ Two equivalent formulations of the same MLP (ReLU hidden layers, head -> softplu
 * ``"matmul"``: states as [N, B, D] times stacked weights [N, D, H] (3-D batched MatMul). For CPU.
 * ``"conv"``: agents as channel groups, ``Conv(kernel 1x1, group=N)`` over [1, N*D, B, 1]. For QNN HTP,
   where the batched-MatMul form returned wrong results in fp16 and grouped Conv matched (DESIGN.md).
-* ``"matmul_int8"``: the matmul form with int8 weights and one fp32 scale per agent and output channel,
-  read as int8 by ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul`` (activations quantized to uint8
-  per call). For CPU at large N, where a tick is bound by reading every agent's weights: 4x fewer bytes.
+* ``"matmul_int8"``: the matmul form with int8 weights (7-bit range, see :data:`WEIGHT_LEVELS`) and one
+  fp32 scale per agent and output channel, read as int8 by ONNX Runtime's
+  ``com.microsoft.DynamicQuantizeMatMul`` (activations quantized to uint8 per call). For CPU at large N,
+  where a tick is bound by reading every agent's weights: 4x fewer bytes.
 
 Weights are numpy arrays in PyTorch ``nn.Linear`` layout (``weight`` [out, in], ``bias`` [out]), so a
 pack can be built both from checkpoints (conversion) and from already-converted fp32 ONNX files (runtime,
@@ -39,7 +40,12 @@ INPUT_NAME = "state_vector"
 OUTPUT_NAME = "trading_matrix"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (DynamicQuantizeMatMul)
-INT8_MAX = 127
+# Weights use 7 of int8's bits (-63..63, ORT's `reduce_range`). ONNX Runtime's u8s8 kernels on x86 CPUs
+# without VNNI (AVX2, AVX-512BW) multiply uint8 activations by int8 weights with VPMADDUBSW, which adds
+# each pair of products into a saturating int16: 2 * 255 * 127 overflows it, 2 * 255 * 63 cannot. With 8-bit
+# weights the pack was off by up to 0.4 on such CPUs (AMD EPYC, AVX2 only) while exact on VNNI and ARM64;
+# 7-bit weights give the same result on every ISA, measured within 0.36 of the tolerance (docs/npu.md).
+WEIGHT_LEVELS = 63
 CALIBRATION_STATES = 32  # realistic states the int8 form equalizes activations on (edge cases first)
 CALIBRATION_SEED = 20240601
 IR_VERSION = 10  # readable by every ONNX Runtime >= 1.17
@@ -170,12 +176,12 @@ def _stacked(
 
 
 def _quantized(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked [N, out, in] fp32 weights (overwritten) -> int8 [N, in, out] and scales [N, 1, out].
+    """Stacked [N, out, in] fp32 weights (overwritten) -> int8 [N, in, out] in -63..63 and scales [N, 1, out].
 
     Symmetric, one scale per agent and output channel: an agent's weights never share a scale with
     another agent's, so a small-weight agent keeps its full 8 bits.
     """
-    scale = np.abs(weight).max(axis=2) / INT8_MAX
+    scale = np.abs(weight).max(axis=2) / WEIGHT_LEVELS
     scale[scale == 0] = 1.0  # an all-zero channel stays all zero
     np.divide(weight, scale[:, :, None], out=weight)
     np.rint(weight, out=weight)

@@ -10,8 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
-from runtime.pack import INPUT_NAME, PackError, build_pack, save_pack
+from runtime.pack import INPUT_NAME, WEIGHT_LEVELS, PackError, build_pack, save_pack
 from runtime.sessions import PACK_TOLERANCE, PoolError
 from runtime.state import realistic_states, state_dim
 from tests.runtime.runtime_helpers import ITEMS, trading_weights
@@ -65,6 +66,37 @@ def test_int8_pack_keeps_int8_weights_and_matches_the_fp32_pack_per_agent(tmp_pa
         f"agents over tolerance: {np.flatnonzero((error > allowed).any(axis=(1, 2)))}"
     )
     assert error.max() > 1e-4  # really quantized, not an fp32 graph under another name
+
+
+def integer_reference(model: onnx.ModelProto, states: np.ndarray) -> np.ndarray:
+    """What the int8 pack declares, in exact integer arithmetic: per layer, activations quantized to uint8
+    with one scale and zero point per call (DynamicQuantizeMatMul's rule), int32 products with the int8
+    weights, then the per-agent, per-channel scales and the bias."""
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = sum(name.startswith("w") for name in init)
+    agents = init["w0"].shape[0]
+    hidden = states.reshape(agents, -1, states.shape[1])
+    for layer in range(layers):
+        low, high = min(0.0, float(hidden.min())), max(0.0, float(hidden.max()))
+        scale = np.float32((high - low) / 255.0)
+        zero = np.clip(np.rint(-low / scale), 0, 255)
+        quantized = np.clip(np.rint(hidden / scale) + zero, 0, 255) - zero
+        products = np.einsum("nbi,nio->nbo", quantized.astype(np.int64), init[f"w{layer}"].astype(np.int64))
+        hidden = products.astype(np.float32) * scale * init[f"s{layer}"] + init[f"b{layer}"]
+        hidden = np.maximum(hidden, 0.0) if layer < layers - 1 else np.logaddexp(hidden, 0.0) + 0.1
+    return hidden.reshape(len(states), -1)
+
+
+def test_int8_pack_computes_its_integer_arithmetic_exactly_on_this_cpu() -> None:
+    """No kernel saturates: on x86 without VNNI, ORT's u8s8 path adds pairs of uint8 x int8 products in a
+    saturating int16, which 8-bit weights overflow (errors up to 0.4 seen on AVX2); 7-bit weights cannot."""
+    agents = population(16)
+    states = realistic_states(np.random.default_rng(5), len(agents) * ROWS, len(ITEMS))
+    int8 = build_pack(agents, form="matmul_int8", batch_per_agent=ROWS)
+    weights = [numpy_helper.to_array(t) for t in int8.graph.initializer if t.name.startswith("w")]
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) == WEIGHT_LEVELS == 63
+
+    np.testing.assert_allclose(run_pack(int8, states), integer_reference(int8, states), atol=1e-4, rtol=1e-4)
 
 
 def test_each_agent_has_its_own_scales() -> None:
