@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
+import subprocess
 import sys
+import time
 
+from runtime import lifecycle
 from runtime.config import Config
 from runtime.serve import STARTUP_ERRORS, RuntimeServer, add_config_arguments, configure
 
 log = logging.getLogger("runtime.demo")
 
 SIMULATOR_START_TIMEOUT_S = 600.0  # bootstrap training + conversion on a slow machine
+EXIT_POLL_S = 0.1
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +40,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def simulator_command(config: Config, args: argparse.Namespace) -> list[str]:
     """`blockmarket simulate` against the same broker and topics as the runtime of this demo."""
     mqtt = config.mqtt
-    command = [sys.executable, "-m", "runtime.cli", "simulate", "--ticks", str(args.ticks)]
-    command += ["--host", mqtt.host, "--port", str(mqtt.port), "--topic-prefix", mqtt.topic_prefix]
+    command = [sys.executable, "-m", "runtime.cli", "simulate", "--stop-on-stdin-close"]
+    command += ["--ticks", str(args.ticks), "--host", mqtt.host, "--port", str(mqtt.port)]
+    command += ["--topic-prefix", mqtt.topic_prefix]
     if args.config:
         command += ["--config", args.config]
     if args.rate:
@@ -63,26 +66,38 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
         code = await serving if not serving.done() else serving.result()
         log.error("the runtime did not come online; demo aborted")
         return code or 1
-    simulator = await asyncio.create_subprocess_exec(*simulator_command(config, args))
-    loop = asyncio.get_running_loop()
-
-    def interrupt() -> None:  # Ctrl-C / SIGTERM: the simulator prints its final summary, then we stop
-        if simulator.returncode is None:
-            simulator.send_signal(signal.SIGINT)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, interrupt)
+    simulator = subprocess.Popen(simulator_command(config, args), stdin=subprocess.PIPE)
     try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(simulator.wait()), timeout=args.seconds or None)
-        interrupt()
-        sim_code = await simulator.wait()
+        # Ctrl-C / SIGTERM: the simulator prints its final summary, then the runtime stops
+        with lifecycle.stop_on_signals(lambda: _ask_to_stop(simulator)):
+            await _exit_code(simulator, timeout_s=args.seconds or None)
+            _ask_to_stop(simulator)
+            sim_code = await _exit_code(simulator)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        if simulator.poll() is None:  # leaving on an error or a forced exit: do not leave it behind
+            simulator.kill()
+            simulator.wait()
+        _ask_to_stop(simulator)
         server.stop()
         serve_code = await serving
-    return serve_code or sim_code
+    return serve_code or sim_code or 0
+
+
+def _ask_to_stop(simulator: subprocess.Popen[bytes]) -> None:
+    """Close the simulator's stdin: it stops after the current tick (`--stop-on-stdin-close`), on every OS."""
+    if simulator.stdin is not None and not simulator.stdin.closed:
+        simulator.stdin.close()
+
+
+async def _exit_code(process: subprocess.Popen[bytes], timeout_s: float | None = None) -> int | None:
+    """The process's exit code once it ends, None after ``timeout_s``. Polled: asyncio subprocesses
+    need the Proactor loop on Windows, and a thread blocked in wait() would hold up a forced exit."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (code := process.poll()) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(EXIT_POLL_S)
+    return code
 
 
 def main(args: argparse.Namespace) -> int:
@@ -95,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
     try:
-        return asyncio.run(run_demo(config, args))
+        return lifecycle.run(run_demo(config, args))
     except STARTUP_ERRORS as exc:
         log.error("%s", exc)
         return 1

@@ -4,7 +4,8 @@ Lifecycle, top to bottom: load and validate the config; convert new `.pth` check
 process (with no checkpoints and no models at all, first train a small population, announced); build
 the agent population and the session pool; use the configured MQTT broker (or start an embedded one on
 loopback when none answers); serve ticks, publish a retained status and hot-reload converted models
-until SIGINT/SIGTERM; then publish the "offline" status and exit 0. This process never imports torch.
+until SIGINT/SIGTERM (Ctrl-C/Ctrl-Break on Windows; a second one forces the exit); then publish the
+"offline" status and exit 0. This process never imports torch.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import contextlib
 import logging
 import os
 import platform
-import signal
 import sys
 import time
 from typing import Any
 
+from runtime import lifecycle
 from runtime.agents import AgentPopulation, create_population
 from runtime.broker import BrokerError, ensure_broker
 from runtime.config import Config, ConfigError, NpuConfig, load_config
@@ -120,7 +121,7 @@ class RuntimeServer:
         ]
         if self.config.runtime.hot_reload:
             serving.append(asyncio.create_task(self.reloader(pool).run(), name="reload"))
-        with _signals_stop(self) if self.handle_signals else contextlib.nullcontext():
+        with lifecycle.stop_on_signals(self.stop) if self.handle_signals else contextlib.nullcontext():
             try:
                 return await self._until_stopped([connection, *serving])
             finally:
@@ -305,19 +306,6 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-@contextlib.contextmanager
-def _signals_stop(server: RuntimeServer) -> Any:
-    """SIGINT/SIGTERM stop the server cleanly (offline status, exit 0) instead of a traceback."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.stop)
-    try:
-        yield
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `run` and `demo` share: which config, and the overrides an operator reaches for."""
     parser.add_argument("--config", default=None, help="config file (default: ./config.yaml, else built-in)")
@@ -364,7 +352,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
     try:
-        return asyncio.run(RuntimeServer(config).serve())
+        return lifecycle.run(RuntimeServer(config).serve())
     except STARTUP_ERRORS as exc:
         log.error("%s", exc)
         return 1

@@ -8,7 +8,8 @@ runtime's retained status on <prefix>/runtime/status (agent_ids, desired items);
 
 A live line every second shows ticks answered, trades, fitness and the latency seen from the game
 side (publish -> matrices received). With --ticks N it stops by itself and prints a final summary
-(--json PATH also writes it); the exit status is 1 when no tick was answered at all.
+(--json PATH also writes it); the exit status is 1 when no tick was answered at all. Ctrl-C (SIGTERM,
+Ctrl-Break) stops it after the current tick, still with the final summary; a second one exits at once.
 
 Examples:
   blockmarket simulate --ticks 200                      # against `blockmarket run` on this machine
@@ -22,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from array import array
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from runtime import lifecycle
 from runtime.config import Config, ConfigError, MqttConfig, load_config
 from runtime.market import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
 from runtime.protocol import (
@@ -450,6 +452,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic-prefix", default=None, help="MQTT topic prefix (default: mqtt.topic_prefix)")
     parser.add_argument("--json", type=Path, default=None, help="also write the final summary as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no live line, only the final summary")
+    parser.add_argument(
+        "--stop-on-stdin-close",
+        action="store_true",
+        help="also stop (with the final summary) when standard input closes: how `blockmarket demo` "
+        "stops it, on every OS",
+    )
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
@@ -479,17 +487,18 @@ async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummar
             "the runtime's retained status says %r: ticks go unanswered until it is back", roster.state
         )
     simulator = MarketSimulator(config, roster.agent_ids, roster.desired, seed=args.seed)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # stop after the current tick and still report
-        loop.add_signal_handler(signum, simulator.stop)
     ticks = config.simulator.ticks if args.ticks is None else args.ticks
-    logger.info(
-        "simulating %d agents at %.1f ticks/s on %s (%s)",
-        len(roster.agent_ids), args.rate or config.simulator.tick_rate_hz, simulator.topics.tick,
-        f"{ticks} ticks" if ticks else "until Ctrl-C",
-    )  # fmt: skip
     report = None if args.quiet else (lambda s: print(s.line(), flush=True))
-    return await simulator.run(ticks, rate_hz=args.rate, on_report=report)
+    with contextlib.ExitStack() as stops:  # each stops after the current tick and still reports
+        stops.enter_context(lifecycle.stop_on_signals(simulator.stop))
+        if args.stop_on_stdin_close:
+            stops.enter_context(lifecycle.stop_at_eof(sys.stdin.fileno(), simulator.stop))
+        logger.info(
+            "simulating %d agents at %.1f ticks/s on %s (%s)",
+            len(roster.agent_ids), args.rate or config.simulator.tick_rate_hz, simulator.topics.tick,
+            f"{ticks} ticks" if ticks else "until Ctrl-C",
+        )  # fmt: skip
+        return await simulator.run(ticks, rate_hz=args.rate, on_report=report)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -509,7 +518,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: --rate must be a positive number", file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(simulate(config, args))
+        summary = lifecycle.run(simulate(config, args))
     except SimulatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

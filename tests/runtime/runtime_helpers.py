@@ -151,11 +151,13 @@ def write_config(path: Path, **sections: dict[str, object]) -> Path:
     return path
 
 
-def runtime_process(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def runtime_process(
+    config: Path, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """`blockmarket run --config CONFIG` in its own process (stdout/stderr to ``log_path``)."""
     command = [sys.executable, "-m", "runtime.cli", "run", "--config", str(config)]
     with log_path.open("wb") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
