@@ -37,6 +37,8 @@ from conversion.metadata import build_metadata, metadata_path, read_metadata, wr
 from conversion.networks import ArchitectureError, NetworkSpec, load_network, spec_of
 from conversion.validation import ValidationError, ValidationReport, validate_onnx
 from runtime.config import Config
+from runtime.files import replace_file
+from runtime.models import VARIANT_KEY, ModelError, model_file
 
 LOG = logging.getLogger(__name__)
 
@@ -265,7 +267,7 @@ class ONNXConverter:
             report = validate_onnx(model, staging, self.config.conversion)
             if not report.passed:
                 raise ValidationError(f"{onnx_path}: ONNX Runtime disagrees with PyTorch: {report.summary()}")
-            os.replace(staging, onnx_path)
+            replace_file(staging, onnx_path)
         finally:
             staging.unlink(missing_ok=True)
         return dataclasses.replace(exported, path=onnx_path), report
@@ -297,7 +299,8 @@ class ONNXConverter:
         """The previous conversion's metadata when it still describes this source and settings."""
         if self.force or not onnx_path.is_file():
             return None
-        meta = read_metadata(metadata_path(onnx_path))
+        meta_file = metadata_path(onnx_path)
+        meta = read_metadata(meta_file)
         if meta is None:
             return None
         configured = self.config.environment.items_list
@@ -309,12 +312,18 @@ class ONNXConverter:
                 and info["opset_version"] == self.config.conversion.opset_version
                 and model_info["validation_passed"] is True
                 and (info["items_source"] == "checkpoint" or model_info["items_list"] == list(configured))
-                and all((onnx_path.parent / v["onnx_path"]).is_file() and v["passed"] for v in variants)
+                and all(
+                    model_file(meta_file, v["onnx_path"], VARIANT_KEY).is_file() and v["passed"]
+                    for v in variants
+                )
                 and set(self.config.conversion.precisions) - {"fp32"} <= {v["precision"] for v in variants}
                 and info["onnx_sha256"] == sha256_file(onnx_path)
             )
         except (KeyError, TypeError) as exc:
-            LOG.warning("%s: metadata lacks %s; converting again", metadata_path(onnx_path), exc)
+            LOG.warning("%s: metadata lacks %s; converting again", meta_file, exc)
+            return None
+        except ModelError as exc:
+            LOG.warning("%s; converting again", exc)
             return None
         return meta if current else None
 

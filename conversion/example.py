@@ -25,7 +25,7 @@ Written by `blockmarket convert`. Needs numpy and onnxruntime; onnxruntime-qnn f
 import json
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import onnxruntime as ort
@@ -33,6 +33,12 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 QNN_OPTIONS = __QNN_OPTIONS__
 DYNAMIC_BATCH = 8  # agents per call when the model accepts any batch size
+
+
+def named_file(directory, stored):
+    """A file the metadata names, looked up in `directory`: only its name counts, whichever separator
+    it was written with, so metadata written on another machine or OS finds the models next to it."""
+    return directory / PureWindowsPath(stored).name
 
 
 def metadata_of(model):
@@ -47,7 +53,7 @@ def pick_model(argv):
             sys.exit(f"{model}: no such model file")
         return model
     for meta_path in sorted(HERE.glob("*_metadata.json")):
-        model = HERE / json.loads(meta_path.read_text(encoding="utf-8"))["model_info"]["onnx_path"]
+        model = named_file(HERE, json.loads(meta_path.read_text(encoding="utf-8"))["model_info"]["onnx_path"])
         if model.is_file():
             return model
     sys.exit(f"{HERE}: no converted model here; run `blockmarket convert` first")
@@ -80,7 +86,7 @@ def qnn_target(model, meta):
     if meta.get("model_info", {}).get("batch_size") is not None:
         return model
     for variant in meta.get("npu_optimization", {}).get("variants", []):
-        path = model.with_name(variant["onnx_path"])
+        path = named_file(model.parent, variant["onnx_path"])
         if variant.get("batch_size") is not None and variant.get("passed", True) and path.is_file():
             return path
     return None

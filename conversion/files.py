@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from runtime.files import replace_file
+
 
 @contextmanager
 def atomic_target(path: Path, mode: int = 0o644) -> Iterator[Path]:
@@ -21,7 +23,7 @@ def atomic_target(path: Path, mode: int = 0o644) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(mode)
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

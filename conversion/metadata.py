@@ -91,7 +91,7 @@ def build_metadata(
             "onnx_version": onnx.__version__,
             "onnxruntime_version": onnxruntime.__version__,
             "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "source_path": str(checkpoint.path),
+            "source_path": checkpoint.path.as_posix(),  # `/` reads back on every OS
             "source_sha256": source_sha256,
             "items_source": "checkpoint" if checkpoint.inventory else "config",
             "onnx_sha256": sha256_file(exported.path),

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 METADATA_SUFFIX = "_metadata.json"
 MATRIX_OUTPUT = "trading_matrix"
+VARIANT_KEY = "npu_optimization.variants[].onnx_path"
 
 
 class ModelError(ValueError):
@@ -65,6 +66,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_file(metadata_path: Path, stored: object, key: str = "model_info.onnx_path") -> Path:
+    r"""The model file a metadata entry names, always in the metadata file's own directory.
+
+    Only the stored path's last component counts, split at `/` and `\` alike: the original converter
+    stored the path it wrote to (`models\trading_agents\onnx\a.onnx`, or `C:\models\a.onnx`), and a
+    model directory copied to another machine or OS must not send the runtime back there.
+    """
+    name = PureWindowsPath(stored).name if isinstance(stored, str) else ""
+    if name in ("", ".", ".."):
+        raise ModelError(
+            f"{metadata_path}: {key} {stored!r} does not name a model file; convert the checkpoint again"
+        )
+    return metadata_path.with_name(name)
+
+
 def _field(data: dict[str, Any], section: str, key: str, path: Path) -> Any:
     try:
         return data[section][key]
@@ -81,9 +97,7 @@ def read_model(metadata_path: Path) -> ModelInfo:
     if not isinstance(data, dict):
         raise ModelError(f"{metadata_path}: metadata is not a JSON object")
     key = metadata_path.name[: -len(METADATA_SUFFIX)]
-    onnx_path = metadata_path.with_name(
-        Path(str(_field(data, "model_info", "onnx_path", metadata_path))).name
-    )
+    onnx_path = model_file(metadata_path, _field(data, "model_info", "onnx_path", metadata_path))
     if not onnx_path.is_file():
         raise ModelError(f"{metadata_path}: its model file {onnx_path.name} is missing")
     items = tuple(str(i) for i in _field(data, "model_info", "items_list", metadata_path))
@@ -98,7 +112,9 @@ def read_model(metadata_path: Path) -> ModelInfo:
     sha = conversion.get("onnx_sha256") or sha256_file(onnx_path)
     variants = tuple(
         NpuVariant(
-            metadata_path.with_name(Path(v["onnx_path"]).name), str(v["precision"]), int(v["batch_size"])
+            model_file(metadata_path, v.get("onnx_path"), VARIANT_KEY),
+            str(v["precision"]),
+            int(v["batch_size"]),
         )
         for v in (data.get("npu_optimization") or {}).get("variants", [])
         if isinstance(v, dict) and v.get("batch_size") and v.get("passed") is True  # failed: never served

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from runtime.files import replace_file
 from runtime.state import items_from_state_dim, realistic_states
 
 PackForm = Literal["matmul", "conv", "matmul_int8"]
@@ -346,5 +347,5 @@ def save_pack(model: onnx.ModelProto, path: str | Path) -> Path:
     except onnx.checker.ValidationError as exc:
         tmp.unlink()
         raise PackError(f"{target}: the pack is not a valid ONNX model: {exc}") from exc
-    tmp.replace(target)
+    replace_file(tmp, target)
     return target

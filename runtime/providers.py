@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple
 import onnxruntime as ort
 
 from runtime.config import NpuConfig
+from runtime.files import replace_file
 from runtime.models import sha256_file
 
 log = logging.getLogger(__name__)
@@ -419,4 +420,4 @@ class ContextCache:
         """Write the sidecar last (atomically): a cache without it is never trusted."""
         tmp = self.sidecar.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({**fingerprint, "nodes": nodes}, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.sidecar)
+        replace_file(tmp, self.sidecar)

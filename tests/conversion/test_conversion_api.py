@@ -67,6 +67,29 @@ def test_tampered_onnx_or_changed_opset_is_converted_again(config: Config, tree:
     assert ONNXConverter(newer).convert_single_model(tree[0].path).status == "converted"
 
 
+def test_metadata_with_windows_paths_still_describes_the_conversion(
+    config: Config, tree: list[Written]
+) -> None:
+    """Model paths stored with backslashes and a drive letter (the original converter on Windows) are
+    looked up next to the metadata, so an unchanged checkpoint is still skipped."""
+    conversion = config.conversion.model_copy(
+        update={"precisions": ("fp32", "fp16"), "validation_samples": 64}
+    )
+    converter = ONNXConverter(config.model_copy(update={"conversion": conversion}))
+    first = converter.convert_single_model(tree[0].path)
+    assert first.status == "converted" and [v["precision"] for v in first.variants] == ["fp16"]
+    assert first.metadata_path is not None
+    meta = json.loads(first.metadata_path.read_text())
+    meta["model_info"]["onnx_path"] = rf"C:\models\trading_agents\onnx\{tree[0].name}.onnx"
+    variant = meta["npu_optimization"]["variants"][0]
+    variant_name = variant["onnx_path"]
+    variant["onnx_path"] = rf"models\trading_agents\onnx\{variant_name}"
+    first.metadata_path.write_text(json.dumps(meta))
+    assert converter.convert_single_model(tree[0].path).status == "skipped"
+    (first.metadata_path.parent / variant_name).unlink()
+    assert converter.convert_single_model(tree[0].path).status == "converted"  # a variant went missing
+
+
 def test_bare_state_dict_uses_the_config_items(config: Config, model_dir: Path) -> None:
     five = model_dir / "bare5.pth"
     eight = model_dir / "bare8.pth"

@@ -48,6 +48,16 @@ def test_example_runs_a_dynamic_model_on_cpu_and_says_why(converted: ONNXConvert
     assert "diamond" in done.stdout and "proposed trading matrix" in done.stdout
 
 
+def test_example_finds_models_whose_metadata_was_written_on_windows(converted: ONNXConverter) -> None:
+    for meta_file in converted.output_dir.glob("*_metadata.json"):
+        meta = json.loads(meta_file.read_text())
+        meta["model_info"]["onnx_path"] = "C:\\models\\onnx\\" + meta["model_info"]["onnx_path"]
+        meta_file.write_text(json.dumps(meta))
+    done = run_example(converted.output_dir)
+    assert done.returncode == 0, done.stderr
+    assert "proposed trading matrix" in done.stdout
+
+
 def test_example_takes_a_model_path_and_prints_state_values(
     converted: ONNXConverter, tree: list[Written]
 ) -> None:
