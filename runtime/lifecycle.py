@@ -87,7 +87,7 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     def on_signal(signum: int, _frame: FrameType | None = None) -> None:
         nonlocal received
         received += 1
-        if received > 1:  # raised here, not in the loop: it must work even when the loop is stuck
+        if received > 1:  # from signal.signal this runs wherever the main thread is, stuck loop or not
             raise KeyboardInterrupt
         loop.call_soon_threadsafe(request_stop, signum)  # no logging in a signal handler (reentrancy)
 
@@ -122,8 +122,11 @@ def stop_at_eof(fd: int, stop: Callable[[], None]) -> Iterator[None]:
     active = True
 
     def read_to_eof() -> None:
-        while os.read(fd, READ_BYTES):
-            pass
+        try:
+            while os.read(fd, READ_BYTES):
+                pass
+        except OSError as exc:  # unreadable from now on: as good as closed
+            log.warning("file descriptor %d cannot be read (%s): taken as closed", fd, exc)
         with lock:
             if active:
                 loop.call_soon_threadsafe(stop)
