@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,7 +150,9 @@ async def test_stop_at_eof_stops_only_within_the_block() -> None:
                     await wait_until(lambda: stops == ["inside"], 5, "the stop at end of file")
             if label == "after":
                 os.close(write_fd)
-                await asyncio.sleep(0.2)
+            for reader in [t for t in threading.enumerate() if t.name == "stop-at-eof"]:
+                reader.join(5)  # it has seen the end of file
+            await asyncio.sleep(0.05)  # a stop it handed the loop would have run by now
         finally:
             os.close(read_fd)
     assert stops == ["inside"]
