@@ -21,14 +21,11 @@ again). A file that fails gets one error line naming it; the others still conver
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 from typing import get_args
 
-from runtime.config import Config, Precision
-
-LOG = logging.getLogger("conversion")
+from runtime.command import given, run_command, usage_error
+from runtime.config import Config, Overrides, Precision
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -108,33 +105,29 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _with_cli_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """--precisions / --static-batch-sizes / --context-cache replace the config file's values."""
-    given = {
-        "precisions": args.precisions,
-        "static_batch_sizes": args.static_batch_sizes,
-        "context_cache": args.context_cache,
-    }
-    overrides = {key: value for key, value in given.items() if value is not None}
-    return config.model_copy(update={"conversion": config.conversion.model_copy(update=overrides)})
+def config_overrides(args: argparse.Namespace) -> Overrides:
+    """--precisions, --static-batch-sizes, --context-cache as dotted config keys (validated with the file)."""
+    return given(
+        {
+            "conversion.precisions": args.precisions,
+            "conversion.static_batch_sizes": args.static_batch_sizes,
+            "conversion.context_cache": args.context_cache,
+        }
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the conversion; print the summary table; 0 ok, 1 some model failed, 2 usage error."""
-    from runtime.cli import setup_logging
-    from runtime.config import ConfigError, load_config
+    return run_command(
+        "convert", args.config, lambda config: convert_command(config, args), config_overrides(args)
+    )
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print("\n".join(f"error: {line}" for line in str(exc).splitlines()), file=sys.stderr)
-        return 2
-    config = _with_cli_overrides(config, args)
-    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
+
+def convert_command(config: Config, args: argparse.Namespace) -> int:
+    """`blockmarket convert` with its config loaded."""
     model_path = args.model_path if args.model_path is not None else Path(config.training.model_save_path)
     if not model_path.is_dir():
-        print(f"error: --model-path {model_path}: no such directory", file=sys.stderr)
-        return 2
+        return usage_error("convert", f"--model-path {model_path}: no such directory")
 
     from conversion.converter import ONNXConverter, format_summary  # imports torch: only when converting
 

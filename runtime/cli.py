@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -35,19 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         module.configure_parser(sub_parser)
         sub_parser.set_defaults(_module=module)
     return parser
-
-
-def setup_logging(level: str = "INFO", fmt: str | None = None, log_file: str | None = None) -> None:
-    """Configure the root logger once (stderr, plus a file when configured)."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(
-        level=level,
-        format=fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

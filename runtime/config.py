@@ -1,14 +1,27 @@
-"""One typed, validated configuration for every command (loaded once, passed down)."""
+"""One typed, validated configuration for every command (loaded once, passed down).
+
+A config file is read as written by this product or by the original trainer: sections and keys it leaves
+out take the shipped defaults (and are listed once), the original's `server` and `socket` sections are
+reported as unused, and anything else unknown or mistyped is an error naming the file and the dotted key.
+Command-line overrides are dotted keys validated by the same model.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8", "int16"]
 
@@ -59,7 +72,7 @@ class TrainingConfig(_Section):
     """Evolutionary training (original keys, plus the knobs the original hard-coded)."""
 
     max_generations: int = Field(20, ge=1)
-    simulation_speed: float = Field(1.0, gt=0)
+    simulation_speed: float = Field(0.0, ge=0)  # the original's sleep per step (0 = none); never sleeps
     model_save_frequency: int = Field(5, ge=1)
     model_save_path: str = "models/trading_agents"
     log_frequency: int = Field(1, ge=1)
@@ -78,6 +91,17 @@ class LoggingConfig(_Section):
     format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     log_file: str | None = None
 
+    @field_validator("format")
+    @classmethod
+    def _format_works(cls, value: str) -> str:
+        """A broken format would fail on every record; refuse it here, naming the key."""
+        record = logging.LogRecord("blockmarket", logging.INFO, __file__, 0, "check", None, None)
+        try:
+            logging.Formatter(value).format(record)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a usable logging format ({type(exc).__name__}: {exc})") from None
+        return value
+
 
 class ConversionConfig(_Section):
     """`.pth` -> ONNX: output place, opset, NPU variants, validation tolerances."""
@@ -85,7 +109,7 @@ class ConversionConfig(_Section):
     output_dir: str | None = None  # default: <training.model_save_path>/onnx
     opset_version: int = Field(17, ge=13)
     precisions: tuple[Precision, ...] = ("fp32",)
-    static_batch_sizes: tuple[int, ...] = (1,)
+    static_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (1,)
     validation_samples: int = Field(256, ge=16)
     atol: float = Field(1e-5, gt=0)
     rtol: float = Field(1e-4, ge=0)
@@ -145,7 +169,7 @@ class RuntimeConfig(_Section):
 
 
 class SimulatorConfig(_Section):
-    tick_rate_hz: float = Field(20.0, gt=0)
+    tick_rate_hz: float = Field(20.0, gt=0, allow_inf_nan=False)
     num_agents: int = Field(128, ge=1)
     ticks: int = Field(0, ge=0)  # 0 = until stopped
     reply_timeout_s: float = Field(2.0, gt=0)
@@ -177,75 +201,161 @@ class Config(_Section):
         return Path(self.runtime.model_dir) if self.runtime.model_dir else self.onnx_dir
 
 
+# Sections of the original trainer's config.yaml that this product has no use for: read, reported once.
+ORIGINAL_ONLY_SECTIONS: Final = {
+    "server": "the original's Flask web page",
+    "socket": "the original's Socket.IO client",
+}
+SECTIONS: Final[dict[str, type[BaseModel]]] = {
+    name: field.annotation
+    for name, field in Config.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+}
+
+Overrides = Mapping[str, object]  # dotted key ("runtime.num_agents") -> value, validated like the file
+Notice = tuple[int, str]  # (logging level, message)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and what loading it has to tell the user (logged once logging is set up)."""
+
+    config: Config
+    notices: tuple[Notice, ...] = ()
+
+    def log(self) -> None:
+        for level, message in self.notices:
+            log.log(level, "%s", message)
+
+
 def _coerce(data: Any) -> Any:
-    """YAML gives lists where the config holds tuples and ints where floats are fine."""
+    """YAML gives lists where the config holds tuples."""
     if isinstance(data, dict):
         return {k: _coerce(v) for k, v in data.items()}
-    if isinstance(data, list):
+    if isinstance(data, list | tuple):
         return tuple(_coerce(v) for v in data)
     return data
 
 
-def _key_problems(section: type[BaseModel], data: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every key must be written out (a config file is the whole truth, not a patch on defaults) and
-    every key written must exist."""
-    problems = [
-        f"{prefix}{key}: unknown key (check the spelling; config.yaml in the repository lists all keys)"
-        for key in data
-        if key not in section.model_fields
-    ]
-    for key, field in section.model_fields.items():
-        annotation = field.annotation
-        if key not in data:
-            problems.append(f"{prefix}{key}: missing key")
-        elif (
-            isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(data[key], dict)
-        ):
-            problems += _key_problems(annotation, data[key], f"{prefix}{key}.")
-    return problems
-
-
-def _relax_numbers(section: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+def _relax_numbers(data: dict[str, Any]) -> dict[str, Any]:
     """Accept `5` for a float field (strict mode would refuse it) without accepting "5"."""
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        field = section.model_fields.get(key)
-        if field is None:
-            out[key] = value
+    for name, section in data.items():
+        fields = SECTIONS[name].model_fields
+        if not isinstance(section, dict):
+            out[name] = section  # pydantic names what is wrong with it
             continue
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
-            out[key] = _relax_numbers(annotation, value)
-        elif "float" in str(annotation) and isinstance(value, int) and not isinstance(value, bool):
-            out[key] = float(value)
-        else:
-            out[key] = value
+        out[name] = {
+            key: float(value)
+            if "float" in str(fields[key].annotation)
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            else value
+            for key, value in section.items()
+        }
     return out
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate a mapping; errors name the source and the dotted key."""
+def _unknown(where: str, name: str, known: Iterable[str], what: str) -> str:
+    typed = name.rpartition(".")[2]
+    close = [k for k in known if k.startswith(typed) or typed.startswith(k)]
+    close = close or difflib.get_close_matches(typed, list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{where}: {name}: unknown {what}{hint}; config.yaml in the repository lists every key"
+
+
+def _known_sections(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """The file's sections this product reads (copied), and every unknown section or key."""
+    sections: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in data.items():
+        if name in ORIGINAL_ONLY_SECTIONS:
+            continue
+        if name not in SECTIONS:
+            problems.append(_unknown(source, str(name), [*SECTIONS, *ORIGINAL_ONLY_SECTIONS], "section"))
+            continue
+        fields = SECTIONS[name].model_fields
+        if isinstance(value, dict):
+            problems += [
+                _unknown(source, f"{name}.{key}", fields, "key") for key in value if key not in fields
+            ]
+            value = dict(value)
+        sections[name] = value
+    return sections, problems
+
+
+def _apply_overrides(sections: dict[str, Any], overrides: Overrides) -> list[str]:
+    """Write each dotted override into the sections; returns the overrides that name no key."""
+    problems = []
+    for dotted, value in overrides.items():
+        name, _, key = dotted.partition(".")
+        if name not in SECTIONS or key not in SECTIONS[name].model_fields:
+            problems.append(f"override {dotted}: unknown key")
+            continue
+        section = sections.setdefault(name, {})
+        if isinstance(section, dict):  # otherwise validation refuses the file's section itself
+            section[key] = value
+    return problems
+
+
+def _defaulted(data: dict[str, Any], overrides: Overrides) -> str:
+    """The sections and keys neither the file nor an override sets (the shipped defaults fill them)."""
+    sections = [name for name in SECTIONS if name not in data]
+    keys = [
+        f"{name}.{key}"
+        for name, section in SECTIONS.items()
+        if isinstance(data.get(name), dict)
+        for key in section.model_fields
+        if key not in data[name] and f"{name}.{key}" not in overrides
+    ]
+    parts = [f"sections {', '.join(sections)}" if sections else "", f"keys {', '.join(keys)}" if keys else ""]
+    return "; ".join(part for part in parts if part)
+
+
+def _error_line(error: ErrorDetails, source: str, overrides: Overrides) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    for dotted, value in overrides.items():
+        if key == dotted or key.startswith(f"{dotted}."):
+            return f"override {dotted}={value!r}: {error['msg']}"
+    return f"{source}: {key}: {error['msg']}"
+
+
+def parse_config(data: object, source: str = "<config>", overrides: Overrides | None = None) -> LoadedConfig:
+    """Validate config data with dotted-key overrides applied; every error names ``source`` (or the
+    override) and the dotted key. Sections and keys left out take the shipped defaults (one INFO notice
+    lists them); the original trainer's `server`/`socket` sections are read and reported as unused."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    problems = _key_problems(Config, data)
+    overrides = dict(overrides or {})
+    sections, problems = _known_sections(data, source)
+    problems += _apply_overrides(sections, overrides)
     if problems:
-        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+        raise ConfigError("\n".join(problems))
     try:
-        return Config.model_validate(_relax_numbers(Config, _coerce(data)))
+        config = Config.model_validate(_relax_numbers(_coerce(sections)))
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"{source}: {key}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(_error_line(e, source, overrides) for e in exc.errors())) from None
+    notices: list[Notice] = []
+    if defaulted := _defaulted(data, overrides):
+        notices.append(
+            (logging.INFO, f"{source}: not in the file, the shipped defaults apply to {defaulted}")
+        )
+    unused = [f"{name} ({what})" for name, what in ORIGINAL_ONLY_SECTIONS.items() if name in data]
+    if config.training.simulation_speed:
+        unused.append("training.simulation_speed (training never sleeps between steps)")
+    if unused:
+        notices.append((logging.WARNING, f"{source}: not used by this product, ignored: {', '.join(unused)}"))
+    return LoadedConfig(config, tuple(notices))
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Load and validate `config.yaml`; a missing default file means built-in defaults."""
+def read_config(path: str | Path | None = None, overrides: Overrides | None = None) -> LoadedConfig:
+    """Load, apply overrides, validate; no path and no ./config.yaml means the built-in defaults."""
     if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            config = parse_config({}, "built-in defaults", overrides).config
+            notice = f"no {DEFAULT_CONFIG_PATH} in {Path.cwd()}: the built-in defaults apply"
+            return LoadedConfig(config, ((logging.INFO, notice),))
         path = DEFAULT_CONFIG_PATH
-        if not path.exists():
-            return Config()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -255,7 +365,14 @@ def load_config(path: str | Path | None = None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return config_from_dict(data if data is not None else {}, source=str(path))
+    return parse_config(data if data is not None else {}, str(path), overrides)
+
+
+def load_config(path: str | Path | None = None, overrides: Overrides | None = None) -> Config:
+    """:func:`read_config`, logging its notices now (commands log them after setting up logging)."""
+    loaded = read_config(path, overrides)
+    loaded.log()
+    return loaded.config
 
 
 def dump_default_config() -> dict[str, Any]:

@@ -16,8 +16,9 @@ import sys
 import time
 
 from runtime import lifecycle
+from runtime.command import run_command
 from runtime.config import Config
-from runtime.serve import STARTUP_ERRORS, RuntimeServer, add_config_arguments, configure
+from runtime.serve import STARTUP_ERRORS, RuntimeServer, add_config_arguments, config_overrides
 
 log = logging.getLogger("runtime.demo")
 
@@ -101,14 +102,11 @@ async def _exit_code(process: subprocess.Popen[bytes], timeout_s: float | None =
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.cli import setup_logging
+    return run_command("demo", args.config, lambda config: demo_command(config, args), config_overrides(args))
 
-    try:
-        config = configure(args)
-    except ValueError as exc:
-        print(f"blockmarket demo: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
+
+def demo_command(config: Config, args: argparse.Namespace) -> int:
+    """`blockmarket demo` with its config loaded; 1 when the runtime cannot start."""
     try:
         return lifecycle.run(run_demo(config, args))
     except STARTUP_ERRORS as exc:

@@ -16,14 +16,14 @@ import contextlib
 import logging
 import os
 import platform
-import sys
 import time
 from typing import Any
 
 from runtime import lifecycle
 from runtime.agents import AgentPopulation, create_population
 from runtime.broker import BrokerError, ensure_broker
-from runtime.config import Config, ConfigError, NpuConfig, load_config
+from runtime.command import given, run_command
+from runtime.config import Config, NpuConfig, Overrides
 from runtime.models import ModelError, discover_models
 from runtime.protocol import Limits, encode_status
 from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason
@@ -318,39 +318,35 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--no-convert", action="store_true", help="serve the existing models only")
-    parser.add_argument("--no-reload", action="store_true", help="do not watch the model directory")
+    parser.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="serve the existing models only (runtime.convert_on_startup)",
+    )
+    parser.add_argument(
+        "--no-reload", action="store_true", help="do not watch the model directory (runtime.hot_reload)"
+    )
 
 
-def configure(args: argparse.Namespace) -> Config:
-    """The config file with the command line's overrides applied (validated by the same model)."""
-    config = load_config(args.config)
-    runtime: dict[str, Any] = {}
-    if args.agents is not None:
-        runtime["num_agents"] = args.agents
-    if args.model_dir is not None:
-        runtime["model_dir"] = args.model_dir
-    if getattr(args, "no_convert", False):
-        runtime["convert_on_startup"] = False
-    if getattr(args, "no_reload", False):
-        runtime["hot_reload"] = False
-    update: dict[str, Any] = {
-        "runtime": config.runtime.model_validate({**config.runtime.model_dump(), **runtime})
-    }
-    if args.log_level:
-        update["logging"] = config.logging.model_copy(update={"level": args.log_level})
-    return config.model_copy(update=update)
+def config_overrides(args: argparse.Namespace) -> Overrides:
+    """The options `run` and `demo` share, as dotted config keys (validated with the file)."""
+    return given(
+        {
+            "runtime.num_agents": args.agents,
+            "runtime.model_dir": args.model_dir,
+            "runtime.convert_on_startup": False if getattr(args, "no_convert", False) else None,
+            "runtime.hot_reload": False if getattr(args, "no_reload", False) else None,
+            "logging.level": args.log_level,
+        }
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.cli import setup_logging
+    return run_command("run", args.config, serve_command, config_overrides(args))
 
-    try:
-        config = configure(args)
-    except (ConfigError, ValueError) as exc:
-        print(f"blockmarket run: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
+
+def serve_command(config: Config) -> int:
+    """`blockmarket run` with its config loaded: serve until stopped; 1 when startup fails."""
     try:
         return lifecycle.run(RuntimeServer(config).serve())
     except STARTUP_ERRORS as exc:

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -40,7 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime import lifecycle
-from runtime.config import Config, ConfigError, MqttConfig, load_config
+from runtime.command import given, run_command
+from runtime.config import Config, MqttConfig, Overrides
 from runtime.market import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
 from runtime.protocol import (
     DropCounter,
@@ -460,15 +460,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    mqtt = {
-        k: v
-        for k, v in (("host", args.host), ("port", args.port), ("topic_prefix", args.topic_prefix))
-        if v is not None
-    }
-    if not mqtt:
-        return config
-    return config.model_copy(update={"mqtt": MqttConfig.model_validate({**config.mqtt.model_dump(), **mqtt})})
+def config_overrides(args: argparse.Namespace) -> Overrides:
+    """The command line's settings as dotted config keys (validated with the file)."""
+    return given(
+        {
+            "simulator.ticks": args.ticks,
+            "simulator.tick_rate_hz": args.rate,
+            "simulator.num_agents": args.agents,
+            "simulator.seed": args.seed,
+            "mqtt.host": args.host,
+            "mqtt.port": args.port,
+            "mqtt.topic_prefix": args.topic_prefix,
+        }
+    )
 
 
 async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummary:
@@ -502,21 +506,13 @@ async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummar
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.cli import setup_logging
+    return run_command(
+        "simulate", args.config, lambda config: simulate_command(config, args), config_overrides(args)
+    )
 
-    try:
-        config = _with_overrides(load_config(args.config), args)
-    except ConfigError as exc:
-        print(f"blockmarket simulate: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
-    for name, value in (("--ticks", args.ticks), ("--agents", args.agents)):
-        if value is not None and value < 0:
-            print(f"error: {name} must be >= 0", file=sys.stderr)
-            return 2
-    if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
-        print("error: --rate must be a positive number", file=sys.stderr)
-        return 2
+
+def simulate_command(config: Config, args: argparse.Namespace) -> int:
+    """`blockmarket simulate` with its config loaded: play, print the summary; 1 if nothing was answered."""
     try:
         summary = lifecycle.run(simulate(config, args))
     except SimulatorError as exc:

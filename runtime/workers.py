@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from runtime.config import Config
+from runtime.logs import setup_logging
 from runtime.models import METADATA_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,9 @@ class ConversionSummary:
     failed: tuple[str, ...]  # one error line per failed checkpoint, naming the file
 
 
-def _worker_logging(config: Config) -> None:
-    from runtime.cli import setup_logging
-
-    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
-
-
 def convert_checkpoints(config: Config) -> ConversionSummary:
     """(worker) Convert every new or changed checkpoint under training.model_save_path."""
-    _worker_logging(config)
+    setup_logging(config.logging)
     from conversion.converter import ONNXConverter
 
     results = ONNXConverter(config).convert_all_models()
@@ -54,7 +49,7 @@ def convert_checkpoints(config: Config) -> ConversionSummary:
 
 def bootstrap_population(config: Config, generations: int) -> None:
     """(worker) Train a small population from scratch so a fresh install has agents to serve."""
-    _worker_logging(config)
+    setup_logging(config.logging)
     from training.evolution import train
 
     train(config, generations=generations, progress=False)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.config import Config, ConfigError, load_config
+from runtime.command import given, run_command
+from runtime.config import Config, Overrides
 
 
 def at_least(minimum: int) -> type[int]:
@@ -34,8 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=None, help="config file (default: ./config.yaml, else built-in defaults)"
     )
-    parser.add_argument("--generations", type=at_least(1), help="override training.max_generations")
-    parser.add_argument("--population", type=at_least(2), help="override environment.population_size")
+    parser.add_argument("--generations", type=int, help="override training.max_generations")
+    parser.add_argument("--population", type=int, help="override environment.population_size")
     parser.add_argument("--seed", type=int, help="override training.seed (same seed, same run)")
     parser.add_argument("--output", help="override training.model_save_path (where checkpoints go)")
     parser.add_argument(
@@ -46,30 +47,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
-def apply_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """The config with the command-line overrides applied (sections are immutable: copy them)."""
-    environment, training = config.environment, config.training
-    if args.population is not None:
-        environment = environment.model_copy(update={"population_size": args.population})
-    updates = {"seed": args.seed, "model_save_path": args.output}
-    training = training.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    return config.model_copy(update={"environment": environment, "training": training})
+def config_overrides(args: argparse.Namespace) -> Overrides:
+    """The command line's settings as dotted config keys (validated with the file)."""
+    return given(
+        {
+            "training.max_generations": args.generations,
+            "environment.population_size": args.population,
+            "training.seed": args.seed,
+            "training.model_save_path": args.output,
+        }
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    return run_command(
+        "train", args.config, lambda config: train_command(config, args), config_overrides(args)
+    )
+
+
+def train_command(config: Config, args: argparse.Namespace) -> int:
+    """`blockmarket train` with its config loaded: train, print the summary, convert if asked."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from runtime.cli import setup_logging
     from training.evolution import train
 
-    try:
-        config = apply_overrides(load_config(args.config), args)
-    except ConfigError as exc:
-        print(f"blockmarket train: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.logging.level, config.logging.format, config.logging.log_file)
     with logging_redirect_tqdm():
-        summary = train(config, generations=args.generations, progress=not args.no_progress)
+        summary = train(config, progress=not args.no_progress)
     last = summary.generations[-1]
     print(
         f"run {summary.run_id} (seed {summary.seed}): {summary.stop_reason} in {summary.seconds:.1f} s\n"

@@ -16,14 +16,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.config import Config, ConfigError, load_config
+from runtime.command import run_command, usage_error
+from runtime.config import Config
 from training.cli import at_least
 
 if TYPE_CHECKING:
@@ -138,30 +138,27 @@ def evaluate(
 
 
 def main(args: argparse.Namespace) -> int:
+    return run_command("evaluate", args.config, lambda config: evaluate_command(config, args))
+
+
+def evaluate_command(config: Config, args: argparse.Namespace) -> int:
+    """`blockmarket evaluate` with its config loaded: print both comparisons; 2 for unusable checkpoints."""
     from conversion.checkpoint import CheckpointError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"blockmarket evaluate: {exc}", file=sys.stderr)
-        return 2
     env = config.environment
     model_dir = Path(args.model_dir or config.training.model_save_path)
     checkpoints = sorted(model_dir.glob(args.pattern))
     if not checkpoints:
-        print(
-            f"blockmarket evaluate: no checkpoints matching {args.pattern} in {model_dir}; "
-            "run `blockmarket train` first",
-            file=sys.stderr,
+        return usage_error(
+            "evaluate",
+            f"no checkpoints matching {args.pattern} in {model_dir}; run `blockmarket train` first",
         )
-        return 2
     steps = args.steps or env.generation_length
     seats = args.seats or env.population_size
     try:
         result = evaluate(config, checkpoints, args.markets, steps, seats, args.seed)
     except (CheckpointError, EvaluationError) as exc:
-        print(f"blockmarket evaluate: {exc}", file=sys.stderr)
-        return 2
+        return usage_error("evaluate", exc)
     print(
         f"{len(checkpoints)} trained agents from {model_dir} ({args.pattern}) vs random-initialised networks"
     )

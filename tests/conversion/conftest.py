@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from original_format import ITEMS_5, ITEMS_8, make_network, write_original_check
 from torch import nn
 
 from runtime.config import Config, load_config
+from tests.runtime.runtime_helpers import python_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +37,11 @@ TREE = (
     ("run2/agent_gen5_rank2.pth", "ValueNetwork", ITEMS_8),
     ("run2/deep/agent_3_final.pth", "ActorCriticNetwork", ITEMS_8),
 )
+
+
+def run_module(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """`python -m conversion ...` in a fresh interpreter."""
+    return python_module("conversion", *argv, cwd=cwd, timeout=120)
 
 
 def write_config(path: Path, **sections: dict[str, object]) -> Path:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, Written, write_bad_files, write_config
+from conftest import Written, run_module, write_bad_files, write_config
 from original_format import write_original_checkpoint
 
 from conversion import cli
@@ -25,18 +23,6 @@ def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     cli.configure_parser(parser)
     return cli.main(parser.parse_args([*argv, "--no-progress"]))
-
-
-def run_module(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    """`python -m conversion ...` in a fresh interpreter."""
-    return subprocess.run(
-        [sys.executable, "-m", "conversion", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
 
 
 def statuses(table: str) -> dict[str, str]:
@@ -164,12 +150,12 @@ def test_user_mistakes_give_one_line_and_exit_2(tmp_path: Path, capsys: pytest.C
     missing = tmp_path / "nowhere"
     assert run_cli("--model-path", str(missing)) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: --model-path {missing}: no such directory"
+    assert err.strip() == f"blockmarket convert: --model-path {missing}: no such directory"
 
     bad = write_config(tmp_path / "bad.yaml", conversion={"opset_version": "seventeen"})
     assert run_cli("--model-path", str(tmp_path), "--config", str(bad)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {bad}: conversion.opset_version:") and "\n" not in err
+    assert err.startswith(f"blockmarket convert: {bad}: conversion.opset_version:") and "\n" not in err
 
 
 def test_module_help_lists_the_original_options() -> None:

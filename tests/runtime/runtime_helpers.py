@@ -48,6 +48,7 @@ from runtime.transport import MqttLink
 from tests.wire.wire_helpers import wait_until
 
 ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
+REPO = Path(__file__).resolve().parents[2]
 Weights = list[npt.NDArray[np.float32]]
 
 
@@ -149,6 +150,20 @@ def write_config(path: Path, **sections: dict[str, object]) -> Path:
         data[section].update(values)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
+
+
+def python_module(
+    module: str, *argv: str, cwd: Path = REPO, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> ...` in a fresh interpreter importing this checkout, run in ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def runtime_process(

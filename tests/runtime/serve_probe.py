@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
-from runtime.cli import build_parser, setup_logging
+from runtime.cli import build_parser
 from runtime.config import load_config
+from runtime.logs import setup_logging
 from runtime.protocol import MarketTick, Topics, encode_tick
 from runtime.serve import RuntimeServer
 from runtime.transport import MqttLink
@@ -22,7 +23,7 @@ from runtime.transport import MqttLink
 async def probe(config_path: str, ticks: int) -> dict[str, object]:
     build_parser()  # what `blockmarket run` imports first: every subcommand's module
     config = load_config(config_path)
-    setup_logging(config.logging.level, config.logging.format)
+    setup_logging(config.logging)
     server = RuntimeServer(config)
     serving = asyncio.create_task(server.serve())
     await asyncio.wait_for(server.ready.wait(), 120)

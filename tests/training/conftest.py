@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runtime.config import Config, config_from_dict, dump_default_config
+from runtime.config import Config, dump_default_config, parse_config
 
 
 def small_config_data(output: Path, **training: Any) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def small_config_data(output: Path, **training: Any) -> dict[str, Any]:
 
 
 def small_config(output: Path, **training: Any) -> Config:
-    return config_from_dict(small_config_data(output, **training))
+    return parse_config(small_config_data(output, **training)).config
 
 
 ConfigData = Callable[..., dict[str, Any]]
