@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -46,7 +46,11 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what an inbound message may contain (anything bigger is refused before work is done)."""
+    """Bounds on what an inbound message may contain (anything bigger is refused before work is done).
+
+    The runtime and the simulator derive theirs from the config with :meth:`from_config`; the defaults
+    are for tools and tests.
+    """
 
     max_payload_bytes: int = 4 * 1024 * 1024
     max_agents: int = 10_000
@@ -55,8 +59,11 @@ class Limits:
     max_id_len: int = 128  # longest agent id (and any other string) in bytes
 
     @classmethod
-    def from_config(cls, mqtt: MqttConfig, num_items: int | None = None) -> Limits:
-        return cls(max_payload_bytes=mqtt.max_payload_bytes, num_items=num_items)
+    def from_config(cls, mqtt: MqttConfig, *, num_agents: int | None, num_items: int | None = None) -> Limits:
+        """What a receiver expecting ``num_agents`` agents accepts (None: any roster that fits in
+        mqtt.max_payload_bytes, e.g. a runtime's status read before its roster is known)."""
+        max_agents = mqtt.max_payload_bytes if num_agents is None else num_agents
+        return cls(max_payload_bytes=mqtt.max_payload_bytes, max_agents=max_agents, num_items=num_items)
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,46 @@ def encode_status(status: Mapping[str, Any]) -> bytes:
     if status.get("state") not in ("online", "offline"):
         raise ValueError(f"status needs state 'online' or 'offline', got {status.get('state')!r}")
     return _pack("status", status)
+
+
+def message_sizes(
+    agent_ids: Sequence[str], num_items: int, model_versions: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """Bytes of the largest tick and answer for this roster (float32 arrays, market_mean sent, counters
+    and times at their widest encoding): what mqtt.max_payload_bytes must admit."""
+    ids, count, n = tuple(agent_ids), len(agent_ids), num_items
+    widest = 2**64 - 1  # a msgpack uint64: the widest tick number
+    tick = MarketTick(
+        tick=widest,
+        sent_at=0.5,
+        agent_ids=ids,
+        inventory=np.zeros((count, n), np.float32),
+        successful=np.zeros(count, np.float32),
+        attempted=np.zeros(count, np.float32),
+        market_mean=np.zeros((n, n), np.float32),
+    )
+    answer = MatricesMessage(
+        tick=widest,
+        sent_at=0.5,
+        served_at=0.5,
+        agent_ids=ids,
+        matrices=np.zeros((count, n, n), np.float32),
+        latency_ms=0.5,
+        model_versions=model_versions or {},
+    )
+    return {"tick": len(encode_tick(tick)), "answer": len(encode_matrices(answer))}
+
+
+def payload_shortfall(sizes: Mapping[str, int], limit: int) -> str | None:
+    """Which of these message sizes exceed ``limit`` (mqtt.max_payload_bytes) and what it must be raised
+    to, or None when all fit."""
+    over = [f"{kind} messages of {size:,} bytes" for kind, size in sizes.items() if size > limit]
+    if not over:
+        return None
+    return (
+        f"{' and '.join(over)} exceed mqtt.max_payload_bytes ({limit:,}): "
+        f"raise mqtt.max_payload_bytes to at least {max(sizes.values())}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- decode

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -130,7 +131,7 @@ class TickScheduler:
         """One tick end to end; a refused or failed tick is counted and logged, never raised."""
         population = self.population
         try:
-            tick = decode_tick(payload, self.limits)
+            tick = decode_tick(payload, self._tick_limits())
             rows = population.rows_for(tick.agent_ids)
         except ProtocolError as exc:
             self.drops.record_error(exc, self.tick_topic)
@@ -167,6 +168,12 @@ class TickScheduler:
         else:
             self.unpublished += 1
         return msg
+
+    def _tick_limits(self) -> Limits:
+        """A tick names at most the agents served, and their number grows when new models join."""
+        if self.limits.max_agents < len(self.population):
+            self.limits = replace(self.limits, max_agents=len(self.population))
+        return self.limits
 
     def _state_buffer(self) -> FloatArray:
         """Reuse one [N, D] buffer across ticks (reallocated only when the roster grows)."""

@@ -25,7 +25,7 @@ from runtime.broker import BrokerError, ensure_broker
 from runtime.command import given, run_command
 from runtime.config import Config, NpuConfig, Overrides
 from runtime.models import ModelError, discover_models
-from runtime.protocol import Limits, encode_status
+from runtime.protocol import Limits, encode_status, message_sizes, payload_shortfall
 from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.reload import ModelReloader, ModelWatcher
 from runtime.scheduler import TickScheduler, TickSlot
@@ -45,6 +45,8 @@ log = logging.getLogger("runtime.serve")
 class StartupError(RuntimeError):
     """The runtime cannot start serving (the message says what is missing and what to do)."""
 
+
+STATUS_GROWTH_BYTES = 1024  # the status's counters and figures grow while serving
 
 # What stops a start with a one-line message instead of a traceback (each names the file or setting).
 STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError)
@@ -95,10 +97,10 @@ class RuntimeServer:
         """Run until stopped; returns the process exit code."""
         await self.prepare_models()
         population, pool = await self.build_pool()
+        self._check_message_sizes(population, pool)
         broker = await ensure_broker(self.config.mqtt)
         mqtt = self.config.mqtt
         slot = TickSlot()
-        self._check_status_size()
         transport = RuntimeTransport(
             mqtt, on_tick=slot.put, will_payload=encode_status(self.last_will()), client_id=self.client_id
         )
@@ -106,7 +108,7 @@ class RuntimeServer:
             population,
             pool,
             transport,
-            limits=Limits.from_config(mqtt, num_items=population.num_items),
+            limits=Limits.from_config(mqtt, num_agents=len(population), num_items=population.num_items),
             alpha=self.config.learning.matrix_update_rate,
             tick_topic=transport.topics.tick,
             per_agent_topics=mqtt.per_agent_topics,
@@ -251,16 +253,20 @@ class RuntimeServer:
             status.update(self.scheduler.stats())
         return status
 
-    def _check_status_size(self) -> None:
-        """Warn when the roster makes the status bigger than clients with this config accept."""
-        size, limit = len(encode_status(self.status("online"))), self.config.mqtt.max_payload_bytes
-        if size > limit:
-            log.warning(
-                "the status with the roster is %d bytes, above mqtt.max_payload_bytes (%d): game servers and "
-                "`blockmarket simulate` using this config will refuse it; raise mqtt.max_payload_bytes",
-                size,
-                limit,
+    def _check_message_sizes(self, population: AgentPopulation, pool: SessionPool) -> None:
+        """Every message this roster needs must fit mqtt.max_payload_bytes: this runtime refuses a bigger
+        tick, and game servers using this config refuse a bigger answer or status."""
+        cfg = self.config
+        sizes = message_sizes(population.agent_ids, population.num_items, pool.current.versions)
+        sizes["status"] = len(encode_status(self.status("online"))) + STATUS_GROWTH_BYTES
+        shortfall = payload_shortfall(sizes, cfg.mqtt.max_payload_bytes)
+        if shortfall is not None:
+            fewer = (
+                f"fewer models in {cfg.model_dir} (runtime.assignment: one_per_checkpoint)"
+                if cfg.runtime.assignment == "one_per_checkpoint"
+                else "a smaller runtime.num_agents"
             )
+            raise StartupError(f"{len(population)} agents: {shortfall}, or serve {fewer}")
 
     async def report_status(self, transport: RuntimeTransport) -> None:
         """Publish the retained status once connected and every runtime.status_interval_s, with a log line."""

@@ -52,6 +52,8 @@ from runtime.protocol import (
     decode_matrices,
     decode_status,
     encode_tick,
+    message_sizes,
+    payload_shortfall,
 )
 from runtime.state import MATRIX_MAX, MATRIX_MIN, initial_inventory, initial_matrices
 from runtime.transport import MqttLink
@@ -156,9 +158,13 @@ class MarketSimulator:
         )
         self._rng = rng
         self._start_inventory = self.population.inventory.copy()
-        self._limits = Limits(
-            max_payload_bytes=config.mqtt.max_payload_bytes, max_agents=max(count, 1), num_items=n
-        )
+        self._limits = Limits.from_config(config.mqtt, num_agents=max(count, 1), num_items=n)
+        shortfall = payload_shortfall(message_sizes(agent_ids, n), config.mqtt.max_payload_bytes)
+        if shortfall is not None:
+            raise SimulatorError(
+                f"{count} agents: {shortfall}, or play fewer agents (simulator.num_agents, or the runtime's "
+                "runtime.num_agents when it announces its roster)"
+            )
         self._ids = tuple(self.population.agent_ids)  # one tuple for every tick (not rebuilt per tick)
         self._row_of = {agent_id: row for row, agent_id in enumerate(self._ids)}
         self._rows_cache: tuple[tuple[str, ...], npt.NDArray[np.int64]] = ((), np.zeros(0, np.int64))
@@ -383,7 +389,7 @@ def roster_from_status(status: dict[str, Any], items: Sequence[str]) -> Roster |
 async def discover_roster(config: Config, wait_s: float) -> Roster | None:
     """Read the runtime's retained status for up to ``wait_s``; waits for "online" while it says offline."""
     topics = Topics(config.mqtt.topic_prefix)
-    limits = Limits(max_payload_bytes=config.mqtt.max_payload_bytes, max_agents=1_000_000)
+    limits = Limits.from_config(config.mqtt, num_agents=None)  # the roster is what we are waiting for
     found: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def on_status(payload: bytes, _received_at: float) -> None:

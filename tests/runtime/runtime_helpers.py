@@ -193,7 +193,7 @@ class GameClient:
 
     def __init__(self, mqtt: MqttConfig, num_items: int, record_ticks: bool = False) -> None:
         self.topics = Topics(mqtt.topic_prefix)
-        self.limits = Limits(max_payload_bytes=mqtt.max_payload_bytes, num_items=num_items)
+        self.limits = Limits.from_config(mqtt, num_agents=None, num_items=num_items)  # any roster
         self.sent: dict[int, MarketTick] = {}
         self.answers: dict[int, MatricesMessage] = {}
         self.status: dict[str, Any] = {}

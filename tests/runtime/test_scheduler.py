@@ -10,7 +10,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from runtime.agents import create_population
+from runtime.agents import Assignment, create_population, new_agents
+from runtime.config import MqttConfig
 from runtime.models import discover_models, read_model
 from runtime.protocol import Limits, MarketTick, decode_matrices, encode_tick
 from runtime.scheduler import TickScheduler, TickSlot
@@ -54,17 +55,21 @@ def make_tick(number: int, agent_ids: tuple[str, ...], seed: int = 0) -> MarketT
 
 
 async def make_scheduler(
-    model_dir: Path, agents: int = 9, **kwargs
+    model_dir: Path,
+    agents: int = 9,
+    assignment: Assignment = "round_robin",
+    limits: Limits = LIMITS,
+    **kwargs,
 ) -> tuple[TickScheduler, RecordingPublisher]:
     models, _ = discover_models(model_dir, ITEMS)
-    pop = create_population(models, ITEMS, num_agents=agents, assignment="round_robin", seed=5)
+    pop = create_population(models, ITEMS, num_agents=agents, assignment=assignment, seed=5)
     pool = SessionPool(
         pop, {m.key: m for m in models}, factory=CountingFactory(), max_sessions=8, model_dir=model_dir
     )
     await pool.start()
     publisher = RecordingPublisher()
     scheduler = TickScheduler(
-        pop, pool, publisher, limits=LIMITS, alpha=ALPHA, tick_topic="test/market/tick", **kwargs
+        pop, pool, publisher, limits=limits, alpha=ALPHA, tick_topic="test/market/tick", **kwargs
     )
     return scheduler, publisher
 
@@ -182,3 +187,19 @@ async def test_population_sizes(model_dir: Path, agents: int) -> None:
     await scheduler.serve(encode_tick(make_tick(0, scheduler.population.agent_ids)), time.perf_counter())
     (answer,) = publisher.decoded()
     assert answer.matrices.shape == (agents, 5, 5) and np.isfinite(answer.matrices).all()
+
+
+async def test_the_tick_limit_follows_the_roster_when_new_models_join(model_dir: Path) -> None:
+    """A tick may name every agent served, also agents added after startup (one_per_checkpoint)."""
+    limits = Limits.from_config(MqttConfig(), num_agents=3, num_items=len(ITEMS))
+    scheduler, _ = await make_scheduler(model_dir, assignment="one_per_checkpoint", limits=limits)
+    pop, pool = scheduler.population, scheduler.pool
+    write_model(model_dir, "m3", trading_weights(3))
+    info = read_model(model_dir / "m3_metadata.json")
+    newcomer = new_agents([info], ["m3"], ITEMS, np.random.default_rng(0), first_row=len(pop))
+    assert await pool.add_agents(newcomer, {"m3": info})
+
+    msg = await scheduler.serve(encode_tick(make_tick(0, pop.agent_ids)), time.perf_counter())
+
+    assert len(pop) == 4 and msg is not None and msg.agent_ids == pop.agent_ids
+    assert scheduler.stats()["dropped"] == {}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from wire_helpers import make_tick
 
+from runtime.config import MqttConfig
 from runtime.protocol import (
     PROTOCOL_VERSION,
     DropCounter,
@@ -26,6 +27,8 @@ from runtime.protocol import (
     encode_matrices,
     encode_status,
     encode_tick,
+    message_sizes,
+    payload_shortfall,
 )
 
 LIMITS = Limits(num_items=5)
@@ -196,6 +199,41 @@ def test_oversized_refused_before_unpacking_and_by_msgpack_limits() -> None:
         decode_tick(many_items, Limits())
     assert err.value.kind == "shape" and "70" in err.value.detail
     assert decode_tick(payload, Limits(max_payload_bytes=len(payload))).agent_ids[0] == "agent-0000"
+
+
+def test_limits_from_the_config_admit_the_agents_configured_beyond_ten_thousand() -> None:
+    payload = encode_tick(make_tick(count=12_000))
+    mqtt = MqttConfig()
+    assert (
+        len(decode_tick(payload, Limits.from_config(mqtt, num_agents=12_000, num_items=5)).agent_ids)
+        == 12_000
+    )
+    with pytest.raises(ProtocolError) as err:
+        decode_tick(payload, Limits.from_config(mqtt, num_agents=11_999, num_items=5))
+    assert err.value.kind == "oversized" and "max_array_len(11999)" in err.value.detail
+    roster_unknown = Limits.from_config(mqtt, num_agents=None)  # bounded by the payload size alone
+    assert roster_unknown.max_agents == mqtt.max_payload_bytes
+    assert len(decode_tick(payload, roster_unknown).agent_ids) == 12_000
+
+
+def test_message_sizes_bound_the_messages_a_roster_needs() -> None:
+    tick = make_tick(count=12_000)
+    versions = {"m0": "0123456789abcdef"}
+    answer = MatricesMessage(
+        tick=tick.tick, sent_at=tick.sent_at, served_at=tick.sent_at, agent_ids=tick.agent_ids,
+        matrices=np.ones((12_000, 5, 5), np.float32), latency_ms=1.5, model_versions=versions,
+    )  # fmt: skip
+    sizes = message_sizes(tick.agent_ids, 5, versions)
+    for kind, actual in (("tick", len(encode_tick(tick))), ("answer", len(encode_matrices(answer)))):
+        assert actual <= sizes[kind] <= actual + 16, kind  # only the tick number's width differs
+
+
+def test_payload_shortfall_names_the_key_and_the_size_it_needs() -> None:
+    assert payload_shortfall({"tick": 480_000, "answer": 1_000_000}, 1_000_000) is None
+    assert payload_shortfall({"tick": 480_000, "answer": 1_345_000}, 1_048_576) == (
+        "answer messages of 1,345,000 bytes exceed mqtt.max_payload_bytes (1,048,576): "
+        "raise mqtt.max_payload_bytes to at least 1345000"
+    )
 
 
 def test_any_item_count_accepted_without_a_fixed_one() -> None:

@@ -125,6 +125,17 @@ def test_roster_must_fit_the_configured_items() -> None:
         roster_from_status({**status, "desired": ["gold"]}, ITEMS)
 
 
+def test_a_roster_whose_messages_exceed_the_payload_limit_is_refused_at_startup() -> None:
+    ids = [f"agent-{i:04d}" for i in range(12_000)]
+    small = Config(mqtt=MqttConfig(max_payload_bytes=1_048_576))
+    with pytest.raises(SimulatorError) as caught:
+        MarketSimulator(small, ids, np.zeros(len(ids), np.int64))
+    message = str(caught.value)
+    assert message.startswith("12000 agents: answer messages of ") and "tick messages" not in message
+    assert "raise mqtt.max_payload_bytes to at least" in message and "simulator.num_agents" in message
+    assert MarketSimulator(Config(), ids, np.zeros(len(ids), np.int64)).population.size == 12_000
+
+
 def test_obeys_update_rule() -> None:
     good = np.full((3, 5, 5), 2.0, np.float32)
     good[:, np.arange(5), np.arange(5)] = 1.0
