@@ -172,9 +172,16 @@ class AgentPopulation:
 
 
 def groups_of(model_keys: Sequence[str]) -> dict[str, IntArray]:
-    """Model key -> the rows (ascending) whose agents run it, in order of first appearance."""
-    keys = np.asarray(model_keys)
-    return {str(key): np.flatnonzero(keys == key) for key in dict.fromkeys(model_keys)}
+    """Model key -> the rows (ascending) whose agents run it, in order of first appearance.
+
+    One sort, not one comparison of every row per model: 10,000 distinct models took 2 s that way.
+    """
+    if not len(model_keys):
+        return {}
+    keys, first, inverse = np.unique(np.asarray(model_keys), return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rows = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    return {str(keys[k]): rows[k] for k in np.argsort(first)}
 
 
 def assign_models(models: Sequence[ModelInfo], num_agents: int, assignment: Assignment) -> list[ModelInfo]:

@@ -163,7 +163,8 @@ class RuntimeConfig(_Section):
     convert_on_startup: bool = True
     bootstrap_generations: int = Field(5, ge=1)
     hot_reload: bool = True
-    reload_poll_s: float = Field(2.0, gt=0)
+    reload_watcher: Literal["auto", "poll"] = "auto"  # auto: OS notifications (watchfiles) when installed
+    reload_poll_s: float = Field(2.0, gt=0)  # the polling watcher's interval
     status_interval_s: float = Field(5.0, gt=0)
     seed: int = 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -140,16 +141,26 @@ def metadata_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob(f"*{METADATA_SUFFIX}")) if model_dir.is_dir() else []
 
 
-def discover_models(model_dir: Path, items: tuple[str, ...]) -> tuple[list[ModelInfo], list[str]]:
-    """Every servable model for this item list, plus one problem line per model skipped."""
+def read_models(metadata_paths: Iterable[Path]) -> tuple[list[ModelInfo], list[str]]:
+    """The models these metadata files describe, plus one problem line per file that cannot be served.
+
+    Blocking (reads JSON, may hash an ONNX file): coroutines call it through a thread.
+    """
     models: list[ModelInfo] = []
     problems: list[str] = []
-    for path in metadata_files(model_dir):
+    for path in metadata_paths:
         try:
-            info = read_model(path)
+            models.append(read_model(path))
         except ModelError as exc:
             problems.append(str(exc))
-            continue
+    return models, problems
+
+
+def discover_models(model_dir: Path, items: tuple[str, ...]) -> tuple[list[ModelInfo], list[str]]:
+    """Every servable model for this item list, plus one problem line per model skipped."""
+    found, problems = read_models(metadata_files(model_dir))
+    models: list[ModelInfo] = []
+    for info in found:
         if info.items != items:
             problems.append(
                 f"{info.onnx_path}: trained for items {list(info.items)}, "

@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 from runtime import lifecycle
@@ -27,7 +28,7 @@ from runtime.config import Config, NpuConfig, Overrides
 from runtime.models import ModelError, discover_models
 from runtime.protocol import Limits, encode_status, message_sizes, payload_shortfall
 from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason
-from runtime.reload import ModelReloader, ModelWatcher
+from runtime.reload import ModelReloader, WatchedFiles, model_watcher
 from runtime.scheduler import TickScheduler, TickSlot
 from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
 from runtime.transport import RuntimeTransport, runtime_client_id
@@ -115,14 +116,17 @@ class RuntimeServer:
             slot=slot,
         )
         self.scheduler = scheduler
+        reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
+        if reloader is not None:  # watching before the status says online: no model written after is missed
+            await reloader.start()
         connection = asyncio.create_task(transport.run(), name="mqtt")
         serving = [
             asyncio.create_task(scheduler.run(), name="scheduler"),
             asyncio.create_task(self.report_status(transport), name="status"),
             asyncio.create_task(self._announce_ready(transport), name="ready"),
         ]
-        if self.config.runtime.hot_reload:
-            serving.append(asyncio.create_task(self.reloader(pool).run(), name="reload"))
+        if reloader is not None:
+            serving.append(asyncio.create_task(reloader.run(), name="reload"))
         with lifecycle.stop_on_signals(self.stop) if self.handle_signals else contextlib.nullcontext():
             try:
                 return await self._until_stopped([connection, *serving])
@@ -216,13 +220,14 @@ class RuntimeServer:
 
     def reloader(self, pool: SessionPool) -> ModelReloader:
         cfg = self.config
-        convert = self.convert if cfg.runtime.convert_on_startup else None
-        watcher = ModelWatcher(cfg.model_dir, lambda: checkpoints(cfg))
+        converts = cfg.runtime.convert_on_startup
+        files = WatchedFiles(
+            cfg.model_dir, Path(cfg.training.model_save_path) if converts else None, cfg.onnx_dir
+        )
         return ModelReloader(
             pool,
-            watcher,
-            poll_s=cfg.runtime.reload_poll_s,
-            convert=convert,
+            model_watcher(files, cfg.runtime.reload_watcher, cfg.runtime.reload_poll_s),
+            convert=self.convert if converts else None,
             add_new_agents=cfg.runtime.assignment == "one_per_checkpoint",
             seed=cfg.runtime.seed,
         )

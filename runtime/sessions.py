@@ -201,7 +201,7 @@ class SessionPool:
 
     async def start(self) -> PoolGeneration:
         """Build and validate every unit off the loop, then start serving with them."""
-        plans = plan_units(self.population.model_keys, self.models, self.max_sessions)
+        plans = await self._plan(self.population.model_keys, self.models)
         self.current = PoolGeneration(1, tuple(await self._build(plans)))
         log.info("session pool generation 1: %s", self.current.describe())
         return self.current
@@ -248,7 +248,7 @@ class SessionPool:
         async with self._swap_lock:
             old = self.current
             models = {**self.models, **changed}
-            plans = plan_units(model_keys, models, self.max_sessions)
+            plans = await self._plan(model_keys, models)
             serving = {unit.name: unit for unit in old.units}
             todo = [plan for plan in plans if not plan.served_by(serving.get(plan.name))]
             if not todo and newcomers is None:
@@ -269,6 +269,10 @@ class SessionPool:
                 "hot reload: generation %d serves %s (%s)", self.current.number, what, self.current.describe()
             )
             return True
+
+    async def _plan(self, model_keys: Sequence[str], models: Mapping[str, ModelInfo]) -> list[UnitPlan]:
+        """plan_units on a thread: grouping 10,000 agents by model is too long a pause for the loop."""
+        return await asyncio.to_thread(plan_units, model_keys, models, self.max_sessions)
 
     async def _build(self, plans: Sequence[UnitPlan]) -> list[InferenceUnit]:
         loop = asyncio.get_running_loop()

@@ -166,6 +166,19 @@ def python_module(
     )
 
 
+def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **runtime: object) -> Path:
+    """`tmp_path/config.yaml` for a `blockmarket run` process serving ``model_dir`` on the CPU EP under a
+    test's own topic prefix, converting nothing; ``runtime`` keys replace the defaults."""
+    defaults = {"model_dir": str(model_dir), "convert_on_startup": False, "status_interval_s": 0.5}
+    return write_config(
+        tmp_path / "config.yaml",
+        runtime={**defaults, **runtime},
+        training={"model_save_path": str(tmp_path / "no-checkpoints")},
+        mqtt={"topic_prefix": prefix},
+        npu={"enabled": False},
+    )
+
+
 def runtime_process(
     config: Path, log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:

@@ -1,14 +1,20 @@
-"""runtime.allow_spinning reaches the sessions that serve (spinning ORT threads burn a core between ticks)."""
+"""ORT threading settings reach the sessions that serve: runtime.allow_spinning (spinning ORT threads burn
+a core between ticks) and runtime.intra_op_threads."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
 
 from runtime.config import Config, NpuConfig, load_config
 from runtime.providers import create_session
 from runtime.serve import RuntimeServer
 from runtime.sessions import default_session_factory
-from tests.runtime.runtime_helpers import write_config
+from runtime.state import realistic_states
+from tests.runtime.runtime_helpers import ITEMS, write_config
 
 SPINNING = "session.intra_op.allow_spinning"
 CONFIG_YAML = Path(__file__).parents[2] / "config.yaml"
@@ -19,22 +25,38 @@ def test_serving_sessions_do_not_spin_by_default() -> None:
     assert load_config(CONFIG_YAML).runtime.allow_spinning is False
 
 
+async def serving_options(tmp_path: Path, model_dir: Path, **runtime: Any) -> list[ort.SessionOptions]:
+    """The options of every session a runtime with these `runtime` settings serves 6 agents with."""
+    name = "-".join(f"{key}-{value}" for key, value in runtime.items())
+    config = load_config(
+        write_config(
+            tmp_path / f"config-{name}.yaml",
+            runtime={"num_agents": 6, "model_dir": str(model_dir), **runtime},
+            npu={"enabled": False},
+        )
+    )
+    _, pool = await RuntimeServer(config, handle_signals=False).build_pool()
+    try:
+        proposals = await pool.infer(realistic_states(np.random.default_rng(0), 6, len(ITEMS)))
+        assert proposals.shape == (6, len(ITEMS) ** 2) and np.isfinite(proposals).all()
+        return [unit.session.get_session_options() for unit in pool.current.units]
+    finally:
+        pool.close()
+
+
 async def test_runtime_allow_spinning_reaches_every_serving_session(tmp_path: Path, model_dir: Path) -> None:
     for allow, expected in ((False, "0"), (True, "1")):
-        config = load_config(
-            write_config(
-                tmp_path / f"config-{allow}.yaml",
-                runtime={"num_agents": 6, "model_dir": str(model_dir), "allow_spinning": allow},
-                npu={"enabled": False},
-            )
-        )
-        server = RuntimeServer(config, handle_signals=False)
-        _, pool = await server.build_pool()
-        try:
-            options = [unit.session.get_session_options() for unit in pool.current.units]
-            assert len(options) == 3 and {o.get_session_config_entry(SPINNING) for o in options} == {expected}
-        finally:
-            pool.close()
+        options = await serving_options(tmp_path, model_dir, allow_spinning=allow)
+        assert len(options) == 3 and {o.get_session_config_entry(SPINNING) for o in options} == {expected}
+
+
+async def test_runtime_intra_op_threads_reaches_every_serving_session(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """0 hands the choice to ONNX Runtime (one thread per physical core); a number is used as it is."""
+    for threads in (0, 2):
+        options = await serving_options(tmp_path, model_dir, intra_op_threads=threads)
+        assert len(options) == 3 and {o.intra_op_num_threads for o in options} == {threads}
 
 
 def test_create_session_keeps_ort_spinning_unless_asked(model_dir: Path) -> None:
