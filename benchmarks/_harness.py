@@ -6,6 +6,7 @@ separate processes, talking to the real broker, so the figures include what a de
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -35,6 +36,10 @@ from runtime.models import METADATA_SUFFIX
 from runtime.protocol import Limits, ProtocolError, Topics, decode_status
 
 STATUS_LIMITS = Limits(max_payload_bytes=64 * 1024 * 1024)
+# Where a run keeps its files and topics: set per run, not settings that change how it serves
+PLACEMENT_KEYS = frozenset(
+    {"training.model_save_path", "conversion.output_dir", "runtime.model_dir", "mqtt.topic_prefix"}
+)
 
 
 class HarnessError(RuntimeError):
@@ -126,13 +131,62 @@ def distinct_models(source: Path, target: Path, count: int, seed: int, noise: fl
     return target
 
 
+def shipped_config() -> dict[str, Any]:
+    """The repository's config.yaml as plain data: what every benchmark serves unless told otherwise."""
+    document: dict[str, Any] = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    return document
+
+
 def write_config(path: Path, overrides: dict[str, dict[str, Any]]) -> Config:
     """The repository's config.yaml with per-section overrides, written to ``path`` and validated."""
-    document = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    document = shipped_config()
     for section, values in overrides.items():
         document[section].update(values)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return load_config(path)
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving settings a benchmark run may change; by default it serves the shipped config.yaml."""
+    parser.add_argument(
+        "--threads", type=int, default=None, help="runtime.intra_op_threads (default: config.yaml's)"
+    )
+    parser.add_argument(
+        "--cpu-pack-precision",
+        choices=("fp32", "int8"),
+        default=None,
+        help="runtime.cpu_pack_precision (default: config.yaml's)",
+    )
+    parser.add_argument("--no-reload", action="store_true", help="runtime.hot_reload: false")
+
+
+def runtime_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `runtime` keys the command line changes (see :func:`add_setting_arguments`)."""
+    settings: dict[str, Any] = {}
+    if args.threads is not None:
+        settings["intra_op_threads"] = args.threads
+    if args.cpu_pack_precision is not None:
+        settings["cpu_pack_precision"] = args.cpu_pack_precision
+    if args.no_reload:
+        settings["hot_reload"] = False
+    return settings
+
+
+def changed_settings(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings a run sets differently from the shipped config.yaml, as dotted keys (no paths)."""
+    shipped = shipped_config()
+    return {
+        f"{section}.{key}": value
+        for section, values in overrides.items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in PLACEMENT_KEYS and shipped[section][key] != value
+    }
+
+
+def announce_settings(what: str, changed: dict[str, Any]) -> None:
+    """Say before a run which settings it changes from the shipped config.yaml (also in its JSON)."""
+    listed = ", ".join(f"{key}={json.dumps(value)}" for key, value in changed.items()) or "none"
+    print(f"... {what}; settings changed from config.yaml: {listed}", file=sys.stderr, flush=True)
 
 
 def run_command(command: list[str], log: Path, timeout: float) -> ResourceSampler:
@@ -185,8 +239,9 @@ class RuntimeProcess:
 
 @contextmanager
 def running_runtime(config: Path, log: Path) -> Iterator[RuntimeProcess]:
-    """``blockmarket run`` for the duration of the block; stopped with SIGINT (its clean shutdown)."""
-    command = [*blockmarket(), "run", "--config", str(config), "--no-convert", "--no-reload"]
+    """``blockmarket run --config CONFIG`` for the duration of the block; stopped with SIGINT (its clean
+    shutdown). Everything it serves with is in the config file."""
+    command = [*blockmarket(), "run", "--config", str(config)]
     with log.open("w") as out:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

@@ -23,7 +23,7 @@ import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_PACKAGES = ("numpy", "onnxruntime-qnn", "onnx", "torch", "aiomqtt", "msgpack")
+_PACKAGES = ("numpy", "onnxruntime-qnn", "onnx", "torch", "aiomqtt", "msgpack", "watchfiles")
 
 
 def add_output_argument(parser: argparse.ArgumentParser, name: str) -> None:

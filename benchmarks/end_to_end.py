@@ -12,7 +12,11 @@ ticks unanswered (simulator) and skipped (runtime: a newer tick arrived before i
 runtime's own receive -> publish p50/p99, its CPU% (100 = one core) and peak RSS while serving.
 The --stretch-agents row (default 10,000) shows how far the product is from that goal.
 
-The runtime runs on the CPU EP (npu.enabled false): the QNN HTP backend here is a CPU simulation.
+The runtime serves the shipped config.yaml: only its files, its topic prefix, one agent per model and
+a broker that must already run are set per run, plus what the command line asks for (--threads,
+--cpu-pack-precision, --no-reload). Every changed setting is printed before its run and recorded in the
+JSON. --compare-reload serves each N with hot reload on and off and reports the ratio of the p99s
+(target <= 1.2). On x86_64 the QNN HTP backend is a simulator, so the runtime serves on the CPU EP.
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ from typing import Any
 from benchmarks._harness import (
     HarnessError,
     ResourceSampler,
+    add_setting_arguments,
+    announce_settings,
     blockmarket,
+    changed_settings,
     convert,
     distinct_models,
     run_command,
     running_runtime,
+    runtime_settings,
     unique_prefix,
     wait_for_status,
     write_checkpoints,
@@ -43,52 +51,56 @@ from benchmarks._harness import (
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 
 TARGETS = {100: {"p99_ms": 10.0}, 1000: {"p99_ms": 30.0, "skipped": 0, "rss_mb": 1536.0}}
+RELOAD_RATIO_TARGET = 1.2  # p99 with hot reload on / off, at 1000 and at 10,000 agents
 
 
-def base_overrides(work: Path, threads: int) -> dict[str, dict[str, Any]]:
-    """Config shared by every run: models in ``work``, CPU EP, the real broker, no conversion/reload."""
+def base_overrides(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """What every run sets: its files in ``work``, a broker that must be there (no embedded fallback),
+    one agent per model, and the settings the command line asks for."""
     return {
         "training": {"model_save_path": str(work / "checkpoints")},
         "conversion": {"output_dir": str(work / "models")},
-        "npu": {"enabled": False},
         "mqtt": {"embedded_broker": "never"},
         "runtime": {
             "model_dir": str(work / "models"),
-            "convert_on_startup": False,
-            "hot_reload": False,
             "assignment": "one_per_checkpoint",
-            "intra_op_threads": threads,
-            "status_interval_s": 1.0,
+            **runtime_settings(args),
         },
     }
 
 
-def serve_and_simulate(args: argparse.Namespace, work: Path, agents: int, ticks: int) -> dict[str, Any]:
-    """One `run` + one `simulate` on a fresh prefix; the simulator's and the runtime's figures merged."""
-    overrides = base_overrides(work, args.threads)
-    overrides["runtime"]["cpu_pack_precision"] = args.cpu_pack_precision
+def serve_and_simulate(
+    args: argparse.Namespace, work: Path, models: Path, agents: int, ticks: int, hot_reload: bool | None
+) -> dict[str, Any]:
+    """One `run` of the ``agents`` models in ``models`` + one `simulate` on a fresh prefix; both sides'
+    figures. ``hot_reload`` None serves what the command line says (config.yaml's unless --no-reload).
+    """
+    overrides = base_overrides(work, args)
+    if hot_reload is not None:
+        overrides["runtime"]["hot_reload"] = hot_reload
     overrides["mqtt"]["topic_prefix"] = unique_prefix(f"e2e{agents}")
-    overrides["runtime"]["num_agents"] = agents
-    overrides["runtime"]["model_dir"] = str(
-        distinct_models(work / "models", work / f"models-{agents}", agents, args.seed)
-    )
-    overrides["simulator"] = {"num_agents": agents, "tick_rate_hz": args.rate}
-    config_path = work / f"config-{agents}.yaml"
+    overrides["runtime"]["model_dir"] = str(models)
+    name = f"{agents}" if hot_reload is None else f"{agents}-reload-{'on' if hot_reload else 'off'}"
+    config_path = work / f"config-{name}.yaml"
     config = write_config(config_path, overrides)
-    summary_path = work / f"simulate-{agents}.json"
+    changed = changed_settings(overrides)
+    announce_settings(f"{agents} agents, {ticks} ticks at {args.rate}/s", changed)
+    summary_path = work / f"simulate-{name}.json"
     simulate = [*blockmarket(), "simulate", "--config", str(config_path), "--ticks", str(ticks)]
     simulate += ["--rate", str(args.rate), "--json", str(summary_path), "--quiet", "--wait", "30"]
-    with running_runtime(config_path, work / f"run-{agents}.log") as runtime:
+    with running_runtime(config_path, work / f"run-{name}.log") as runtime:
         online = asyncio.run(wait_for_status(config, runtime, args.startup_timeout, "online"))
         ready_s = time.perf_counter() - runtime.started_at
         with ResourceSampler(runtime.pid) as usage:
             game_usage = run_command(
-                simulate, work / f"simulate-{agents}.log", timeout=ticks / args.rate * 3 + 120
+                simulate, work / f"simulate-{name}.log", timeout=ticks / args.rate * 3 + 120
             )
     final = asyncio.run(wait_for_status(config, runtime, 15, "offline"))
     game = json.loads(summary_path.read_text())
     return {
         "agents": agents,
+        "hot_reload": config.runtime.hot_reload,
+        "overrides": changed,
         "ticks": ticks,
         "rate_hz": args.rate,
         "ticks_sent": game["ticks_sent"],
@@ -114,6 +126,7 @@ def serve_and_simulate(args: argparse.Namespace, work: Path, agents: int, ticks:
 
 COLUMNS = (
     ("N", "agents"),
+    ("reload", "hot_reload"),
     ("ticks", "ticks_sent"),
     ("answered", "answered"),
     ("skipped", "runtime_ticks_skipped"),
@@ -140,6 +153,39 @@ def print_rows(rows: Sequence[dict[str, Any]]) -> None:
             print(f"\nN={row['agents']} failed: {row['error']}")
 
 
+def reload_comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per N served with hot reload on and off: both p99s (game side and in the runtime) and on/off."""
+    comparison = []
+    for agents in dict.fromkeys(row["agents"] for row in rows):
+        pair = {row["hot_reload"]: row for row in rows if row["agents"] == agents and "error" not in row}
+        if set(pair) != {True, False}:
+            continue
+        on, off = pair[True], pair[False]
+        comparison.append(
+            {
+                "agents": agents,
+                "p99_ms_reload_off": off["latency_p99_ms"],
+                "p99_ms_reload_on": on["latency_p99_ms"],
+                "p99_ratio": _ratio(on["latency_p99_ms"], off["latency_p99_ms"]),
+                "rt_p99_ratio": _ratio(on["runtime_latency_p99_ms"], off["runtime_latency_p99_ms"]),
+                "target_ratio": RELOAD_RATIO_TARGET,
+            }
+        )
+    print_table(
+        f"Hot reload on / off (p99, game side and in the runtime; target <= {RELOAD_RATIO_TARGET})",
+        ["N", "p99 off", "p99 on", "on/off", "rt on/off"],
+        [
+            [c["agents"], c["p99_ms_reload_off"], c["p99_ms_reload_on"], c["p99_ratio"], c["rt_p99_ratio"]]
+            for c in comparison
+        ],
+    )
+    return comparison
+
+
+def _ratio(on: float | None, off: float | None) -> float | None:
+    return round(on / off, 3) if on is not None and off else None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.end_to_end",
@@ -154,15 +200,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--models", type=int, default=100, help="checkpoints converted (the rest are derived)"
     )
-    parser.add_argument("--threads", type=int, default=2, help="runtime.intra_op_threads")
+    add_setting_arguments(parser)
     parser.add_argument(
-        "--cpu-pack-precision", choices=("fp32", "int8"), default="fp32", help="runtime.cpu_pack_precision"
+        "--compare-reload",
+        action="store_true",
+        help="serve each N with hot reload on and with it off, and report the ratio of the p99s",
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for `run`")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     add_output_argument(parser, "end_to_end")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compare_reload and args.no_reload:
+        parser.error("--compare-reload serves with hot reload on and off: drop --no-reload")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bm-e2e-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        setup = write_config(work / "config-convert.yaml", base_overrides(work, args.threads))
+        overrides = base_overrides(work, args)
+        setup = write_config(work / "config-convert.yaml", overrides)
         print(f"... writing and converting {args.models} checkpoints in {work}", file=sys.stderr, flush=True)
         write_checkpoints(work / "checkpoints", args.models, setup.environment.items_list, 128, args.seed)
         convert_s = convert(
@@ -180,28 +232,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [(n, args.ticks, False) for n in args.agents]
         if args.stretch_agents:
             runs.append((args.stretch_agents, args.stretch_ticks, True))
+        reload_modes: tuple[bool | None, ...] = (True, False) if args.compare_reload else (None,)
         rows = []
         for agents, ticks, stretch in runs:
-            print(f"... {agents} agents, {ticks} ticks at {args.rate}/s", file=sys.stderr, flush=True)
-            try:
-                row = serve_and_simulate(args, work, agents, ticks)
-            except HarnessError as exc:  # a run that fails is a result too (e.g. the stretch row)
-                print(f"... {agents} agents FAILED: {exc}", file=sys.stderr, flush=True)
-                row = {"agents": agents, "ticks": ticks, "error": str(exc)}
-            rows.append({**row, "stretch": stretch})
+            models = distinct_models(work / "models", work / f"models-{agents}", agents, args.seed)
+            for hot_reload in reload_modes:
+                try:
+                    row = serve_and_simulate(args, work, models, agents, ticks, hot_reload)
+                except HarnessError as exc:  # a run that fails is a result too (e.g. the stretch row)
+                    print(f"... {agents} agents FAILED: {exc}", file=sys.stderr, flush=True)
+                    row = {"agents": agents, "hot_reload": hot_reload, "ticks": ticks, "error": str(exc)}
+                rows.append({**row, "stretch": stretch})
     print_rows(rows)
+    results: dict[str, Any] = {"runs": rows}
+    if args.compare_reload:
+        results["reload_comparison"] = reload_comparison(rows)
     settings = {
         "models": args.models,
         "assignment": "one_per_checkpoint: N distinct models (--models converted, the rest derived)",
         "rate_hz": args.rate,
-        "runtime_intra_op_threads": args.threads,
-        "runtime_cpu_pack_precision": args.cpu_pack_precision,
-        "execution_provider": "CPUExecutionProvider (npu.enabled: false)",
+        "overrides": changed_settings(overrides),  # of config.yaml, in every run (each row: its own)
+        "runtime": setup.runtime.model_dump(mode="json", exclude={"model_dir"}),  # shipped values too
         "broker": f"{setup.mqtt.host}:{setup.mqtt.port}",
         "conversion_s": round(convert_s, 2),
         "command": command_line("end_to_end", argv),
     }
-    write_results(args.out, "end_to_end", machine, settings, {"runs": rows})
+    write_results(args.out, "end_to_end", machine, settings, results)
     return 0
 
 

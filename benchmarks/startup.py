@@ -9,7 +9,10 @@
    status saying "online" and (b) the first matrices message answering a tick published as soon as
    the roster is known. The first start builds the pack file (cold); later starts reuse it (warm).
 
-The runtime runs on the CPU EP (npu.enabled false): QNN HTP here is a CPU simulation.
+The runtime serves the shipped config.yaml: only its files, its topic prefix, one agent per checkpoint and
+a broker that must already run are set, plus what the command line asks for (--threads,
+--cpu-pack-precision, --no-reload); every changed setting is printed and recorded in the JSON. On x86_64
+the QNN HTP backend is a simulator, so the runtime serves on the CPU EP.
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ import numpy as np
 from benchmarks._harness import (
     HarnessError,
     RuntimeProcess,
+    add_setting_arguments,
+    announce_settings,
+    changed_settings,
     convert,
     running_runtime,
+    runtime_settings,
     unique_prefix,
     wait_for_status,
     write_checkpoints,
@@ -44,27 +51,24 @@ TARGET_FIRST_TICK_S = 5.0
 RETRY_TICK_S = 0.05  # republish the first tick this often until it is answered (subscription races)
 
 
-def overrides(work: Path, agents: int, prefix: str, threads: int) -> dict[str, dict[str, Any]]:
+def overrides(work: Path, prefix: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Its files in ``work``, a broker that must be there, one agent per checkpoint, the command line's."""
     return {
         "training": {"model_save_path": str(work / "checkpoints")},
         "conversion": {"output_dir": str(work / "models")},
-        "npu": {"enabled": False},
         "mqtt": {"embedded_broker": "never", "topic_prefix": prefix},
         "runtime": {
             "model_dir": str(work / "models"),
-            "num_agents": agents,
             "assignment": "one_per_checkpoint",
-            "convert_on_startup": False,
-            "hot_reload": False,
-            "intra_op_threads": threads,
+            **runtime_settings(args),
         },
     }
 
 
-def conversion_times(work: Path, count: int, seed: int) -> dict[str, Any]:
-    """Cold conversion of ``count`` fresh checkpoints in one command, and of one alone."""
-    config = work / "config-convert.yaml"
-    items = write_config(config, overrides(work, count, "unused", 1)).environment.items_list
+def conversion_times(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Cold conversion of ``--checkpoints`` fresh checkpoints in one command, and of one alone."""
+    config, count, seed = work / "config-convert.yaml", args.checkpoints, args.seed
+    items = write_config(config, overrides(work, "unused", args)).environment.items_list
     write_checkpoints(work / "checkpoints", count, items, 128, seed)
     write_checkpoints(work / "single", 1, items, 128, seed + 1)
     batch_s = convert(work / "checkpoints", config, work / "models", work / "convert.log")
@@ -117,7 +121,7 @@ def serving_times(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     starts = []
     for attempt in range(args.starts):
         path = work / f"config-run-{attempt}.yaml"
-        config = write_config(path, overrides(work, args.checkpoints, unique_prefix("startup"), args.threads))
+        config = write_config(path, overrides(work, unique_prefix("startup"), args))
         with running_runtime(path, work / f"run-{attempt}.log") as runtime:
             online_s, first_tick_s = asyncio.run(first_served_tick(config, runtime, args.timeout))
         starts.append(
@@ -139,7 +143,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoints", type=int, default=100, help="fresh checkpoints = agents served")
     parser.add_argument("--starts", type=int, default=3, help="consecutive `run` starts to time")
-    parser.add_argument("--threads", type=int, default=2, help="runtime.intra_op_threads")
+    add_setting_arguments(parser)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a start")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -153,8 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bm-startup-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        changed = changed_settings(overrides(work, "unused", args))
+        announce_settings(f"{args.checkpoints} agents, {args.starts} starts", changed)
         print(f"... converting {args.checkpoints} fresh checkpoints in {work}", file=sys.stderr, flush=True)
-        conversion = conversion_times(work, args.checkpoints, args.seed)
+        conversion = conversion_times(work, args)
         print(f"... {args.starts} starts of `blockmarket run`", file=sys.stderr, flush=True)
         starts = serving_times(args, work)
     print_table(
@@ -178,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {
         "agents": args.checkpoints,
         "assignment": "one_per_checkpoint (distinct models, one population pack)",
-        "runtime_intra_op_threads": args.threads,
-        "execution_provider": "CPUExecutionProvider (npu.enabled: false)",
+        "overrides": changed,  # of config.yaml
         "command": command_line("startup", argv),
     }
     write_results(args.out, "startup", machine, settings, results)

@@ -100,29 +100,50 @@ def test_plot_names_a_bad_results_file(tmp_path: Path) -> None:
     assert str(bad) in done.stderr
 
 
+SCENARIO = {"mqtt.embedded_broker": "never", "runtime.assignment": "one_per_checkpoint"}
+
+
 @pytest.mark.mqtt
 @pytest.mark.slow
 def test_end_to_end_serves_every_tick_over_the_broker(tmp_path: Path) -> None:
+    """Twice per N (--compare-reload): the shipped config with hot reload on, and with it off."""
     out = tmp_path / "end_to_end.json"
-    run_script(
+    done = run_script(
         "end_to_end",
         *("--agents", "12", "--stretch-agents", "0", "--ticks", "20", "--models", "3"),
-        *("--keep", str(tmp_path / "work"), "--out", str(out)),
+        *("--compare-reload", "--threads", "2", "--keep", str(tmp_path / "work"), "--out", str(out)),
     )
-    (row,) = read_results(out, "end_to_end")["runs"]
-    assert row["agents"] == 12 and row["ticks_sent"] == 20
-    assert row["answered"] + row["missing"] == row["ticks_sent"]
-    assert row["answered"] > 0 and row["rule_violations"] == 0
-    assert row["runtime_ticks_served"] >= row["answered"]
-    assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
-    assert row["runtime_peak_rss_mb"] > 0 and row["runtime_cpu_percent"] > 0
+    document = json.loads(out.read_text())
+    results = document["results"]
+    on, off = results["runs"]
+    assert (on["hot_reload"], off["hot_reload"]) == (True, False)
+    for row in (on, off):
+        assert row["agents"] == 12 and row["ticks_sent"] == 20
+        assert row["answered"] + row["missing"] == row["ticks_sent"]
+        assert row["answered"] > 0 and row["rule_violations"] == 0
+        assert row["runtime_ticks_served"] >= row["answered"]
+        assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+        assert row["runtime_peak_rss_mb"] > 0 and row["runtime_cpu_percent"] > 0
+    # every setting changed from config.yaml is printed before the run and recorded with it
+    assert document["settings"]["overrides"] == {**SCENARIO, "runtime.intra_op_threads": 2}
+    assert on["overrides"] == document["settings"]["overrides"]
+    assert off["overrides"] == {**on["overrides"], "runtime.hot_reload": False}
+    assert "runtime.hot_reload=false" in done.stderr and "runtime.intra_op_threads=2" in done.stderr
+    assert document["settings"]["runtime"]["intra_op_threads"] == 2
+    (comparison,) = results["reload_comparison"]
+    assert comparison["p99_ratio"] == round(on["latency_p99_ms"] / off["latency_p99_ms"], 3)
+    assert "Hot reload on / off" in done.stdout
+    # the runtime served the shipped hot reload settings: OS notifications on the model directory
+    assert "(OS notifications)" in (tmp_path / "work" / "run-12-reload-on.log").read_text()
 
 
 @pytest.mark.mqtt
 @pytest.mark.slow
 def test_startup_times_conversion_and_the_first_served_tick(tmp_path: Path) -> None:
     out = tmp_path / "startup.json"
-    run_script("startup", "--checkpoints", "3", "--starts", "1", "--out", str(out))
+    done = run_script("startup", "--checkpoints", "3", "--starts", "1", "--out", str(out))
+    assert json.loads(out.read_text())["settings"]["overrides"] == SCENARIO  # the shipped config otherwise
+    assert 'runtime.assignment="one_per_checkpoint"' in done.stderr
     results = read_results(out, "startup")
     assert results["conversion"]["checkpoints"] == 3
     assert results["conversion"]["batch_s"] > 0 and results["conversion"]["single_s"] > 0
