@@ -132,13 +132,14 @@ class WatchedFiles:
         models = {key for key in touched if (self.model_dir / f"{key}{METADATA_SUFFIX}").is_file()}
         return Changes(frozenset(models), any(self.is_checkpoint(p) for p in paths))
 
-    def roots(self) -> list[Path]:
-        """The directories to watch recursively, none inside another; each must exist."""
-        dirs = self.dirs()
-        for folder in dirs:
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: no such directory")
-        return [d for d in dirs if not any(d != o and d.is_relative_to(o) for o in dirs)]
+    def roots(self) -> tuple[list[Path], list[Path]]:
+        """The directories to watch recursively, none inside another, and those missing: the model
+        directory must exist, a missing checkpoint directory is left out."""
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"{self.model_dir}: no such directory")
+        dirs = [d for d in self.dirs() if d.is_dir()]
+        roots = [d for d in dirs if not any(d != o and d.is_relative_to(o) for o in dirs)]
+        return roots, [d for d in self.dirs() if d not in dirs]
 
     def describe(self) -> str:
         return " and ".join(map(str, self.dirs()))
@@ -233,7 +234,7 @@ class NotifyWatcher(ModelWatcher):
         self._pending = Changes()
         self._arrived = asyncio.Event()
         self._failure: BaseException | None = None
-        self._ready: asyncio.Future[list[Path]] | None = None
+        self._ready: asyncio.Future[tuple[list[Path], list[Path]]] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -241,11 +242,17 @@ class NotifyWatcher(ModelWatcher):
         thread = threading.Thread(target=self._watch, args=(loop,), name="reload-watch", daemon=True)
         thread.start()
         try:
-            roots = await self._ready
+            roots, missing = await self._ready
         except Exception as exc:
             await self._fall_back(exc)
             return
         log.info("hot reload: watching %s (OS notifications)", ", ".join(map(str, roots)))
+        for folder in missing:
+            log.warning(
+                "hot reload: the checkpoint directory %s does not exist; checkpoints written there once it "
+                "does are converted at the next start (runtime.reload_watcher: poll notices them)",
+                folder,
+            )
 
     async def next_changes(self) -> Changes:
         while self.polling is None:
@@ -281,9 +288,9 @@ class NotifyWatcher(ModelWatcher):
             # watch(), its constructor returns once the watches are registered, so start() knows when
 
             files = self.files.resolved()
-            roots = files.roots()
+            roots, missing = files.roots()
             with RustNotify([str(r) for r in roots], False, False, 300, True, False) as notify:
-                self._post(loop, self._started, roots)
+                self._post(loop, self._started, roots, missing)
                 while True:
                     batch = notify.watch(int(MAX_BATCH_S * 1000), int(SETTLE_S * 1000), 0, self._stop)
                     if batch == "stop":
@@ -308,9 +315,9 @@ class NotifyWatcher(ModelWatcher):
             if not self._stop.is_set():
                 raise
 
-    def _started(self, roots: list[Path]) -> None:
+    def _started(self, roots: list[Path], missing: list[Path]) -> None:
         if self._ready is not None and not self._ready.done():
-            self._ready.set_result(roots)
+            self._ready.set_result((roots, missing))
 
     def _deliver(self, changes: Changes) -> None:
         self._pending |= changes

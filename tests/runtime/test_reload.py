@@ -136,6 +136,23 @@ async def test_a_notify_watcher_without_its_directory_polls_instead(
     watcher.close()
 
 
+async def test_a_missing_checkpoint_directory_is_not_watched_and_said_so(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serving-only deployment has no checkpoint directory: the models are still watched by the OS."""
+    missing = tmp_path / "no-checkpoints"
+    watcher = NotifyWatcher(WatchedFiles(model_dir, missing, model_dir), fallback_poll_s=0.02)
+    with caplog.at_level(logging.WARNING):
+        await watcher.start()
+    try:
+        assert watcher.polling is None
+        assert f"checkpoint directory {missing} does not exist" in caplog.text
+        write_model(model_dir, "m5", trading_weights(5))
+        assert await collect(watcher) == Changes(frozenset({"m5"}))
+    finally:
+        watcher.close()
+
+
 def test_auto_takes_os_notifications_when_watchfiles_is_installed(model_dir: Path) -> None:
     files = WatchedFiles(model_dir)
     assert isinstance(model_watcher(files, "auto", 2.0), NotifyWatcher)
