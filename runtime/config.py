@@ -147,7 +147,9 @@ class MqttConfig(_Section):
     per_agent_topics: bool = False
     embedded_broker: Literal["auto", "always", "never"] = "auto"
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    reconnect_max_backoff_s: float = Field(10.0, gt=0)
+    # The longest pause between two connection attempts (jittered by +-20 %): serving resumes within about
+    # this long after the broker is back. 1 s keeps that under 2 s; more spares a struggling broker.
+    reconnect_max_backoff_s: float = Field(1.0, ge=0.1, le=60.0)
 
 
 class RuntimeConfig(_Section):

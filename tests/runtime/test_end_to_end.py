@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.config import load_config
+from runtime.config import MqttConfig, load_config
 from runtime.protocol import MarketTick, encode_tick
 from tests.runtime.runtime_helpers import (
     ITEMS,
@@ -155,6 +157,42 @@ async def test_broker_restart_keeps_serving_with_agent_state_intact(
         broker.stop()
     assert OfflineMarket.check(config_path, game) == 60  # ticks 30.. continue from the pre-restart state
     assert "reconnected to MQTT broker" in (tmp_path / "run.log").read_text()
+
+
+async def test_answers_resume_within_2_s_of_the_broker_returning_after_an_outage_longer_than_the_cap(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    """Issue 10.4: with the broker down 30 s, answers resumed 9.6 s after it came back (cap was 10 s).
+
+    Both sides run the shipped reconnect settings; the broker stays down three backoff caps.
+    """
+    broker = PrivateMosquitto(tmp_path)
+    broker.start()
+    cap = MqttConfig().reconnect_max_backoff_s
+    config_path = serving_config(tmp_path, model_dir, prefix, port=broker.port, reconnect_max_backoff_s=cap)
+    config = load_config(config_path)
+    try:
+        with running(config_path, tmp_path):
+            async with GameClient(config.mqtt, len(ITEMS)) as game:
+                await game.online()
+                await game.send(game.tick(0))
+                await game.answer(0)
+                broker.stop()
+                await asyncio.sleep(3 * cap)
+                broker.start()
+                back = time.monotonic()
+                number = 1
+                while len(game.answers) == 1:  # a game server ticking at 20/s through the reconnect
+                    assert time.monotonic() - back < 15, "no answer 15 s after the broker came back"
+                    if await game.link.publish(game.topics.tick, encode_tick(game.tick(number))):
+                        number += 1
+                    await asyncio.sleep(0.05)
+                resumed_s = time.monotonic() - back
+    finally:
+        broker.stop()
+    assert resumed_s < 2.0, f"answers resumed {resumed_s:.1f} s after the broker came back"
+    pauses = [float(p) for p in re.findall(r"retrying in ([0-9.]+) s", (tmp_path / "run.log").read_text())]
+    assert len(pauses) >= 3 and max(pauses) < 2.0, pauses  # never a pause that outlasts the 2 s promise
 
 
 def bad_payloads(valid: MarketTick) -> dict[str, bytes]:

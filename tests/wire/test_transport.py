@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from wire_helpers import SHARED_HOST, SHARED_PORT, Inbox, PrivateMosquitto, make_tick, started, wait_until
 
-from runtime.config import ConfigError, MqttConfig
+from runtime.config import ConfigError, MqttConfig, config_from_dict, dump_default_config
 from runtime.protocol import (
     Limits,
     MatricesMessage,
@@ -280,6 +280,16 @@ def test_client_options_take_credentials_from_the_environment_and_tls_from_confi
     assert getattr(options["tls_params"], "ca_certs", None) == str(ca_file)
     with pytest.raises(ConfigError, match=r"mqtt\.ca_file"):
         client_options(MqttConfig(tls=True, ca_file=str(tmp_path / "missing.pem")))
+
+
+def test_reconnect_backoff_cap_defaults_low_and_its_range_is_checked() -> None:
+    """The cap bounds how long serving takes to resume after an outage (1.2 x cap at most, with jitter)."""
+    assert MqttConfig().reconnect_max_backoff_s * 1.2 < 2.0
+    for value in (0.0, 0.05, 61.0):
+        data = dump_default_config()
+        data["mqtt"]["reconnect_max_backoff_s"] = value
+        with pytest.raises(ConfigError, match=r"^cfg\.yaml: mqtt\.reconnect_max_backoff_s: Input should be"):
+            config_from_dict(data, source="cfg.yaml")
 
 
 @pytest.mark.parametrize("broker", ["up", "dead", "frozen"])
