@@ -134,6 +134,8 @@ class NpuConfig(_Section):
 
 
 class MqttConfig(_Section):
+    """The broker connection: address, topics, credentials (password from the environment), TLS, retries."""
+
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     topic_prefix: str = "blockmarket"
@@ -150,6 +152,7 @@ class MqttConfig(_Section):
     # The longest pause between two connection attempts (jittered by +-20 %): serving resumes within about
     # this long after the broker is back. 1 s keeps that under 2 s; more spares a struggling broker.
     reconnect_max_backoff_s: float = Field(1.0, ge=0.1, le=60.0)
+    max_auth_failures: int = Field(3, ge=1)  # credentials refused this many times in a row: the command exits
 
 
 class RuntimeConfig(_Section):

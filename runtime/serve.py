@@ -1,11 +1,11 @@
 """Serve every agent over MQTT: one batched answer with all trading matrices per market tick.
 
-Lifecycle, top to bottom: load and validate the config; convert new `.pth` checkpoints in a worker
-process (with no checkpoints and no models at all, first train a small population, announced); build
-the agent population and the session pool; use the configured MQTT broker (or start an embedded one on
-loopback when none answers); serve ticks, publish a retained status and hot-reload converted models
-until SIGINT/SIGTERM (Ctrl-C/Ctrl-Break on Windows; a second one forces the exit); then publish the
-"offline" status and exit 0. This process never imports torch.
+Lifecycle, top to bottom: load and validate the config (and the MQTT credentials and TLS files it
+names); convert new `.pth` checkpoints in a worker process (with no checkpoints and no models at all,
+first train a small population, announced); build the agent population and the session pool; use the
+configured MQTT broker (or start an embedded one on loopback when none answers); serve ticks, publish a
+retained status and hot-reload converted models until SIGINT/SIGTERM (Ctrl-C/Ctrl-Break on Windows; a
+second one forces the exit); then publish the "offline" status and exit 0. This process never imports torch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reas
 from runtime.reload import ModelReloader, WatchedFiles, model_watcher
 from runtime.scheduler import TickScheduler, TickSlot
 from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
-from runtime.transport import RuntimeTransport, runtime_client_id
+from runtime.transport import BrokerRefused, RuntimeTransport, runtime_client_id
 from runtime.workers import (
     bootstrap_population,
     checkpoints,
@@ -50,7 +50,7 @@ class StartupError(RuntimeError):
 STATUS_GROWTH_BYTES = 1024  # the status's counters and figures grow while serving
 
 # What stops a start with a one-line message instead of a traceback (each names the file or setting).
-STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError)
+STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError, ConfigError)
 
 
 def serve_on_npu(npu: NpuConfig) -> bool:
@@ -96,15 +96,16 @@ class RuntimeServer:
 
     async def serve(self) -> int:
         """Run until stopped; returns the process exit code."""
-        await self.prepare_models()
-        population, pool = await self.build_pool()
-        self._check_message_sizes(population, pool)
-        broker = await ensure_broker(self.config.mqtt)
         mqtt = self.config.mqtt
         slot = TickSlot()
+        # First: MQTT credentials and TLS files are checked now, not after minutes of conversion.
         transport = RuntimeTransport(
             mqtt, on_tick=slot.put, will_payload=encode_status(self.last_will()), client_id=self.client_id
         )
+        await self.prepare_models()
+        population, pool = await self.build_pool()
+        self._check_message_sizes(population, pool)
+        broker = await ensure_broker(mqtt)
         scheduler = TickScheduler(
             population,
             pool,
@@ -296,15 +297,22 @@ class RuntimeServer:
         self.ready.set()
 
     async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> int:
-        """Wait for stop(); a serving task that dies is logged and ends the process with code 1."""
+        """Wait for stop(); a serving task that dies is logged and ends the process with code 1.
+
+        A broker that refuses us for good (credentials, our client id in use) is one error line.
+        """
         stop = asyncio.create_task(self._stop.wait())
         pending: set[asyncio.Future[Any]] = {stop, *tasks}
         try:
             while not stop.done():
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done - {stop}:
-                    if not task.cancelled() and task.exception() is not None:
-                        log.error("%s task failed", task.get_name(), exc_info=task.exception())  # type: ignore[attr-defined]
+                    error = None if task.cancelled() else task.exception()
+                    if isinstance(error, BrokerRefused):
+                        log.error("%s", error)
+                        return 1
+                    if error is not None:
+                        log.error("%s task failed", task.get_name(), exc_info=error)  # type: ignore[attr-defined]
                         return 1
             return 0
         finally:

@@ -56,7 +56,7 @@ from runtime.protocol import (
     payload_shortfall,
 )
 from runtime.state import MATRIX_MAX, MATRIX_MIN, initial_inventory, initial_matrices
-from runtime.transport import MqttLink
+from runtime.transport import BrokerRefused, MqttLink
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +271,10 @@ class MarketSimulator:
         )
         link_task = asyncio.create_task(link.run())
         try:
-            await _connected(link, self.config.mqtt, self.connect_timeout_s)
+            await _connected(link, link_task, self.config.mqtt, self.connect_timeout_s)
             self._started = next_at = next_report = time.perf_counter()
             tick = 0
-            while not self._stop.is_set() and (ticks == 0 or tick < ticks):
+            while not self._stop.is_set() and (ticks == 0 or tick < ticks) and not link_task.done():
                 if tick:  # in a thread: answers keep being received (and timed) during a long step
                     await asyncio.to_thread(self.step)
                 await self._publish(link, tick)
@@ -353,14 +353,23 @@ def obeys_update_rule(matrices: npt.NDArray[np.float32]) -> bool:
     )
 
 
-async def _connected(link: MqttLink, cfg: MqttConfig, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+async def _connected(
+    link: MqttLink, running: asyncio.Task[None], cfg: MqttConfig, timeout_s: float = CONNECT_TIMEOUT_S
+) -> None:
+    """Until ``link`` (run by ``running``) is connected; re-raises its :class:`BrokerRefused`."""
+    connected = asyncio.create_task(link.connected.wait())
     try:
-        await asyncio.wait_for(link.connected.wait(), timeout_s)
-    except TimeoutError:
-        raise SimulatorError(
-            f"no MQTT broker reachable at {cfg.host}:{cfg.port} within {timeout_s:.0f} s "
-            "(start `blockmarket run`, which embeds one on loopback if needed, or check mqtt.host/port)"
-        ) from None
+        await asyncio.wait({connected, running}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        connected.cancel()
+    if link.connected.is_set():
+        return
+    if running.done():
+        running.result()  # the broker refused us for good: its reason, not "unreachable"
+    raise SimulatorError(
+        f"no MQTT broker reachable at {cfg.host}:{cfg.port} within {timeout_s:.0f} s "
+        "(start `blockmarket run`, which embeds one on loopback if needed, or check mqtt.host/port)"
+    )
 
 
 # ---------------------------------------------------------------------------------------- roster
@@ -406,7 +415,7 @@ async def discover_roster(config: Config, wait_s: float) -> Roster | None:
     task = asyncio.create_task(link.run())
     roster: Roster | None = None
     try:
-        await _connected(link, config.mqtt)
+        await _connected(link, task, config.mqtt)
         deadline = time.monotonic() + wait_s
         while roster is None or roster.state != "online":
             remaining = deadline - time.monotonic()
@@ -521,7 +530,7 @@ def simulate_command(config: Config, args: argparse.Namespace) -> int:
     """`blockmarket simulate` with its config loaded: play, print the summary; 1 if nothing was answered."""
     try:
         summary = lifecycle.run(simulate(config, args))
-    except SimulatorError as exc:
+    except (SimulatorError, BrokerRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print("final: " + summary.line())

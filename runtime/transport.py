@@ -1,7 +1,10 @@
 """MQTT connections that survive broker restarts (aiomqtt): reconnect with backoff, resubscribe, re-retain.
 
-:class:`MqttLink` is one connection with a fixed set of subscriptions; it never gives up while running,
-so the agent state held by its owner outlives any broker outage. :class:`RuntimeTransport` is the
+:class:`MqttLink` is one connection with a fixed set of subscriptions. It never gives up on an outage, so
+the agent state held by its owner outlives it, and it retries at least every
+``mqtt.reconnect_max_backoff_s`` so serving resumes soon after the broker is back. It gives up
+(:class:`BrokerRefused`) only when retrying cannot help: the broker keeps refusing our credentials, or
+another client with our client id keeps taking the connection over. :class:`RuntimeTransport` is the
 runtime's link (tick topic in; matrices, per-agent matrices and retained status out; last will
 "offline"). The simulator builds its own :class:`MqttLink` for the game-server side.
 """
@@ -28,6 +31,13 @@ logger = logging.getLogger(__name__)
 TickHandler = Callable[[bytes, float], None]  # (payload, time.perf_counter() at receipt)
 
 INITIAL_BACKOFF_S = 0.2
+# CONNACK reason codes refusing our credentials: bad user name or password, not authorized (paho gives
+# MQTT 3.1.1's codes 4 and 5 these MQTT 5 numbers).
+AUTH_REFUSALS = frozenset({134, 135})
+# A client id in use elsewhere: each reconnect takes the connection over from the other client, so the
+# broker closes ours again right after accepting it (MQTT 3.1.1 and Mosquitto 2.0 give no reason for it).
+SHORT_SESSION_S = 2.0  # a connection the broker ends sooner than this after accepting it is suspect...
+TAKEOVER_STREAK = 3  # ...and this many in a row, with no failed attempt between them, means a takeover
 MAX_QUEUED_INCOMING = 1024  # aiomqtt's inbound queue; handlers are cheap, so this only bounds memory
 # Retained statuses are published at QoS 0: TCP already delivers them in order on a live connection and
 # they are republished after every reconnect. At QoS 1 each periodic status stalled the next matrices
@@ -35,6 +45,11 @@ MAX_QUEUED_INCOMING = 1024  # aiomqtt's inbound queue; handlers are cheap, so th
 STATUS_QOS = 0
 WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
 MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)
+
+
+class BrokerRefused(RuntimeError):
+    """The broker will not keep this client connected and retrying cannot change that (the message says
+    what to change): its credentials, or another client connected with the same client id."""
 
 
 def runtime_client_id(cfg: MqttConfig) -> str:
@@ -45,7 +60,8 @@ def runtime_client_id(cfg: MqttConfig) -> str:
 def client_options(cfg: MqttConfig) -> dict[str, object]:
     """aiomqtt.Client keyword arguments for auth and TLS (the password comes from ``cfg.password_env``).
 
-    A missing CA file is a :class:`ConfigError` now rather than an endless reconnect loop later.
+    A user without a password in the environment, or a missing CA file, is a :class:`ConfigError` now
+    rather than refused connections later.
     """
     # TCP_NODELAY: ticks and answers are latency-bound single writes; Nagle's algorithm may hold a write
     # that follows an unacknowledged one until the peer's delayed ACK (up to 40 ms on Linux).
@@ -56,10 +72,10 @@ def client_options(cfg: MqttConfig) -> dict[str, object]:
     if cfg.username:
         password = os.environ.get(cfg.password_env)
         if password is None:
-            logger.warning(
-                "MQTT user %r configured but $%s is not set: connecting without a password",
-                cfg.username,
-                cfg.password_env,
+            raise ConfigError(
+                f"mqtt.username is {cfg.username!r} but ${cfg.password_env} (named by mqtt.password_env) is "
+                "not set: export the user's password in it, or set mqtt.username: null for a broker that "
+                "takes anonymous clients"
             )
         options.update(username=cfg.username, password=password)
     if cfg.tls:
@@ -67,6 +83,12 @@ def client_options(cfg: MqttConfig) -> dict[str, object]:
             raise ConfigError(f"mqtt.ca_file: {cfg.ca_file}: no such file (the CA bundle for TLS)")
         options["tls_params"] = aiomqtt.TLSParameters(ca_certs=cfg.ca_file)
     return options
+
+
+def _refuses_credentials(exc: aiomqtt.MqttError) -> bool:
+    """Whether ``exc`` is the broker's CONNACK refusing our user name or password."""
+    code = getattr(getattr(exc, "rc", None), "value", None)
+    return isinstance(exc, aiomqtt.MqttCodeError) and code in AUTH_REFUSALS
 
 
 def _cancelling() -> bool:
@@ -103,19 +125,26 @@ class MqttLink:
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
         self._finished.set()
+        self._accepted_at: float | None = None  # when the broker accepted the current attempt (CONNACK)
+        self._auth_refusals = 0  # attempts refused for credentials since the last accepted one
+        self._short_sessions = 0  # accepted connections in a row that the broker ended right away
 
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.cfg.port}"
 
     async def run(self) -> None:
-        """Connect, subscribe and dispatch messages; on any connection loss back off and start over."""
+        """Connect, subscribe and dispatch messages; on a connection loss back off and start over.
+
+        Raises :class:`BrokerRefused` when the broker keeps refusing our credentials
+        (``mqtt.max_auth_failures`` times) or another client keeps taking our client id over.
+        """
         self._stopping.clear()
         self._finished.clear()
         backoff = INITIAL_BACKOFF_S
         try:
             while not self._stopping.is_set():
-                connections = self.connections
+                self._accepted_at = None
                 try:
                     await self._session()
                 except aiomqtt.MqttError as exc:
@@ -123,10 +152,15 @@ class MqttLink:
                         break
                     if _cancelling():  # aiomqtt's disconnect on the way out raised over our cancellation
                         raise asyncio.CancelledError from exc
-                    if self.connections > connections:  # this session had connected: a fresh outage
-                        backoff = INITIAL_BACKOFF_S
+                    lived_s = None if self._accepted_at is None else time.monotonic() - self._accepted_at
+                    refused = self._lasting_refusal(exc, lived_s)
+                    if refused is not None:
+                        raise refused from exc
+                    if lived_s is not None:  # the broker had accepted us: a fresh outage starts from scratch
+                        backoff, state = INITIAL_BACKOFF_S, "lost the connection to"
+                    else:
+                        state = "was refused by" if _refuses_credentials(exc) else "cannot reach"
                     delay = backoff * random.uniform(0.8, 1.2)
-                    state = "lost the connection to" if self.connections else "cannot reach"
                     logger.warning(
                         "%s %s MQTT broker at %s (%s); retrying in %.1f s",
                         self.client_id, state, self.address, exc, delay,
@@ -139,6 +173,37 @@ class MqttLink:
             self.connected.clear()
             self._finished.set()
 
+    def _lasting_refusal(self, exc: aiomqtt.MqttError, lived_s: float | None) -> BrokerRefused | None:
+        """Count this failed attempt; the refusal it completes (retrying cannot help), if any.
+
+        ``lived_s``: how long the broker had kept the connection after accepting it (None: not accepted).
+        """
+        if lived_s is None:
+            self._short_sessions = 0  # an outage between two connections: not a takeover
+            if not _refuses_credentials(exc):
+                return None
+            self._auth_refusals += 1
+            if self._auth_refusals < self.cfg.max_auth_failures:
+                return None
+            who = f"user {self.cfg.username!r}" if self.cfg.username else "an anonymous client"
+            return BrokerRefused(
+                f"the MQTT broker at {self.address} refused {who} {self._auth_refusals} times in a row "
+                f"({exc}): check mqtt.username and the password in "
+                f"${self.cfg.password_env} (mqtt.password_env); mqtt.max_auth_failures sets how many "
+                "refusals end the command"
+            )
+        self._auth_refusals = 0
+        self._short_sessions = self._short_sessions + 1 if lived_s < SHORT_SESSION_S else 0
+        if self._short_sessions < TAKEOVER_STREAK:
+            return None
+        return BrokerRefused(
+            f"MQTT client id {self.client_id!r} is in use by another client: the broker at {self.address} "
+            f"closed our connection within {SHORT_SESSION_S:g} s of accepting it {self._short_sessions} "
+            "times in a row (two clients with one id take the connection from each other at every "
+            "reconnect). Stopped instead of taking turns with it: give each runtime its own "
+            "mqtt.client_id (null: blockmarket-runtime-<pid>)"
+        )
+
     async def _session(self) -> None:
         """One connection: subscribe, re-publish retained messages, dispatch until lost or closing."""
         async with aiomqtt.Client(
@@ -149,6 +214,7 @@ class MqttLink:
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
             **self._options,  # type: ignore[arg-type]
         ) as client:
+            self._accepted_at = time.monotonic()
             for topic in self._subscriptions:
                 await client.subscribe(topic, qos=self.cfg.qos)
             self.connections += 1

@@ -195,6 +195,39 @@ async def test_answers_resume_within_2_s_of_the_broker_returning_after_an_outage
     assert len(pauses) >= 3 and max(pauses) < 2.0, pauses  # never a pause that outlasts the 2 s promise
 
 
+async def test_two_runtimes_with_one_client_id_one_stops_with_a_clear_error_instead_of_flapping(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    """Issue 10.5: two runtimes with one mqtt.client_id kicked each other off ~45 times each in 20 s."""
+    client_id = f"{prefix}-runtime"
+    config_path = serving_config(tmp_path, model_dir, prefix, client_id=client_id)
+    config = load_config(config_path)
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    processes = [runtime_process(config_path, logs[0])]
+    try:
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            await game.online()
+            processes.append(runtime_process(config_path, logs[1]))
+            await wait_until(lambda: any(p.poll() is not None for p in processes), 30, "one runtime to stop")
+            stopped = next(k for k, p in enumerate(processes) if p.poll() is not None)
+            survivor = processes[1 - stopped]
+            log = logs[stopped].read_text()
+            assert processes[stopped].returncode == 1 and "Traceback" not in log, log[-3000:]
+            assert f"MQTT client id '{client_id}' is in use by another client" in log
+            assert "give each runtime its own mqtt.client_id" in log
+            await asyncio.sleep(2.0)  # the survivor keeps its connection and serves
+            assert survivor.poll() is None
+            await wait_until(lambda: game.status.get("pid") == survivor.pid, 5, "the survivor's status")
+            await game.send(game.tick(0))
+            check_matrices((await game.answer(0)).matrices, AGENTS, len(ITEMS))
+            assert stop_process(survivor) == 0
+    finally:
+        for process in processes:
+            stop_process(process)
+    survivor_log = logs[1 - stopped].read_text()
+    assert survivor_log.count("reconnected to MQTT broker") <= 3, survivor_log[-3000:]  # no flapping
+
+
 def bad_payloads(valid: MarketTick) -> dict[str, bytes]:
     """One payload per refusal kind; the expected kind is the key."""
     good = encode_tick(valid)

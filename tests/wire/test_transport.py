@@ -28,7 +28,7 @@ from runtime.protocol import (
     encode_status,
     encode_tick,
 )
-from runtime.transport import MqttLink, RuntimeTransport, client_options
+from runtime.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
 
 pytestmark = pytest.mark.mqtt
 
@@ -282,6 +282,20 @@ def test_client_options_take_credentials_from_the_environment_and_tls_from_confi
         client_options(MqttConfig(tls=True, ca_file=str(tmp_path / "missing.pem")))
 
 
+def test_a_user_without_its_password_in_the_environment_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a warning and a connect without a password: the link is never built."""
+    monkeypatch.delenv("BM_TEST_UNSET", raising=False)
+    cfg = MqttConfig(username="game", password_env="BM_TEST_UNSET")
+    with pytest.raises(
+        ConfigError, match=r"mqtt\.username is 'game' but \$BM_TEST_UNSET \(named by mqtt\.password_env\)"
+    ):
+        MqttLink(cfg, client_id="no-password", subscriptions={})
+    monkeypatch.setenv("BM_TEST_UNSET", "")  # set but empty is a password (MQTT allows an empty one)
+    assert client_options(cfg)["password"] == ""
+
+
 def test_reconnect_backoff_cap_defaults_low_and_its_range_is_checked() -> None:
     """The cap bounds how long serving takes to resume after an outage (1.2 x cap at most, with jitter)."""
     assert MqttConfig().reconnect_max_backoff_s * 1.2 < 2.0
@@ -290,6 +304,38 @@ def test_reconnect_backoff_cap_defaults_low_and_its_range_is_checked() -> None:
         data["mqtt"]["reconnect_max_backoff_s"] = value
         with pytest.raises(ConfigError, match=r"^cfg\.yaml: mqtt\.reconnect_max_backoff_s: Input should be"):
             config_from_dict(data, source="cfg.yaml")
+    data = dump_default_config()
+    data["mqtt"]["max_auth_failures"] = 0
+    with pytest.raises(
+        ConfigError, match=r"mqtt\.max_auth_failures: Input should be greater than or equal to 1"
+    ):
+        config_from_dict(data, source="cfg.yaml")
+
+
+@pytest.mark.slow
+async def test_two_links_with_one_client_id_stop_with_a_clear_error_instead_of_flapping(
+    mqtt_cfg: MqttConfig,
+) -> None:
+    """The broker hands the id to whoever connects last; one of the two must give up, naming the id."""
+    client_id = f"{mqtt_cfg.topic_prefix}-same-id"
+    first = RuntimeTransport(mqtt_cfg, on_tick=Inbox(), will_payload=OFFLINE, client_id=client_id)
+    second = RuntimeTransport(mqtt_cfg, on_tick=Inbox(), will_payload=OFFLINE, client_id=client_id)
+    tasks = [await started(first)]
+    tasks.append(asyncio.create_task(second.run()))
+    done, _ = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert done, "both links still running after 10 s: they are taking the connection from each other"
+    (ended,) = done
+    with pytest.raises(BrokerRefused, match=rf"MQTT client id '{client_id}' is in use by another client"):
+        ended.result()
+    assert "mqtt.client_id" in str(ended.exception())
+    survivor = first if ended is tasks[1] else second
+    await asyncio.wait_for(survivor.connected.wait(), 5)
+    connections = survivor.connections
+    await asyncio.sleep(1.5)  # no flapping left: the survivor keeps its one connection
+    assert survivor.connected.is_set() and survivor.connections == connections <= 4
+    await survivor.close(OFFLINE)
+    await asyncio.wait_for(tasks[0] if survivor is first else tasks[1], 5)
+    await clear_retained(mqtt_cfg)
 
 
 @pytest.mark.parametrize("broker", ["up", "dead", "frozen"])
