@@ -52,22 +52,31 @@ def make_tick(count: int = 4, items: int = 5, tick: int = 7, seed: int = 0) -> M
 
 
 class PrivateMosquitto:
-    """A Mosquitto of our own on a free loopback port: tests may kill and restart it freely."""
+    """A Mosquitto of our own on free loopback ports: tests may kill and restart it freely.
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    By default anonymous and on one port; ``config`` is a whole mosquitto.conf listening on ``ports``.
+    Its log is ``mosquitto.log`` in ``workdir``.
+    """
+
+    def __init__(self, workdir: Path, config: str | None = None, ports: tuple[int, ...] = ()) -> None:
+        self.ports = ports or (free_port(),)
+        self.port = self.ports[0]
         self.config = workdir / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.config.write_text(
+            config or f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        )
+        self.log = workdir / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["mosquitto", "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 5
-        while not port_open(self.port):
+        while not all(port_open(port) for port in self.ports):
             if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"private mosquitto did not start on port {self.port}")
+                raise RuntimeError(f"private mosquitto did not start on {self.ports}: {self.log.read_text()}")
             time.sleep(0.05)
 
     def stop(self) -> None:

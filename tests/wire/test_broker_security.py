@@ -1,0 +1,194 @@
+"""Passwords, ACL and TLS against a private Mosquitto running the shipped deploy/mosquitto configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
+from wire_helpers import Inbox, make_tick, started
+
+from runtime.config import MqttConfig
+from runtime.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
+from runtime.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    GameClient,
+    check_matrices,
+    runtime_process,
+    stop_process,
+    trading_weights,
+    write_config,
+    write_model,
+)
+
+pytestmark = pytest.mark.slow
+
+RUNTIME_PASSWORD_ENV, GAME_PASSWORD_ENV = "BM_TEST_RUNTIME_PASSWORD", "BM_TEST_GAME_PASSWORD"
+LIMITS = Limits(num_items=5)
+ONLINE = encode_status({"state": "online", "client_id": "acl-runtime"})
+OFFLINE = encode_status({"state": "offline", "client_id": "acl-runtime"})
+
+
+@pytest.fixture
+def secure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SecureMosquitto]:
+    """The broker, with both users' passwords in the environment variables their configs name."""
+    broker = SecureMosquitto.start(tmp_path / "broker")
+    monkeypatch.setenv(RUNTIME_PASSWORD_ENV, broker.passwords[RUNTIME_USER])
+    monkeypatch.setenv(GAME_PASSWORD_ENV, broker.passwords[GAME_USER])
+    try:
+        yield broker
+    finally:
+        broker.broker.stop()
+
+
+def serving_config(tmp_path: Path, mqtt: MqttConfig, **fields: object) -> Path:
+    """A `blockmarket run` config serving two small models with ``mqtt`` (plus ``fields``)."""
+    model_dir = tmp_path / "onnx"
+    for i in range(2):
+        write_model(model_dir, f"m{i}", trading_weights(i), desired_item=ITEMS[i])
+    return write_config(
+        tmp_path / "config.yaml",
+        runtime={
+            "num_agents": 4,
+            "model_dir": str(model_dir),
+            "convert_on_startup": False,
+            "hot_reload": False,
+        },
+        training={"model_save_path": str(tmp_path / "no-checkpoints")},
+        mqtt={**mqtt.model_dump(), **fields},
+        npu={"enabled": False},
+    )
+
+
+async def test_runtime_over_tls_with_its_password_serves_a_game_server_user(
+    tmp_path: Path, secure: SecureMosquitto
+) -> None:
+    runtime = secure.mqtt(RUNTIME_USER, RUNTIME_PASSWORD_ENV, tls=True)
+    process = runtime_process(serving_config(tmp_path, runtime), tmp_path / "run.log")
+    try:
+        async with GameClient(secure.mqtt(GAME_USER, GAME_PASSWORD_ENV, tls=True), len(ITEMS)) as game:
+            assert (await game.online())["agents"] == 4  # the runtime's status reached the game user
+            for number in range(3):
+                await game.send(game.tick(number))
+                check_matrices((await game.answer(number)).matrices, 4, len(ITEMS))
+            assert stop_process(process) == 0
+    finally:
+        stop_process(process)
+    log = (tmp_path / "run.log").read_text()
+    assert "runtime stopped: 4 agents: 3 ticks served" in log, log[-3000:]
+
+
+async def test_tls_refuses_a_broker_whose_certificate_the_ca_file_does_not_vouch_for(
+    secure: SecureMosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without mqtt.ca_file the system CAs apply, and they do not know the test CA: never connected."""
+    cfg = secure.mqtt(GAME_USER, GAME_PASSWORD_ENV, tls=True).model_copy(update={"ca_file": None})
+    link = MqttLink(cfg, client_id="untrusting", subscriptions={})
+    task = asyncio.create_task(link.run())
+    await asyncio.sleep(1.0)
+    assert not link.connected.is_set() and not task.done()  # a certificate problem is retried, not fatal
+    await link.disconnect()
+    await task
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+async def test_a_wrong_password_ends_run_and_simulate_after_max_auth_failures_with_the_reason(
+    tmp_path: Path, secure: SecureMosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RUNTIME_PASSWORD_ENV, "not-the-password")
+    runtime = secure.mqtt(RUNTIME_USER, RUNTIME_PASSWORD_ENV, max_auth_failures=2)
+    process = runtime_process(serving_config(tmp_path, runtime), tmp_path / "run.log")
+    try:
+        code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        stop_process(process)
+    log = (tmp_path / "run.log").read_text()
+    assert code == 1, log[-3000:]
+    expected = f"refused user '{RUNTIME_USER}' 2 times in a row ([code:135] Not authorized)"
+    assert expected in log and "Traceback" not in log, log[-3000:]
+    assert "mqtt.max_auth_failures" in log and f"${RUNTIME_PASSWORD_ENV}" in log
+    assert secure.refusals() == 2  # bounded: exactly the configured number of attempts reached the broker
+
+    monkeypatch.setenv(GAME_PASSWORD_ENV, "not-the-password-either")
+    game = write_config(tmp_path / "game.yaml", mqtt=secure.mqtt(GAME_USER, GAME_PASSWORD_ENV).model_dump())
+    simulate = [sys.executable, "-m", "runtime.cli", "simulate", "--config", str(game), "--ticks", "5"]
+    done = await asyncio.to_thread(subprocess.run, simulate, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"refused user '{GAME_USER}' 3 times in a row ([code:135] Not authorized)" in done.stderr
+    assert secure.refusals() == 2 + 3
+
+
+async def test_the_acl_keeps_each_user_to_its_own_topics_and_anonymous_clients_out(
+    secure: SecureMosquitto,
+) -> None:
+    ticks, status, answers = Inbox(), Inbox(), Inbox()
+    runtime_cfg = secure.mqtt(RUNTIME_USER, RUNTIME_PASSWORD_ENV)
+    game_cfg = secure.mqtt(GAME_USER, GAME_PASSWORD_ENV)
+    runtime = RuntimeTransport(runtime_cfg, on_tick=ticks, will_payload=OFFLINE, client_id="acl-runtime")
+    topics = runtime.topics
+    game = MqttLink(
+        game_cfg, client_id="acl-game", subscriptions={topics.status: status, topics.matrices: answers}
+    )
+    tasks = [await started(runtime), await started(game)]
+
+    # What each user is granted works: the runtime's status and a game server's tick get through.
+    assert await runtime.publish_status(ONLINE)
+    assert decode_status(await status.next(), LIMITS)["state"] == "online"
+    assert await game.publish(topics.tick, encode_tick(make_tick(tick=1)))
+    assert decode_tick(await ticks.next(), LIMITS).tick == 1
+
+    # The reverse is dropped by the broker. QoS 1: the broker's PUBACK means it has dealt with each one.
+    async with aiomqtt.Client(game_cfg.host, game_cfg.port, **client_options(game_cfg)) as forger:  # type: ignore[arg-type]
+        await forger.publish(topics.status, OFFLINE, qos=1, retain=True)  # "the runtime is gone"
+        await forger.publish(topics.matrices, b"forged answer", qos=1)
+    async with aiomqtt.Client(runtime_cfg.host, runtime_cfg.port, **client_options(runtime_cfg)) as forger:  # type: ignore[arg-type]
+        await forger.publish(topics.tick, encode_tick(make_tick(tick=666)), qos=1, retain=True)
+    await asyncio.sleep(0.5)
+    assert status.queue.empty(), "a game server user replaced the runtime's status"
+    assert answers.queue.empty(), "a game server user published answers"
+    assert ticks.queue.empty(), "the runtime user published a tick"
+    late_status = Inbox()  # the retained status a game server joining now reads is still the runtime's
+    late = MqttLink(game_cfg, client_id="acl-late", subscriptions={topics.status: late_status})
+    tasks.append(await started(late))
+    assert decode_status(await late_status.next(), LIMITS)["state"] == "online"
+
+    # An anonymous client gets nowhere: refused at CONNECT, and our link gives up with the broker's reason.
+    anonymous = MqttLink(secure.mqtt(None, "BM_TEST_UNUSED"), client_id="anonymous", subscriptions={})
+    with pytest.raises(BrokerRefused, match=r"refused an anonymous client 3 times in a row \(\[code:135\]"):
+        await asyncio.wait_for(anonymous.run(), 10)
+    for listener in (
+        ["-p", str(secure.broker.port)],
+        ["-p", str(secure.tls_port), "--cafile", str(secure.ca_file)],
+    ):
+        sub = ["mosquitto_sub", "-h", "127.0.0.1", *listener, "-t", "#", "-C", "1", "-W", "5"]
+        done = await asyncio.to_thread(subprocess.run, sub, capture_output=True, text=True, timeout=10)
+        assert done.returncode != 0 and "not authorised" in done.stderr.lower(), (listener, done.stderr)
+
+    for link in (runtime, game, late):
+        await link.disconnect()
+    await asyncio.gather(*tasks)
+
+
+def test_a_user_without_its_password_variable_is_a_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` and `simulate` stop before connecting (and `run` before loading any model) with one line."""
+    monkeypatch.delenv(RUNTIME_PASSWORD_ENV, raising=False)
+    mqtt = MqttConfig(username=RUNTIME_USER, password_env=RUNTIME_PASSWORD_ENV, embedded_broker="never")
+    config = serving_config(tmp_path, mqtt)
+    expected = f"mqtt.username is '{RUNTIME_USER}' but ${RUNTIME_PASSWORD_ENV} (named by mqtt.password_env)"
+    for command, code in (("run", 1), ("simulate", 2)):
+        done = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == code and expected in done.stderr, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "serving" not in done.stderr
