@@ -197,11 +197,11 @@ class MqttLink:
         if self._short_sessions < TAKEOVER_STREAK:
             return None
         return BrokerRefused(
-            f"MQTT client id {self.client_id!r} is in use by another client: the broker at {self.address} "
-            f"closed our connection within {SHORT_SESSION_S:g} s of accepting it {self._short_sessions} "
-            "times in a row (two clients with one id take the connection from each other at every "
-            "reconnect). Stopped instead of taking turns with it: give each runtime its own "
-            "mqtt.client_id (null: blockmarket-runtime-<pid>)"
+            f"the MQTT broker at {self.address} closed our connection within {SHORT_SESSION_S:g} s of "
+            f"accepting it {self._short_sessions} times in a row: most likely another client is using "
+            f"client id {self.client_id!r} (two clients with one id take the connection from each other at "
+            "every reconnect; if not, the broker's log says why it closes ours). Stopped instead of "
+            "reconnecting for ever: give each runtime its own mqtt.client_id (null: blockmarket-runtime-<pid>)"
         )
 
     async def _session(self) -> None:
