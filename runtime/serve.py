@@ -24,7 +24,7 @@ from runtime import lifecycle
 from runtime.agents import AgentPopulation, create_population
 from runtime.broker import BrokerError, ensure_broker
 from runtime.command import given, run_command
-from runtime.config import Config, NpuConfig, Overrides
+from runtime.config import Config, ConfigError, NpuConfig, Overrides
 from runtime.models import ModelError, discover_models
 from runtime.protocol import Limits, encode_status, message_sizes, payload_shortfall
 from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason

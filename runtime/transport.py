@@ -201,7 +201,8 @@ class MqttLink:
             f"accepting it {self._short_sessions} times in a row: most likely another client is using "
             f"client id {self.client_id!r} (two clients with one id take the connection from each other at "
             "every reconnect; if not, the broker's log says why it closes ours). Stopped instead of "
-            "reconnecting for ever: give each runtime its own mqtt.client_id (null: blockmarket-runtime-<pid>)"
+            "reconnecting for ever: give each runtime its own mqtt.client_id "
+            "(null: blockmarket-runtime-<pid>)"
         )
 
     async def _session(self) -> None:
