@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from wire_helpers import SHARED_HOST, SHARED_PORT, Inbox, PrivateMosquitto, make_tick, started, wait_until
 
-from runtime.config import ConfigError, MqttConfig, config_from_dict, dump_default_config
+from runtime.config import ConfigError, MqttConfig, dump_default_config, parse_config
 from runtime.protocol import (
     Limits,
     MatricesMessage,
@@ -303,13 +303,13 @@ def test_reconnect_backoff_cap_defaults_low_and_its_range_is_checked() -> None:
         data = dump_default_config()
         data["mqtt"]["reconnect_max_backoff_s"] = value
         with pytest.raises(ConfigError, match=r"^cfg\.yaml: mqtt\.reconnect_max_backoff_s: Input should be"):
-            config_from_dict(data, source="cfg.yaml")
+            parse_config(data, source="cfg.yaml")
     data = dump_default_config()
     data["mqtt"]["max_auth_failures"] = 0
     with pytest.raises(
         ConfigError, match=r"mqtt\.max_auth_failures: Input should be greater than or equal to 1"
     ):
-        config_from_dict(data, source="cfg.yaml")
+        parse_config(data, source="cfg.yaml")
 
 
 @pytest.mark.slow
