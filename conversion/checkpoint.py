@@ -11,16 +11,20 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from conversion.container import UnsafeContainer, check_container
 from conversion.files import atomic_target
+
+T = TypeVar("T")
 
 ORIGINAL_KEYS = (
     "network_state_dict",
@@ -42,6 +46,20 @@ def _numpy_allow_list() -> list[Any]:
     allowed += [(reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
     allowed += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1", "U1")]
     return allowed
+
+
+# What torch.load and its unpickler raise on malformed bytes (the unpickler indexes its stack and memo
+# without checks, so a text file yields IndexError or KeyError).
+_MALFORMED = (
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,
+    LookupError,
+    TypeError,
+    struct.error,
+)
 
 
 class CheckpointError(ValueError):
@@ -75,25 +93,39 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
-def _unpickle(path: Path) -> object:
+def require_regular_file(path: Path) -> None:
+    """Refuse before opening: opening a named pipe would wait for a writer, a device never ends."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+
+
+def _unpickle(path: Path) -> object:
+    """Open the file once: check its container (conversion.container), then unpickle those same bytes."""
+    require_regular_file(path)
     try:
-        with torch.serialization.safe_globals(_numpy_allow_list()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        global_name = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if global_name:
-            raise CheckpointError(
-                f"{path}: refused: the pickle asks for '{global_name.group(1)}', which is neither plain "
-                "data, a tensor nor a numpy array (it could run code); re-save it with plain types"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
-        reason = detail.group(1).strip() if detail else "unreadable pickle"
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({reason[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({first})") from None
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after torch has read it
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        try:
+            check_container(handle)
+            with torch.serialization.safe_globals(_numpy_allow_list()):
+                return torch.load(handle, map_location="cpu", weights_only=True)
+        except UnsafeContainer as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        except pickle.UnpicklingError as exc:
+            global_name = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if global_name:
+                raise CheckpointError(
+                    f"{path}: refused: the pickle asks for '{global_name.group(1)}', which is neither plain "
+                    "data, a tensor nor a numpy array (it could run code); re-save it with plain types"
+                ) from None
+            detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+            reason = detail.group(1).strip() if detail else "unreadable pickle"
+            raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({reason[:160]})") from None
+        except _MALFORMED as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({first})") from None
 
 
 def load_checkpoint(path: str | Path) -> AgentCheckpoint:
@@ -113,21 +145,38 @@ def load_checkpoint(path: str | Path) -> AgentCheckpoint:
     weights = obj["network_state_dict"]
     if not _is_state_dict(weights):
         raise CheckpointError(f"{path}: 'network_state_dict' is not a mapping of parameter names to tensors")
-    matrix = obj.get("trading_matrix")
-    position = obj.get("position")
-    inventory = obj.get("inventory")
-    items = {str(k): float(v) for k, v in inventory.items()} if isinstance(inventory, Mapping) else None
     return AgentCheckpoint(
         path=path,
         network_state_dict=dict(weights),
         agent_id=str(obj.get("agent_id", path.stem)),
         desired_item=None if obj.get("desired_item") is None else str(obj["desired_item"]),
-        inventory=items,
-        trading_matrix=None if matrix is None else np.asarray(matrix, dtype=np.float64),
-        position=None if position is None else np.asarray(position, dtype=np.float64),
-        reward_history=[float(r) for r in obj.get("reward_history", []) or []],
+        inventory=_field(path, obj, "inventory", _amounts),
+        trading_matrix=_field(path, obj, "trading_matrix", _float_array),
+        position=_field(path, obj, "position", _float_array),
+        reward_history=_field(path, obj, "reward_history", lambda rewards: [float(r) for r in rewards]) or [],
         optimizer_state_dict=obj.get("optimizer_state_dict"),
     )
+
+
+def _field(path: Path, obj: Mapping[str, Any], key: str, read: Callable[[Any], T]) -> T | None:
+    """``read(obj[key])`` (None when absent): a value of the wrong kind is an error naming the key."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    try:
+        return read(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{path}: '{key}' is malformed ({str(exc)[:120]})") from None
+
+
+def _amounts(inventory: object) -> dict[str, float]:
+    if not isinstance(inventory, Mapping):
+        raise TypeError(f"a {type(inventory).__name__}, not a mapping of item to amount")
+    return {str(item): float(amount) for item, amount in inventory.items()}
+
+
+def _float_array(value: object) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64)
 
 
 def save_checkpoint(
