@@ -1,10 +1,12 @@
 """Convert BlockMarket `.pth` checkpoints into validated ONNX models for the Snapdragon NPU.
 
-Every checkpoint matching --pattern under --model-path (recursively) is loaded safely (no pickled
-code runs), recognised (TradingNetwork, ValueNetwork, ActorCriticNetwork; n items and hidden size read
-off the weights, n checked against the config's items_list), exported to ONNX with input
-`state_vector` [batch, D] and validated against PyTorch on realistic agent states. Written to the
-output directory (flat; nested checkpoints are named <folder>__<stem>):
+Every checkpoint matching --pattern under --model-path (recursively; symlinked folders are not
+searched, symlinks to files outside it are refused) is loaded safely (no pickled code runs, zip bombs
+are refused from the archive's directory), recognised (TradingNetwork, ValueNetwork,
+ActorCriticNetwork; n items and hidden size read off the weights, n checked against the config's
+items_list), exported to ONNX with input `state_vector` [batch, D] and validated against PyTorch on
+realistic agent states. Written to the output directory (flat; nested checkpoints are named
+<folder>__<stem>):
 
   <name>.onnx                 fp32, dynamic batch (CPU serving)
   <name>_metadata.json        model_info, agent_info, npu_optimization, conversion_info

@@ -1,8 +1,9 @@
 """`ONNXConverter`: a directory of `.pth` checkpoints -> validated ONNX models + metadata + example.
 
 One bad file never stops a run: it becomes a failed `ConversionResult` with a one-line reason naming
-the file, and the rest still convert. A model is only put in place after it validated, and its
-metadata JSON is written last, so a reader that waits for the metadata never sees a failed model.
+the file (whatever it raised; refused symlinks too: `conversion.discovery`), and the rest still
+convert. A model is only put in place after it validated, and its metadata JSON is written last, so
+a reader that waits for the metadata never sees a failed model.
 
 Output names: a checkpoint directly under the model path keeps the original's ``<stem>``; a nested
 one is prefixed with its relative folder path joined by ``__`` (``gen5/agent_3_final.pth`` ->
@@ -29,7 +30,8 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from conversion.checkpoint import AgentCheckpoint, CheckpointError, load_checkpoint
+from conversion.checkpoint import AgentCheckpoint, CheckpointError, load_checkpoint, require_regular_file
+from conversion.discovery import discover
 from conversion.example import write_inference_example
 from conversion.export import DynamicAxes, ExportedModel, convert_to_onnx
 from conversion.files import sha256_file
@@ -96,15 +98,15 @@ class ONNXConverter:
     # ---- discovery and naming -------------------------------------------------------------------
 
     def find_checkpoints(self) -> list[Path]:
-        """Files matching the pattern anywhere under the model path, outside the output directory."""
-        output = self.output_dir.resolve()
-        found = (p for p in self.model_path.rglob(self.pattern) if p.is_file())
-        return sorted(p for p in found if not p.resolve().is_relative_to(output))
+        """Files matching the pattern anywhere under the model path, outside the output directory
+        (symlinks only to files inside the model path: `conversion.discovery`)."""
+        return discover(self.model_path, self.pattern, self.output_dir).found
 
     def output_name(self, source: Path) -> str:
-        """``<stem>``, prefixed with the folder path relative to the model path for nested files."""
+        """``<stem>``, prefixed with the folder path relative to the model path for nested files (a
+        symlink is named for where it is, not for its target)."""
         try:
-            folders = source.resolve().parent.relative_to(self.model_path.resolve()).parts
+            folders = source.parent.resolve().relative_to(self.model_path.resolve()).parts
         except ValueError:
             folders = ()
         return "__".join((*folders, source.stem))
@@ -128,22 +130,27 @@ class ONNXConverter:
     def _run_all(
         self, action: Callable[[Path], ConversionResult], verb: str, progress: bool
     ) -> list[ConversionResult]:
-        sources = self.find_checkpoints()
+        discovery = discover(self.model_path, self.pattern, self.output_dir)
+        for line in discovery.not_searched:
+            LOG.warning("%s", line)
+        sources = sorted([*discovery.found, *discovery.refused])
         if not sources:
             LOG.warning("no files matching '%s' under %s", self.pattern, self.model_path)
             return []
-        claimed = Counter(self.output_name(s) for s in sources)
+        claimed = Counter(self.output_name(s) for s in discovery.found)
         results = []
         with logging_redirect_tqdm():
             bar = tqdm(sources, desc=verb, unit="model", file=sys.stderr, disable=None if progress else True)
             for source in bar:
                 name = self.output_name(source)
-                if claimed[name] > 1:
-                    message = (
+                refusal = discovery.refused.get(source)
+                if refusal is None and claimed[name] > 1:
+                    refusal = (
                         f"{source}: output name '{name}' is claimed by {claimed[name]} files; rename one"
                     )
-                    LOG.error("%s", message)
-                    results.append(ConversionResult(source, name, "failed", error=message))
+                if refusal is not None:
+                    LOG.error("%s", refusal)
+                    results.append(ConversionResult(source, name, "failed", error=refusal))
                     continue
                 results.append(action(source))
         return results
@@ -159,18 +166,24 @@ class ONNXConverter:
         return self._guarded(Path(path), self._validate)
 
     def _guarded(self, source: Path, step: Callable[[Path, float], ConversionResult]) -> ConversionResult:
-        """Run one model's step; a user-level failure becomes a one-line error naming the file."""
+        """Run one model's step; any failure becomes a one-line error naming the file, so one bad file
+        never stops a run. An unexpected exception type also logs its traceback at DEBUG level."""
         start = time.perf_counter()
         try:
             result = step(source, start)
         except USER_ERRORS as exc:
             message = _first_line(source, exc)
-            LOG.error("%s", message)
-            return ConversionResult(
-                source, self.output_name(source), "failed", seconds=time.perf_counter() - start, error=message
-            )
-        LOG.debug("%s: %s in %.2f s", source, result.status, result.seconds)
-        return result
+        except Exception as exc:  # the boundary between one file and the rest of the run
+            LOG.debug("%s: unexpected failure", source, exc_info=True)
+            kind = type(exc).__name__
+            message = f"{_first_line(source, exc)} (unexpected {kind}: traceback at logging.level DEBUG)"
+        else:
+            LOG.debug("%s: %s in %.2f s", source, result.status, result.seconds)
+            return result
+        LOG.error("%s", message)
+        return ConversionResult(
+            source, self.output_name(source), "failed", seconds=time.perf_counter() - start, error=message
+        )
 
     def _load(self, source: Path) -> tuple[AgentCheckpoint, nn.Module, NetworkSpec, tuple[str, ...]]:
         """The checkpoint, its network, and the items it was trained on (its own inventory's items when
@@ -210,6 +223,7 @@ class ONNXConverter:
     def _convert(self, source: Path, start: float) -> ConversionResult:
         name = self.output_name(source)
         onnx_path = self.onnx_path_for(source)
+        require_regular_file(source)
         try:
             source_sha = sha256_file(source)
         except OSError as exc:
