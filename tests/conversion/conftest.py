@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,17 @@ TREE = (
 def run_module(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """`python -m conversion ...` in a fresh interpreter."""
     return python_module("conversion", *argv, cwd=cwd, timeout=120)
+
+
+def one_error_line_each(stderr: str, paths: Iterable[Path]) -> dict[Path, str]:
+    """Each path's one ERROR line in a run's stderr (asserting no traceback and no other error line)."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    lines = {path: [line for line in errors if str(path) in line] for path in paths}
+    for path, found in lines.items():
+        assert len(found) == 1, (path, errors)
+    assert len(errors) == len(lines), stderr
+    return {path: found[0] for path, found in lines.items()}
 
 
 def write_config(path: Path, **sections: dict[str, object]) -> Path:
