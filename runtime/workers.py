@@ -103,5 +103,14 @@ def conversion_pending(config: Config) -> bool:
     metas = list(config.onnx_dir.glob(f"*{METADATA_SUFFIX}")) if config.onnx_dir.is_dir() else []
     if len(sources) > len(metas):
         return True
-    newest_meta = max(m.stat().st_mtime_ns for m in metas)
-    return any(s.stat().st_mtime_ns > newest_meta for s in sources)
+    newest_meta = max(_mtime_ns(m) for m in metas)
+    return any(_mtime_ns(s) > newest_meta for s in sources)
+
+
+def _mtime_ns(path: Path) -> int:
+    """The file's mtime, or -1 when it cannot be read (a dangling link, a file removed meanwhile): the
+    worker reports such a file by name, this guess only must not crash on it."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
