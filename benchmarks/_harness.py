@@ -153,7 +153,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpu-pack-precision",
-        choices=("fp32", "int8"),
+        choices=("auto", "fp32", "int8"),
         default=None,
         help="runtime.cpu_pack_precision (default: config.yaml's)",
     )

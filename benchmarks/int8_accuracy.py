@@ -2,7 +2,7 @@
 
 ONNX Runtime picks its int8 kernels by instruction set (AVX2, AVX-512, VNNI, ARM64 dot product), and
 their arithmetic differs: without VNNI, x86 adds pairs of uint8 x int8 products in a saturating int16.
-Run this on any machine to see the error of the pack ``runtime.cpu_pack_precision: int8`` serves against
+Run this on any machine to see the error of the int8 pack (``runtime.cpu_pack_precision: auto``) against
 the tolerance the runtime enforces (``runtime.sessions.PACK_TOLERANCE["cpu_int8"]``); the CPU flags are in
 the printed machine line and the JSON.
 

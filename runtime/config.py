@@ -162,7 +162,9 @@ class RuntimeConfig(_Section):
     assignment: Literal["round_robin", "one_per_checkpoint"] = "round_robin"
     model_dir: str | None = None  # default: conversion output dir
     max_sessions: int = Field(8, ge=1)
-    cpu_pack_precision: Literal["fp32", "int8"] = "fp32"  # int8: per-agent-scaled int8 pack weights
+    # CPU population packs' weights: int8 (per-agent scales, a quarter of the bytes), fp32, or auto: int8
+    # when the pack passes its per-agent check on this CPU's kernels, else fp32 (logged)
+    cpu_pack_precision: Literal["auto", "fp32", "int8"] = "auto"
     intra_op_threads: int = Field(1, ge=0)
     allow_spinning: bool = False  # ORT intra-op threads busy-wait between calls: a core burnt between ticks
     convert_on_startup: bool = True

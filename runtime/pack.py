@@ -9,9 +9,10 @@ Two equivalent formulations of the same MLP (ReLU hidden layers, head -> softplu
 * ``"conv"``: agents as channel groups, ``Conv(kernel 1x1, group=N)`` over [1, N*D, B, 1]. For QNN HTP,
   where the batched-MatMul form returned wrong results in fp16 and grouped Conv matched (DESIGN.md).
 * ``"matmul_int8"``: the matmul form with int8 weights (7-bit range, see :data:`WEIGHT_LEVELS`) and one
-  fp32 scale per agent and output channel, read as int8 by ONNX Runtime's
-  ``com.microsoft.DynamicQuantizeMatMul`` (activations quantized to uint8 per call). For CPU at large N,
-  where a tick is bound by reading every agent's weights: 4x fewer bytes.
+  fp32 scale per agent and output channel, multiplied as int8 by ONNX Runtime's ``MatMulInteger``; each
+  input row is quantized to uint8 with its own scale (its peak / 255), so a row's result never depends
+  on the other rows of the call. For CPU at large N, where a tick is bound by reading every agent's
+  weights: 4x fewer bytes.
 
 Weights are numpy arrays in PyTorch ``nn.Linear`` layout (``weight`` [out, in], ``bias`` [out]), so a
 pack can be built both from checkpoints (conversion) and from already-converted fp32 ONNX files (runtime,
@@ -20,7 +21,7 @@ no torch) via :func:`extract_trading_weights`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from runtime.files import replace_file
-from runtime.state import items_from_state_dim, realistic_states
 
 PackForm = Literal["matmul", "conv", "matmul_int8"]
 Weights = Sequence[npt.NDArray[np.floating]]
@@ -40,15 +40,13 @@ POLICY_FLOOR = 0.1  # TradingNetwork's output is softplus(head) + 0.1
 INPUT_NAME = "state_vector"
 OUTPUT_NAME = "trading_matrix"
 OPSET = 17
-MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (DynamicQuantizeMatMul)
 # Weights use 7 of int8's bits (-63..63, ORT's `reduce_range`). ONNX Runtime's u8s8 kernels on x86 CPUs
 # without VNNI (AVX2, AVX-512BW) multiply uint8 activations by int8 weights with VPMADDUBSW, which adds
 # each pair of products into a saturating int16: 2 * 255 * 127 overflows it, 2 * 255 * 63 cannot. With 8-bit
 # weights the pack was off by up to 0.4 on such CPUs (AMD EPYC, AVX2 only) while exact on VNNI and ARM64;
 # 7-bit weights give the same result on every ISA, measured within 0.36 of the tolerance (docs/npu.md).
 WEIGHT_LEVELS = 63
-CALIBRATION_STATES = 32  # realistic states the int8 form equalizes activations on (edge cases first)
-CALIBRATION_SEED = 20240601
+UINT8_MAX = 255  # activation levels: every input is >= 0 (state features and ReLU outputs)
 IR_VERSION = 10  # readable by every ONNX Runtime >= 1.17
 META_PREFIX = "blockmarket.pack."
 
@@ -147,8 +145,6 @@ def build_pack(
     in_dim, out_dim = shapes[0][1], shapes[-1][0]
     model = onnx.ModelProto(ir_version=IR_VERSION, producer_name="blockmarket.pack")
     model.opset_import.append(helper.make_opsetid("", OPSET))
-    if form == "matmul_int8":
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     graph = model.graph
     graph.name = f"population_pack_{form}_{agents}x{batch}"
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -189,37 +185,6 @@ def _quantized(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return weight.astype(np.int8).transpose(0, 2, 1), scale[:, None, :]
 
 
-def _equalized_layers(weight_sets: Sequence[Weights], layers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each layer's stacked fp32 ([N, out, in], [N, out]), rescaled so every agent's hidden activations
-    peak at 1 on realistic states.
-
-    The int8 form quantizes activations with one scale per call, shared by all agents: without this an
-    agent whose activations are 100x smaller than another's would keep only a few levels of it. ReLU
-    commutes with a positive factor, so dividing agent i's layer by c and multiplying its next layer's
-    weights by c computes exactly the same function.
-    """
-    try:
-        num_items = items_from_state_dim(int(np.shape(weight_sets[0][0])[1]))
-    except ValueError as exc:
-        raise PackError(f"the matmul_int8 form calibrates on agent states: {exc}") from exc
-    states = realistic_states(np.random.default_rng(CALIBRATION_SEED), CALIBRATION_STATES, num_items)
-    hidden = np.broadcast_to(states, (len(weight_sets), *states.shape))  # [N, S, D], no copy
-    carried = np.ones(len(weight_sets), dtype=np.float32)  # the previous layer's factor, per agent
-    for layer in range(layers):
-        weight = _stacked(weight_sets, 2 * layer, np.dtype(np.float32))
-        bias = _stacked(weight_sets, 2 * layer + 1, np.dtype(np.float32))
-        weight *= carried[:, None, None]
-        if layer < layers - 1:
-            # einsum, not matmul: threaded BLAS on 10,000 tiny products stalls for seconds on a busy machine
-            hidden = np.maximum(np.einsum("nsi,noi->nso", hidden, weight) + bias[:, None, :], 0.0)
-            carried = hidden.max(axis=(1, 2))
-            carried[carried == 0] = 1.0  # a dead layer stays as it is
-            weight /= carried[:, None, None]
-            bias /= carried[:, None]
-            hidden /= carried[:, None, None]
-        yield weight, bias
-
-
 def _matmul_graph(
     builder: _GraphBuilder,
     weight_sets: Sequence[Weights],
@@ -230,32 +195,45 @@ def _matmul_graph(
 ) -> None:
     """[N, B, D] @ [N, D, H] per layer: 3-D batched MatMul (exact on CPU, wrong on HTP fp16).
 
-    ``int8``: the weights are int8 with per-agent, per-channel scales, multiplied by
-    DynamicQuantizeMatMul without ever being widened to fp32 in memory.
+    ``int8``: the weights are int8 with per-agent, per-channel scales, multiplied by MatMulInteger
+    without ever being widened to fp32 in memory (:func:`_int8_product`).
     """
     agents, in_dim, out_dim = len(weight_sets), shapes[0][1], shapes[-1][0]
     hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
-    equalized = _equalized_layers(weight_sets, len(shapes)) if int8 else None
     for layer in range(len(shapes)):
-        if equalized is not None:
-            weight, bias = next(equalized)
-            quantized, scale = _quantized(weight)
-            product = builder.node(
-                "DynamicQuantizeMatMul",
-                [
-                    hidden,
-                    builder.const(f"w{layer}", quantized, quantized.dtype),
-                    builder.const(f"s{layer}", scale),
-                ],
-                domain=MS_DOMAIN,
-            )
+        if int8:
+            weight = _stacked(weight_sets, 2 * layer, np.dtype(np.float32))
+            product = _int8_product(builder, hidden, layer, *_quantized(weight))
         else:
             weight = _stacked(weight_sets, 2 * layer, builder.dtype, transpose=True)  # [N, in, out]
             product = builder.node("MatMul", [hidden, builder.const(f"w{layer}", weight)])
-            bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)
+        bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)
         hidden = builder.node("Add", [product, builder.const(f"b{layer}", bias[:, None, :])])  # [N, 1, out]
         hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
     builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
+
+
+def _int8_product(
+    builder: _GraphBuilder, hidden: str, layer: int, weight: np.ndarray, weight_scale: np.ndarray
+) -> str:
+    """``hidden`` [N, B, in] (every value >= 0) times int8 ``weight`` [N, in, out], in fp32 [N, B, out].
+
+    Each row is quantized to uint8 with its own scale, peak / 255, computed in the graph: unlike a
+    per-call scale (DynamicQuantizeMatMul's), a row's rounding never depends on the other rows, so an
+    agent's answer is the same whatever else shares the call, and a small-valued agent keeps its 8 bits
+    next to a large one. The int32 products are rescaled by row scale x weight scale.
+    """
+    peak = builder.node("ReduceMax", [hidden], axes=[2], keepdims=1)  # opset 17: axes is an attribute
+    peak = builder.node("Max", [peak, builder.const(f"tiny{layer}", np.array(np.finfo(np.float32).tiny))])
+    row_scale = builder.node("Div", [peak, builder.const(f"levels{layer}", np.array(UINT8_MAX))])  # [N, B, 1]
+    levels = builder.node("Round", [builder.node("Div", [hidden, row_scale])])
+    bounds = [builder.const(f"lo{layer}", np.array(0.0)), builder.const(f"hi{layer}", np.array(UINT8_MAX))]
+    levels = builder.node("Clip", [levels, *bounds])
+    quantized = builder.node("Cast", [levels], to=onnx.TensorProto.UINT8)
+    integer = builder.node("MatMulInteger", [quantized, builder.const(f"w{layer}", weight, weight.dtype)])
+    product = builder.node("Cast", [integer], to=onnx.TensorProto.FLOAT)
+    product = builder.node("Mul", [product, row_scale])
+    return builder.node("Mul", [product, builder.const(f"s{layer}", weight_scale)])
 
 
 def _conv_graph(

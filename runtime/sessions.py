@@ -38,7 +38,8 @@ PACK_TOLERANCE = {"cpu": (1e-5, 1e-4), "cpu_int8": (1e-1, 5e-2), "npu": (3e-2, 2
 
 # (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
 SessionFactory = Callable[[Path, bool], tuple[Any, str]]
-PackPrecision = Literal["fp32", "int8"]
+PackPrecision = Literal["fp32", "int8"]  # the weights a pack stores
+PackChoice = Literal["auto", "fp32", "int8"]  # runtime.cpu_pack_precision: auto = int8 where it validates
 
 
 class PoolError(RuntimeError):
@@ -185,7 +186,7 @@ class SessionPool:
         max_sessions: int,
         model_dir: Path,
         use_npu: bool = False,
-        cpu_pack_precision: PackPrecision = "fp32",
+        cpu_pack_precision: PackChoice = "auto",
     ) -> None:
         self.population = population
         self.models = dict(models)
@@ -283,15 +284,40 @@ class SessionPool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def build_unit(self, plan: UnitPlan) -> InferenceUnit:
-        """Create and warm one session (blocking: run it in an executor), validated before it can serve."""
-        slots: IntArray | None = None
-        weights: PackPrecision | None = None
-        if plan.is_pack:
-            slots, per_model = pack_slots(plan)
-            weights = "fp32" if self.use_npu else self.cpu_pack_precision  # NPU packs: fp32 conv form
-            path, prefer_npu = self._pack_file(plan, per_model, weights), self.use_npu
-        else:
+        """Create and warm one session (blocking: run it in an executor), validated before it can serve.
+
+        A CPU pack under ``cpu_pack_precision: auto`` is tried with int8 weights first; a pack that fails
+        the per-agent check on this CPU's kernels is served with fp32 weights instead (logged).
+        """
+        if not plan.is_pack:
             path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
+            return self._validated_unit(plan, path, prefer_npu, None, None)
+        slots, per_model = pack_slots(plan)
+        if self.use_npu:  # NPU packs: the fp32 conv form
+            return self._validated_unit(plan, self._pack_file(plan, per_model, "fp32"), True, slots, "fp32")
+        if self.cpu_pack_precision != "auto":
+            weights = self.cpu_pack_precision
+            return self._validated_unit(
+                plan, self._pack_file(plan, per_model, weights), False, slots, weights
+            )
+        try:
+            return self._validated_unit(plan, self._pack_file(plan, per_model, "int8"), False, slots, "int8")
+        except PoolError as exc:
+            log.warning(
+                "%s; serving %s with fp32 pack weights instead (runtime.cpu_pack_precision: auto)",
+                exc,
+                plan.name,
+            )
+            return self._validated_unit(plan, self._pack_file(plan, per_model, "fp32"), False, slots, "fp32")
+
+    def _validated_unit(
+        self,
+        plan: UnitPlan,
+        path: Path,
+        prefer_npu: bool,
+        slots: IntArray | None,
+        weights: PackPrecision | None,
+    ) -> InferenceUnit:
         session, provider = self.factory(path, prefer_npu)
         static = _static_batch(session)
         if static is not None and static < len(plan.rows):

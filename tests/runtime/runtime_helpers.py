@@ -169,7 +169,12 @@ def python_module(
 def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **runtime: object) -> Path:
     """`tmp_path/config.yaml` for a `blockmarket run` process serving ``model_dir`` on the CPU EP under a
     test's own topic prefix, converting nothing; ``runtime`` keys replace the defaults."""
-    defaults = {"model_dir": str(model_dir), "convert_on_startup": False, "status_interval_s": 0.5}
+    defaults = {
+        "model_dir": str(model_dir),
+        "convert_on_startup": False,
+        "status_interval_s": 0.5,
+        "cpu_pack_precision": "fp32",  # answers equal an fp32 recomputation (OfflineMarket.check)
+    }
     return write_config(
         tmp_path / "config.yaml",
         runtime={**defaults, **runtime},
@@ -290,6 +295,27 @@ class OfflineMarket:
             )
         return len(game.answers)
 
+    @classmethod
+    def check_int8(cls, config_path: Path, game: GameClient, tolerance: tuple[float, float]) -> int:
+        """Each answer against one fp32 step from the runtime's previous answer: an int8 pack's output may
+        differ by (atol, rtol), which the update rule scales by alpha. Returns how many were checked."""
+        config = load_config(config_path)
+        market = cls(
+            config.model_dir,
+            config.runtime,
+            config.environment.items_list,
+            config.learning.matrix_update_rate,
+        )
+        atol, rtol = tolerance
+        for number in sorted(game.answers):
+            answer, tick = game.answers[number], game.sent[number]
+            rows = market.population.rows_for(tick.agent_ids)
+            expected = market.step(tick)
+            allowed = market.alpha * (atol + rtol * market.proposals[rows].reshape(expected.shape)) + 1e-5
+            assert (np.abs(answer.matrices - expected) <= allowed).all(), f"tick {number}"
+            market.population.matrices[rows] = answer.matrices  # the next step starts where the runtime is
+        return len(game.answers)
+
     def __init__(self, model_dir: Path, runtime: RuntimeConfig, items: tuple[str, ...], alpha: float) -> None:
         models, _ = discover_models(model_dir, items)
         self.population = create_population(
@@ -307,6 +333,7 @@ class OfflineMarket:
         proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
         for key, group in self.groups.items():
             proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
+        self.proposals = proposals
         return pop.update(rows, proposals, self.alpha).copy()
 
 

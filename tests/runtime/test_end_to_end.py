@@ -24,6 +24,7 @@ import pytest
 
 from runtime.config import MqttConfig, load_config
 from runtime.protocol import MarketTick, encode_tick
+from runtime.sessions import PACK_TOLERANCE
 from tests.runtime.runtime_helpers import (
     ITEMS,
     CpuPressure,
@@ -54,7 +55,10 @@ def twelve_models(tmp_path: Path) -> Path:
     return directory
 
 
-def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **mqtt: object) -> Path:
+def serving_config(
+    tmp_path: Path, model_dir: Path, prefix: str, pack_precision: str = "fp32", **mqtt: object
+) -> Path:
+    """fp32 packs by default: their answers equal an fp32 recomputation (OfflineMarket.check)."""
     return write_config(
         tmp_path / "config.yaml",
         runtime={
@@ -62,6 +66,7 @@ def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **mqtt: object)
             "model_dir": str(model_dir),
             "convert_on_startup": False,
             "status_interval_s": 0.3,
+            "cpu_pack_precision": pack_precision,
         },
         training={"model_save_path": str(tmp_path / "no-checkpoints")},
         mqtt={"topic_prefix": prefix, "reconnect_max_backoff_s": 0.5, "max_payload_bytes": 65536, **mqtt},
@@ -122,6 +127,25 @@ async def test_128_agents_200_ticks_with_the_simulator(
     assert skipped <= allowed, f"{skipped} ticks skipped ({unanswered}) while {pressure}"
     log = (tmp_path / "run.log").read_text()
     assert "pack:TradingNetwork-61x128" in log and f"{served} ticks served, {skipped} skipped" in log
+
+
+async def test_the_shipped_default_serves_int8_packs_within_their_tolerance(
+    tmp_path: Path, twelve_models: Path, prefix: str
+) -> None:
+    """runtime.cpu_pack_precision: auto serves the 12-model pack with int8 weights where they validate (on
+    every CPU, docs/npu.md); each answer is one fp32 step from the previous one, within the pack tolerance."""
+    config_path = serving_config(tmp_path, twelve_models, prefix, pack_precision="auto")
+    with running(config_path, tmp_path):
+        async with GameClient(load_config(config_path).mqtt, len(ITEMS)) as game:
+            await game.online()
+            for number in range(20):
+                await game.send(game.tick(number, market_mean=number % 2 == 0))
+                await game.answer(number)
+    assert OfflineMarket.check_int8(config_path, game, PACK_TOLERANCE["cpu_int8"]) == 20
+    assert (
+        "pack:TradingNetwork-61x128 (128 agents, CPUExecutionProvider, int8 weights)"
+        in (tmp_path / "run.log").read_text()
+    )
 
 
 def accounted(game: GameClient) -> int:

@@ -287,7 +287,12 @@ async def test_new_checkpoints_become_new_agents_when_each_agent_is_a_checkpoint
     models, _ = discover_models(model_dir, ITEMS)
     pop = create_population(models, ITEMS, num_agents=0, assignment="one_per_checkpoint", seed=0)
     pool = SessionPool(
-        pop, {m.key: m for m in models}, factory=CountingFactory(), max_sessions=4, model_dir=model_dir
+        pop,
+        {m.key: m for m in models},
+        factory=CountingFactory(),
+        max_sessions=4,
+        model_dir=model_dir,
+        cpu_pack_precision="fp32",  # compared with the models run alone at fp32 tolerance below
     )
     await pool.start()
     before = pop.matrices.copy()

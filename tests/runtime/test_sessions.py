@@ -80,7 +80,7 @@ async def test_batched_groups_match_per_agent_runs(model_dir: Path) -> None:
 
 
 async def test_population_pack_serves_all_models_in_one_call(model_dir: Path) -> None:
-    pool = await make_pool(model_dir, agents=10, max_sessions=2)
+    pool = await make_pool(model_dir, agents=10, max_sessions=2, cpu_pack_precision="fp32")
     (unit,) = pool.current.units
     assert unit.name.startswith("pack:") and len(pool.current.versions) == 3
     assert unit.batch_size == 12  # one weight set per model (3), 4 rows each (the largest group)
@@ -182,7 +182,7 @@ async def test_a_pack_that_disagrees_with_its_models_is_refused(model_dir: Path)
             return session, provider
 
     with pytest.raises(PoolError, match="differ from the model run alone"):
-        await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks())
+        await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks(), cpu_pack_precision="fp32")
 
 
 @pytest.mark.qnn
