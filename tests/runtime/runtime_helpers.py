@@ -37,8 +37,10 @@ from runtime.protocol import (
     Limits,
     MarketTick,
     MatricesMessage,
+    RosterMessage,
     Topics,
     decode_matrices,
+    decode_roster,
     decode_status,
     decode_tick,
     encode_tick,
@@ -202,7 +204,8 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
 
 
 class GameClient:
-    """The game-server side in a test: publishes ticks, records them and the runtime's answers and status."""
+    """The game-server side in a test: publishes ticks, records them and the runtime's answers, status and
+    roster."""
 
     def __init__(self, mqtt: MqttConfig, num_items: int, record_ticks: bool = False) -> None:
         self.topics = Topics(mqtt.topic_prefix)
@@ -210,22 +213,30 @@ class GameClient:
         self.sent: dict[int, MarketTick] = {}
         self.answers: dict[int, MatricesMessage] = {}
         self.status: dict[str, Any] = {}
-        subscriptions = {self.topics.matrices: self._on_matrices, self.topics.status: self._on_status}
+        self.roster: RosterMessage | None = None
+        subscriptions = {
+            self.topics.matrices: self._on_matrices,
+            self.topics.status: self._on_status,
+            self.topics.roster: self._on_roster,
+        }
         if record_ticks:  # another process (the simulator) plays the game: record what it sends
             subscriptions[self.topics.tick] = self._on_tick
         self.link = MqttLink(mqtt, client_id=f"test-game-{uuid.uuid4().hex[:8]}", subscriptions=subscriptions)
         self._task: asyncio.Task[None] | None = None
 
-    def _on_matrices(self, payload: bytes, _: float) -> None:
+    def _on_matrices(self, payload: bytes, *_: object) -> None:
         msg = decode_matrices(payload, self.limits)
         self.answers[msg.tick] = msg
 
-    def _on_tick(self, payload: bytes, _: float) -> None:
+    def _on_tick(self, payload: bytes, *_: object) -> None:
         tick = decode_tick(payload, self.limits)
         self.sent[tick.tick] = tick
 
-    def _on_status(self, payload: bytes, _: float) -> None:
+    def _on_status(self, payload: bytes, *_: object) -> None:
         self.status = decode_status(payload, self.limits)
+
+    def _on_roster(self, payload: bytes, *_: object) -> None:
+        self.roster = decode_roster(payload, self.limits) if payload else None
 
     async def __aenter__(self) -> GameClient:
         self._task = asyncio.create_task(self.link.run())
@@ -238,21 +249,32 @@ class GameClient:
             self._task.cancel()
 
     async def online(self, timeout: float = 60.0) -> dict[str, Any]:
-        """The retained status once the runtime is online (its roster tells us the agent ids)."""
-        await wait_until(lambda: self.status.get("state") == "online", timeout, "the runtime's online status")
+        """The retained status once the runtime is online and its roster (the agent ids) has arrived."""
+        await wait_until(self._online, timeout, "the runtime's online status and roster")
         return self.status
 
+    def _online(self) -> bool:
+        roster, status = self.roster, self.status
+        online = status.get("state") == "online"
+        return online and roster is not None and roster.client_id == status["client_id"]
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        assert self.roster is not None, "no roster yet: await online() first"
+        return self.roster.agent_ids
+
     def tick(self, number: int, seed: int = 0, market_mean: bool = False) -> MarketTick:
-        ids = tuple(self.status["agent_ids"])
+        ids = self.agent_ids
         rng = np.random.default_rng(seed * 100_003 + number)
         n = len(self.status["items"])
+        successful = rng.integers(0, 5, size=len(ids))
         return MarketTick(
             tick=number,
             sent_at=time.time(),
             agent_ids=ids,
             inventory=rng.integers(0, 30, size=(len(ids), n)).astype(np.float32),
-            successful=rng.integers(0, 5, size=len(ids)).astype(np.float32),
-            attempted=rng.integers(0, 10, size=len(ids)).astype(np.float32),
+            successful=successful.astype(np.float32),
+            attempted=(successful + rng.integers(0, 6, size=len(ids))).astype(np.float32),
             market_mean=rng.uniform(0.2, 5.0, size=(n, n)).astype(np.float32) if market_mean else None,
         )
 
@@ -307,7 +329,7 @@ class OfflineMarket:
         proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
         for key, group in self.groups.items():
             proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
-        return pop.update(rows, proposals, self.alpha).copy()
+        return pop.update(rows, proposals, self.alpha)[0].copy()
 
 
 class CpuPressure:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from runtime.agents import create_population
 from runtime.config import load_config
+from runtime.models import discover_models
 from tests.conversion.original_format import make_network, write_original_checkpoint
 from tests.runtime.runtime_helpers import (
     ITEMS,
@@ -82,12 +86,23 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
         async with GameClient(config.mqtt, len(ITEMS)) as game:
             status = await game.online()
             assert status["agents"] == 5 and status["items"] == list(ITEMS)
-            assert status["desired"][:3] == ["gold", ITEMS[1], "apple"]
-            assert status["eps"] == ["CPUExecutionProvider"] and set(status["model_versions"]) == {
+            assert status["eps"] == ["CPUExecutionProvider"]
+            # what a game server needs to check answers and to notice a dead runtime without the will
+            assert status["alpha"] == config.learning.matrix_update_rate
+            assert status["status_interval_s"] == 0.5 and abs(status["published_at"] - time.time()) < 5
+            limits = status["limits"]
+            assert limits["max_agents"] == 10_000 and limits["matrix_range"] == [0.1, 10.0]
+            roster = game.roster
+            assert roster is not None and roster.client_id == status["client_id"]
+            assert roster.desired[:3] == ("gold", ITEMS[1], "apple")
+            assert roster.models == ("m0", "m1", "m2", "m0", "m1") and set(roster.model_versions) == {
                 "m0",
                 "m1",
                 "m2",
             }
+            models, _ = discover_models(model_dir, ITEMS)
+            fresh = create_population(models, ITEMS, num_agents=5, assignment="round_robin", seed=0)
+            np.testing.assert_array_equal(roster.initial_matrices, fresh.matrices)  # the starting point
             await game.send(game.tick(0))
             check_matrices((await game.answer(0)).matrices, 5, len(ITEMS))
             assert stop_process(process) == 0
@@ -95,7 +110,7 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
             assert game.status["ticks_served"] == 1
     finally:
         stop_process(process)
-    assert "runtime stopped: 5 agents: 1 ticks served" in (tmp_path / "run.log").read_text()
+    assert "runtime stopped: 5 agents: 1 ticks received, 1 served" in (tmp_path / "run.log").read_text()
 
 
 def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from wire_helpers import make_tick
 
 from runtime.config import MqttConfig
 from runtime.protocol import (
+    LENGTH_SCAN_VALUES,
     PROTOCOL_VERSION,
     DropCounter,
     Limits,
@@ -133,6 +134,37 @@ def _nan_inventory(data: dict[str, Any]) -> None:
     data["inventory"] = wire(values)
 
 
+def _packed_map(pairs: list[tuple[str, bytes]]) -> bytes:
+    """A msgpack map from (key, already packed value) pairs, repeated keys and all."""
+    return msgpack.Packer().pack_map_header(len(pairs)) + b"".join(msgpack.packb(k) + v for k, v in pairs)
+
+
+def _duplicated(key: str, inside: str | None = None) -> bytes:
+    """A valid tick whose map (the top level, or the array map ``inside``) has ``key`` twice."""
+    data = msgpack.unpackb(encode_tick(make_tick()))
+
+    def pack(value: Any) -> bytes:
+        return msgpack.packb(value, use_bin_type=True)
+
+    def twice(values: dict[str, Any]) -> bytes:
+        return _packed_map([(k, pack(v)) for k, v in values.items()] + [(key, pack(values[key]))])
+
+    if inside is None:
+        return twice(data)
+    return _packed_map([(k, twice(v) if k == inside else pack(v)) for k, v in data.items()])
+
+
+def _truncated_after(header: bytes) -> bytes:
+    """A tick map that ends right after ``header`` (a declared length, its bytes never sent)."""
+    return b"\x83\xa1v\x01\xa4type\xa4tick\xa9agent_ids" + header + b"ab"
+
+
+def _rates(value: float, rest: float | None = None) -> np.ndarray:
+    rates = np.full((5, 5), value if rest is None else rest, np.float32)
+    rates[1, 2] = value
+    return rates
+
+
 BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
     "garbage": ("malformed", b"\xc1\x00garbage"),
     "empty": ("malformed", b""),
@@ -143,15 +175,34 @@ BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
     "no version": ("version", tampered(lambda d: d.pop("v"))),
     "future version": ("version", tampered(_set("v", 2))),
     "string version": ("version", tampered(_set("v", "1"))),
+    "float version": ("version", tampered(_set("v", 1.0))),
+    "bool version": ("version", tampered(_set("v", True))),
+    "duplicate key": ("schema", _duplicated("tick")),
+    "duplicate key in an array map": ("schema", _duplicated("dtype", inside="inventory")),
+    "non-string map key": ("schema", msgpack.packb({1: 2, "v": 1})),
+    "ext type": ("malformed", msgpack.packb({"v": 1, "type": "tick", "x": msgpack.ExtType(5, b"abc")})),
+    "timestamp ext": ("malformed", tampered(_set("sent_at", msgpack.Timestamp(1_700_000_000)))),
+    "huge declared bin length": ("oversized", _truncated_after(b"\xc6\xff\xff\xff\xf0")),
+    "huge declared str length": ("oversized", _truncated_after(b"\xdb\x7f\xff\xff\xff")),
+    "huge declared array length": ("oversized", _truncated_after(b"\xdd\x7f\xff\xff\xff")),
+    "declared length past the end": ("malformed", _truncated_after(b"\xc4\x40abc")),
+    "nested too deep": ("oversized", b"\x81\xa1x" + b"\x91" * 100_000 + b"\xc0"),
     "wrong type": ("schema", tampered(_set("type", "matrices"))),
     "missing key": ("schema", tampered(lambda d: d.pop("attempted"))),
     "unknown key": ("schema", tampered(_set("market_means", None))),
     "tick is a string": ("schema", tampered(_set("tick", "7"))),
-    "negative tick": ("schema", tampered(_set("tick", -1))),
+    "negative tick": ("range", tampered(_set("tick", -1))),
+    "tick beyond 2**53 - 1": ("range", tampered(_set("tick", 2**53))),
+    "float tick": ("schema", tampered(_set("tick", 7.0))),
+    "negative sent_at": ("range", tampered(_set("sent_at", -1.0))),
+    "sent_at in the year 5000": ("range", tampered(_set("sent_at", 1e11))),
     "bool sent_at": ("schema", tampered(_set("sent_at", True))),
     "agent id not a string": ("schema", tampered(_set("agent_ids", ["a", 2, "c", "d"]))),
     "duplicate agent ids": ("schema", tampered(_set("agent_ids", ["a", "b", "a", "d"]))),
     "empty agent id": ("schema", tampered(_set("agent_ids", ["a", "", "c", "d"]))),
+    "newline in an agent id": ("schema", tampered(_set("agent_ids", ["a", "b\nWARNING forged", "c", "d"]))),
+    "bidi override in an agent id": ("schema", tampered(_set("agent_ids", ["a", "b\u202e", "c", "d"]))),
+    "NUL in an agent id": ("schema", tampered(_set("agent_ids", ["a", "b\x00", "c", "d"]))),
     "no agents": ("schema", tampered(_set("agent_ids", []))),
     "array not a map": ("schema", tampered(_set("inventory", [1.0, 2.0]))),
     "unsupported dtype": ("schema", tampered(_set("inventory", wire(np.ones((4, 5)), ">f4")))),
@@ -159,7 +210,13 @@ BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
         "schema",
         tampered(_set("successful", {"dtype": "<f4", "shape": [4], "data": "abcd" * 4})),
     ),
-    "negative inventory": ("schema", tampered(_set("inventory", wire(-np.ones((4, 5)))))),
+    "negative inventory": ("range", tampered(_set("inventory", wire(-np.ones((4, 5)))))),
+    "inventory above max_count": ("range", tampered(_set("inventory", wire(np.full((4, 5), 2e9))))),
+    "successful > attempted": ("range", tampered(_set("successful", wire(np.full(4, 11.0))))),
+    "extreme finite market rate": ("range", tampered(_set("market_mean", wire(_rates(3.4e38))))),
+    "market rate below 0.1": ("range", tampered(_set("market_mean", wire(_rates(0.05))))),
+    "market rates partly zero": ("range", tampered(_set("market_mean", wire(_rates(0.0, 1.0))))),
+    "nan market rate": ("non_finite", tampered(_set("market_mean", wire(_rates(np.nan))))),
     "nan inventory": ("non_finite", tampered(_nan_inventory)),
     "inf sent_at": ("non_finite", tampered(_set("sent_at", float("inf")))),
     "huge float64": ("non_finite", tampered(_set("attempted", wire(np.full(4, 1e300), "<f8")))),
@@ -180,6 +237,37 @@ def test_bad_tick_raises_the_right_kind(case: str) -> None:
     with pytest.raises(ProtocolError) as err:
         decode_tick(payload, LIMITS)
     assert err.value.kind == kind, err.value
+
+
+def test_refusals_name_what_was_wrong() -> None:
+    named = {
+        "duplicate key": "repeats the key(s) ['tick']",
+        "duplicate key in an array map": "repeats the key(s) ['dtype']",
+        "huge declared bin length": "a bin declares 4294967280 bytes",
+        "huge declared str length": "a str declares 2147483647 bytes (limit 128)",
+        "ext type": "extension types",
+        "float version": "protocol version 1.0",
+        "newline in an agent id": "U+000A",
+        "successful > attempted": "e.g. 'agent-0000'",
+    }
+    for case, words in named.items():
+        with pytest.raises(ProtocolError) as err:
+            decode_tick(BAD_PAYLOADS[case][1], LIMITS)
+        assert words in err.value.detail, (case, err.value.detail)
+    assert msgpack.unpackb(BAD_PAYLOADS["duplicate key"][1])["tick"] == 7  # plain msgpack: the last one wins
+
+
+def test_the_declared_length_scan_is_bounded() -> None:
+    """A lying length beyond the first LENGTH_SCAN_VALUES values is reported as the truncation it also is."""
+
+    def lying_after(values: int) -> bytes:  # {"v": 1, "x": [0] * values, "y": <str of 2**31 - 1 bytes>}
+        array = b"\xdc" + values.to_bytes(2, "big") + b"\x00" * values
+        return b"\x83\xa1v\x01\xa1x" + array + b"\xa1y\xdb\x7f\xff\xff\xff"
+
+    for values, kind in ((8, "oversized"), (LENGTH_SCAN_VALUES + 10, "malformed")):
+        with pytest.raises(ProtocolError) as err:
+            decode_tick(lying_after(values), LIMITS)
+        assert err.value.kind == kind
 
 
 def test_oversized_refused_before_unpacking_and_by_msgpack_limits() -> None:
