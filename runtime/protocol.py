@@ -82,16 +82,31 @@ class Limits:
         return cls(max_payload_bytes=mqtt.max_payload_bytes, max_agents=max_agents, num_items=num_items)
 
     def announce(self) -> dict[str, Any]:
-        """The limits as the status announces them (docs/protocol.md §7)."""
+        """The limits as the status announces them (docs/protocol.md §6, §7)."""
         return {
             "max_payload_bytes": self.max_payload_bytes,
             "max_agents": self.max_agents,
+            "max_items": self.max_items,
             "max_id_len": self.max_id_len,
             "max_count": self.max_count,
             "max_tick": self.max_tick,
             "max_time_s": self.max_time_s,
             "matrix_range": [MATRIX_MIN, MATRIX_MAX],
         }
+
+    @classmethod
+    def from_announcement(cls, announced: Mapping[str, Any], num_items: int | None = None) -> Limits:
+        """The limits a runtime announced (a game server can refuse on its side what the runtime would)."""
+        return cls(
+            max_payload_bytes=int(announced["max_payload_bytes"]),
+            max_agents=int(announced["max_agents"]),
+            max_items=int(announced["max_items"]),
+            num_items=num_items,
+            max_id_len=int(announced["max_id_len"]),
+            max_count=float(announced["max_count"]),
+            max_tick=int(announced["max_tick"]),
+            max_time_s=float(announced["max_time_s"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,22 @@ def reference_forward(weights: Weights, states: np.ndarray) -> np.ndarray:
         if layer + 2 < len(weights):
             hidden = np.maximum(hidden, 0.0)
     return np.logaddexp(0.0, hidden) + 0.1
+
+
+def runaway_weights(trigger: float) -> Weights:
+    """A TradingNetwork that is tame on every validation state but overflows to inf when the market rate
+    of (diamond -> gold) exceeds ``trigger``: a model the output guard must catch at serving time."""
+    weights = trading_weights(7)
+    market_entry = 2 * len(ITEMS) + len(ITEMS) ** 2 + 1
+    w0, b0, w1, b1, w2, b2, head, _ = weights
+    w0[0], b0[0] = 0.0, -trigger
+    w0[0, market_entry] = 1.0  # unit 0 = relu(rate - trigger): 0 on every realistic state (rates <= 5)
+    w1[0], w1[:, 0], b1[0] = 0.0, 0.0, 0.0
+    w1[0, 0] = 1e30
+    w2[0], w2[:, 0], b2[0] = 0.0, 0.0, 0.0
+    w2[0, 0] = 1e30  # overflows float32
+    head[:, 0] = 1.0
+    return weights
 
 
 def trading_model(weights: Weights, batch: int | str = "batch") -> onnx.ModelProto:
@@ -203,6 +220,33 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
     return int(process.returncode)
 
 
+def serving_config(tmp_path: Path, model_dir: Path, prefix: str, agents: int = 128, **mqtt: object) -> Path:
+    """A config for `blockmarket run` in a test: these models, no conversion, a quick status."""
+    return write_config(
+        tmp_path / "config.yaml",
+        runtime={
+            "num_agents": agents,
+            "model_dir": str(model_dir),
+            "convert_on_startup": False,
+            "status_interval_s": 0.3,
+        },
+        training={"model_save_path": str(tmp_path / "no-checkpoints")},
+        mqtt={"topic_prefix": prefix, "reconnect_max_backoff_s": 0.5, "max_payload_bytes": 65536, **mqtt},
+        npu={"enabled": False},
+    )
+
+
+@contextmanager
+def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`blockmarket run` for the block; it must stop cleanly (exit 0) on SIGTERM afterwards."""
+    process = runtime_process(config, tmp_path / "run.log")
+    try:
+        yield process
+    finally:
+        code = stop_process(process)
+        assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+
 class GameClient:
     """The game-server side in a test: publishes ticks, records them and the runtime's answers, status and
     roster."""
@@ -313,13 +357,23 @@ class OfflineMarket:
         return len(game.answers)
 
     def __init__(self, model_dir: Path, runtime: RuntimeConfig, items: tuple[str, ...], alpha: float) -> None:
-        models, _ = discover_models(model_dir, items)
-        self.population = create_population(
-            models, items, num_agents=runtime.num_agents, assignment=runtime.assignment, seed=runtime.seed
-        )
-        self.sessions = {m.key: ort.InferenceSession(str(m.onnx_path)) for m in models}
+        self.models, _ = discover_models(model_dir, items)
+        self.runtime, self.items = runtime, items
+        self.restart()
+        self.sessions = {m.key: ort.InferenceSession(str(m.onnx_path)) for m in self.models}
         self.groups = self.population.groups()
         self.alpha = alpha
+
+    def restart(self) -> None:
+        """The agents as the runtime starts them (seeded), sessions kept."""
+        runtime = self.runtime
+        self.population = create_population(
+            self.models,
+            self.items,
+            num_agents=runtime.num_agents,
+            assignment=runtime.assignment,
+            seed=runtime.seed,
+        )
 
     def step(self, tick: MarketTick) -> np.ndarray:
         pop = self.population
@@ -329,7 +383,8 @@ class OfflineMarket:
         proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
         for key, group in self.groups.items():
             proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
-        return pop.update(rows, proposals, self.alpha)[0].copy()
+        matrices, self.refused = pop.update(rows, proposals, self.alpha)  # refused: the output guard's rows
+        return matrices.copy()
 
 
 class CpuPressure:

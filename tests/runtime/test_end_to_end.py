@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -30,10 +27,9 @@ from tests.runtime.runtime_helpers import (
     GameClient,
     OfflineMarket,
     check_matrices,
-    runtime_process,
-    stop_process,
+    running,
+    serving_config,
     trading_weights,
-    write_config,
     write_model,
 )
 from tests.wire.wire_helpers import PrivateMosquitto, wait_until
@@ -52,31 +48,6 @@ def twelve_models(tmp_path: Path) -> Path:
     for i in range(12):
         write_model(directory, f"agent_{i:02d}", trading_weights(100 + i), desired_item=ITEMS[i % 5])
     return directory
-
-
-def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **mqtt: object) -> Path:
-    return write_config(
-        tmp_path / "config.yaml",
-        runtime={
-            "num_agents": AGENTS,
-            "model_dir": str(model_dir),
-            "convert_on_startup": False,
-            "status_interval_s": 0.3,
-        },
-        training={"model_save_path": str(tmp_path / "no-checkpoints")},
-        mqtt={"topic_prefix": prefix, "reconnect_max_backoff_s": 0.5, "max_payload_bytes": 65536, **mqtt},
-        npu={"enabled": False},
-    )
-
-
-@contextmanager
-def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    process = runtime_process(config, tmp_path / "run.log")
-    try:
-        yield process
-    finally:
-        code = stop_process(process)
-        assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
 
 
 async def test_128_agents_200_ticks_with_the_simulator(

@@ -18,7 +18,13 @@ from runtime.protocol import Limits, MarketTick, decode_matrices, encode_tick
 from runtime.scheduler import TickScheduler
 from runtime.sessions import SessionPool
 from runtime.state import MATRIX_MAX, MATRIX_MIN, apply_update, build_states
-from tests.runtime.runtime_helpers import ITEMS, reference_forward, trading_weights, write_model
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    reference_forward,
+    runaway_weights,
+    trading_weights,
+    write_model,
+)
 from tests.runtime.test_sessions import CountingFactory
 
 ALPHA = 0.04
@@ -213,22 +219,6 @@ async def test_extreme_market_rates_are_refused_and_cannot_poison_the_agents(mod
     assert np.isfinite(scheduler.population.matrices).all()
     stats = scheduler.stats()
     assert stats["ticks_skipped"] == 1 and stats["inference_errors"] == stats["guarded_outputs"] == 0
-
-
-def runaway_weights(trigger: float) -> list:
-    """A TradingNetwork that is tame on every validation state but overflows to inf when the market rate
-    of (diamond -> gold) exceeds ``trigger``: a model the output guard must catch at serving time."""
-    weights = trading_weights(7)
-    market_entry = 2 * len(ITEMS) + len(ITEMS) ** 2 + 1
-    w0, b0, w1, b1, w2, b2, head, _ = weights
-    w0[0], b0[0] = 0.0, -trigger
-    w0[0, market_entry] = 1.0  # unit 0 = relu(rate - trigger): 0 on every realistic state (rates <= 5)
-    w1[0], w1[:, 0], b1[0] = 0.0, 0.0, 0.0
-    w1[0, 0] = 1e30
-    w2[0], w2[:, 0], b2[0] = 0.0, 0.0, 0.0
-    w2[0, 0] = 1e30  # overflows float32
-    head[:, 0] = 1.0
-    return weights
 
 
 async def test_the_output_guard_keeps_the_matrices_a_runaway_model_would_break(tmp_path: Path) -> None:
