@@ -389,9 +389,14 @@ def roster_from_message(roster: RosterMessage, state: str, items: Sequence[str])
     return Roster(roster.agent_ids, tuple(index[d] for d in roster.desired), state)
 
 
+def same_runtime(roster: RosterMessage, status: dict[str, Any]) -> bool:
+    """Whether a roster and a status come from the same runtime process."""
+    return (roster.client_id, roster.started_at) == (status.get("client_id"), status.get("started_at"))
+
+
 async def discover_roster(config: Config, wait_s: float) -> Roster | None:
     """Read the runtime's retained status and roster for up to ``wait_s``; waits for "online" while the
-    status says offline. A roster counts only with a status from the same runtime (its client_id)."""
+    status says offline. A roster counts only with a status of the same runtime (client_id, started_at)."""
     topics = Topics(config.mqtt.topic_prefix)
     limits = Limits.from_config(config.mqtt, num_agents=None)  # the roster is what we are waiting for
     latest: dict[str, Any] = {}
@@ -422,7 +427,7 @@ async def discover_roster(config: Config, wait_s: float) -> Roster | None:
         deadline = time.monotonic() + wait_s
         while roster is None or roster.state != "online":
             status, announced = latest.get("status"), latest.get("roster")
-            if status and announced and announced.client_id == status.get("client_id"):
+            if status and announced and same_runtime(announced, status):
                 roster = roster_from_message(announced, str(status["state"]), config.environment.items_list)
                 if roster.state == "online":
                     break

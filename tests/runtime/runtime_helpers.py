@@ -46,6 +46,7 @@ from runtime.protocol import (
     decode_tick,
     encode_tick,
 )
+from runtime.simulator import same_runtime
 from runtime.state import state_dim
 from runtime.transport import MqttLink
 from tests.wire.wire_helpers import wait_until
@@ -299,8 +300,7 @@ class GameClient:
 
     def _online(self) -> bool:
         roster, status = self.roster, self.status
-        online = status.get("state") == "online"
-        return online and roster is not None and roster.client_id == status["client_id"]
+        return status.get("state") == "online" and roster is not None and same_runtime(roster, status)
 
     @property
     def agent_ids(self) -> tuple[str, ...]:

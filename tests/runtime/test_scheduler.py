@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from runtime import intake as intake_module
 from runtime.agents import Assignment, create_population, new_agents
 from runtime.config import MqttConfig
 from runtime.intake import AcceptedTick, TickIntake, TickSlot
@@ -241,6 +243,24 @@ async def test_the_output_guard_keeps_the_matrices_a_runaway_model_would_break(t
     assert not np.array_equal(answer.matrices[healthy], before[healthy])  # the others moved on
     stats = scheduler.stats()
     assert stats["guarded_outputs"] == len(runaway) == 3 and stats["ticks_served"] == 2
+
+
+async def test_a_bug_in_the_checks_is_counted_and_logged_not_raised_into_paho(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception escaping the handler would end the MQTT session; a codec bug is counted instead."""
+    scheduler, _ = await make_scheduler(model_dir)
+
+    def broken(payload: bytes, limits: Limits) -> MarketTick:
+        raise IndexError("a bug in the codec")
+
+    monkeypatch.setattr(intake_module, "decode_tick", broken)
+    with caplog.at_level(logging.WARNING, logger="runtime.intake"):
+        arrive(scheduler, encode_tick(make_tick(0, scheduler.population.agent_ids)))
+    stats = scheduler.stats()
+    assert stats["dropped"] == {"internal": 1} and stats["ticks_received"] == 1 == accounted(stats)
+    (record,) = caplog.records
+    assert "a bug in the codec" in record.getMessage() and record.exc_info is not None
 
 
 async def test_a_failed_inference_is_its_own_bucket(model_dir: Path) -> None:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 from runtime.agents import create_population
 from runtime.config import load_config
+from runtime.intake import TickIntake
 from runtime.models import discover_models
+from runtime.protocol import encode_roster, encode_status
+from runtime.scheduler import TickScheduler
+from runtime.serve import RuntimeServer
 from tests.conversion.original_format import make_network, write_original_checkpoint
 from tests.runtime.runtime_helpers import (
     ITEMS,
@@ -23,6 +29,8 @@ from tests.runtime.runtime_helpers import (
     stop_process,
     write_config,
 )
+from tests.runtime.test_scheduler import RecordingPublisher
+from tests.wire.test_protocol_doc import section, table_rows
 from tests.wire.wire_helpers import wait_until
 
 PROBE = Path(__file__).with_name("serve_probe.py")
@@ -124,3 +132,34 @@ def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ProviderError, match="not importable"):
         serve.serve_on_npu(NpuConfig(require_npu=True))
     assert serve.serve_on_npu(NpuConfig(require_npu=False)) is False
+
+
+async def test_status_and_roster_carry_exactly_what_protocol_md_section_6_documents(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    config = load_config(
+        write_config(
+            tmp_path / "config.yaml",
+            runtime={"num_agents": 5, "model_dir": str(model_dir), "convert_on_startup": False},
+            npu={"enabled": False},
+        )
+    )
+    server = RuntimeServer(config, handle_signals=False)
+    population, pool = await server.build_pool()
+    try:
+        intake = TickIntake(population, server.limits, "doc/market/tick")
+        server.scheduler = TickScheduler(pool, RecordingPublisher(), intake, alpha=0.04)
+        status = msgpack.unpackb(encode_status(server.status("online")))
+        roster = msgpack.unpackb(encode_roster(server.roster()))
+    finally:
+        pool.close()
+    text = section("6")
+    status_part, roster_part = text.split("### 6.1")[0], text.split("### 6.1")[1].split("### 6.2")[0]
+
+    def documented(part: str) -> set[str]:
+        return {key for row in table_rows(part) for key in re.findall(r"`(\w+)`", row[0])}
+
+    assert set(status) == documented(status_part)
+    assert set(roster) == documented(roster_part)
+    limits_cell = next(row for row in table_rows(status_part) if row[0] == "`limits`")[2]
+    assert all(f"`{key}`" in limits_cell for key in status["limits"]), limits_cell

@@ -19,13 +19,16 @@ from runtime.protocol import (
     Limits,
     MatricesMessage,
     ProtocolError,
+    RosterMessage,
     Topics,
     decode_agent_matrix,
     decode_matrices,
+    decode_roster,
     decode_status,
     decode_tick,
     encode_agent_matrices,
     encode_matrices,
+    encode_roster,
     encode_status,
     encode_tick,
     message_sizes,
@@ -101,6 +104,39 @@ def test_status_round_trip_and_state_check() -> None:
     assert err.value.kind == "schema"
 
 
+def roster(**changes: Any) -> RosterMessage:
+    fields: dict[str, Any] = {
+        "client_id": "rt-1",
+        "started_at": 1_700_000_000.5,
+        "pool_generation": 3,
+        "items": ("diamond", "gold", "apple", "emerald", "redstone"),
+        "agent_ids": ("a0", "a1", "a2"),
+        "desired": ("gold", "apple", "gold"),
+        "models": ("m0", "m1", "m0"),
+        "model_versions": {"m0": "9c1e", "m1": "77aa"},
+        "initial_matrices": np.random.default_rng(2).uniform(0.5, 2.0, (3, 5, 5)).astype(np.float32),
+    }
+    return RosterMessage(**{**fields, **changes})
+
+
+def test_roster_round_trip_and_refusals() -> None:
+    sent = roster()
+    back = decode_roster(encode_roster(sent), LIMITS)
+    np.testing.assert_array_equal(back.initial_matrices, sent.initial_matrices)
+    assert (back.agent_ids, back.desired, back.models) == (sent.agent_ids, sent.desired, sent.models)
+    assert dict(back.model_versions) == sent.model_versions and back.pool_generation == 3
+    bad = {
+        "desired items": roster(desired=("gold", "wood", "gold")),
+        "no entry in model_versions": roster(models=("m0", "m2", "m0")),
+        "entries, expected 3": roster(models=("m0", "m1")),
+        "initial_matrices spans": roster(initial_matrices=np.full((3, 5, 5), 11.0, np.float32)),
+        "unprintable": roster(agent_ids=("a0", "a1\n", "a2")),
+    }
+    for words, message in bad.items():
+        with pytest.raises(ProtocolError, match=words):
+            decode_roster(encode_roster(message), LIMITS)
+
+
 def test_inbound_float64_and_int_arrays_become_float32() -> None:
     def to_other_dtypes(data: dict[str, Any]) -> None:
         data["inventory"] = wire(np.full((4, 5), 3.5), "<f8")
@@ -118,6 +154,7 @@ def test_topics() -> None:
     assert topics.tick == "game/eu/market/tick"
     assert topics.matrices == "game/eu/agents/matrices"
     assert topics.status == "game/eu/runtime/status"
+    assert topics.roster == "game/eu/runtime/roster"
     assert topics.agent_matrix("a1") == "game/eu/agents/a1/matrix"
     for bad in ("", "game/#", "a/+/b", "trailing/"):
         with pytest.raises(ValueError, match="prefix"):

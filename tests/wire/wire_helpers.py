@@ -174,15 +174,17 @@ class EchoRuntime:
             client_id=f"echo-runtime-{cfg.topic_prefix}",
         )
         self.limits = Limits(num_items=n)
+        self.started_at = time.time()
 
     def status(self) -> bytes:
-        return encode_status({"state": "online", "client_id": self.transport.client_id, "items": self.items})
+        identity = {"client_id": self.transport.client_id, "started_at": self.started_at}
+        return encode_status({"state": "online", **identity, "items": self.items})
 
     def roster(self) -> bytes:
         return encode_roster(
             RosterMessage(
                 client_id=self.transport.client_id,
-                started_at=0.0,
+                started_at=self.started_at,
                 pool_generation=1,
                 items=tuple(self.items),
                 agent_ids=tuple(self.agent_ids),
