@@ -186,15 +186,17 @@ def python_module(
     )
 
 
-def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **runtime: object) -> Path:
+def serving_config(
+    tmp_path: Path, model_dir: Path, prefix: str, mqtt: dict[str, object] | None = None, **runtime: object
+) -> Path:
     """`tmp_path/config.yaml` for a `blockmarket run` process serving ``model_dir`` on the CPU EP under a
-    test's own topic prefix, converting nothing; ``runtime`` keys replace the defaults."""
+    test's own topic prefix, converting nothing; ``runtime`` and ``mqtt`` keys replace the defaults."""
     defaults = {"model_dir": str(model_dir), "convert_on_startup": False, "status_interval_s": 0.5}
     return write_config(
         tmp_path / "config.yaml",
         runtime={**defaults, **runtime},
         training={"model_save_path": str(tmp_path / "no-checkpoints")},
-        mqtt={"topic_prefix": prefix},
+        mqtt={"topic_prefix": prefix, **(mqtt or {})},
         npu={"enabled": False},
     )
 
@@ -219,22 +221,6 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
             process.wait()
             raise
     return int(process.returncode)
-
-
-def serving_config(tmp_path: Path, model_dir: Path, prefix: str, agents: int = 128, **mqtt: object) -> Path:
-    """A config for `blockmarket run` in a test: these models, no conversion, a quick status."""
-    return write_config(
-        tmp_path / "config.yaml",
-        runtime={
-            "num_agents": agents,
-            "model_dir": str(model_dir),
-            "convert_on_startup": False,
-            "status_interval_s": 0.3,
-        },
-        training={"model_save_path": str(tmp_path / "no-checkpoints")},
-        mqtt={"topic_prefix": prefix, "reconnect_max_backoff_s": 0.5, "max_payload_bytes": 65536, **mqtt},
-        npu={"enabled": False},
-    )
 
 
 @contextmanager

@@ -28,8 +28,10 @@ from tests.runtime.runtime_helpers import (
     OfflineMarket,
     check_matrices,
     running,
-    serving_config,
+    runtime_process,
+    stop_process,
     trading_weights,
+    write_config,
     write_model,
 )
 from tests.wire.wire_helpers import PrivateMosquitto, wait_until
@@ -48,6 +50,21 @@ def twelve_models(tmp_path: Path) -> Path:
     for i in range(12):
         write_model(directory, f"agent_{i:02d}", trading_weights(100 + i), desired_item=ITEMS[i % 5])
     return directory
+
+
+def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **mqtt: object) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        runtime={
+            "num_agents": AGENTS,
+            "model_dir": str(model_dir),
+            "convert_on_startup": False,
+            "status_interval_s": 0.3,
+        },
+        training={"model_save_path": str(tmp_path / "no-checkpoints")},
+        mqtt={"topic_prefix": prefix, "reconnect_max_backoff_s": 0.5, "max_payload_bytes": 65536, **mqtt},
+        npu={"enabled": False},
+    )
 
 
 async def test_128_agents_200_ticks_with_the_simulator(

@@ -38,6 +38,8 @@ HOSTILE_PER_VALID = 100
 FLOOD = 20_000
 GARBAGE_EVERY = 4  # one garbage message after every 4th tick of the flood
 SEED = 20_261_201
+RUNTIME = {"num_agents": AGENTS, "status_interval_s": 0.3}
+MQTT = {"max_payload_bytes": 65_536}
 BUCKETS = ("ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors", "ticks_in_flight")
 
 
@@ -58,7 +60,7 @@ def drop_log_lines(log: str) -> Counter[str]:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> PrivateMosquitto:
-    broker = PrivateMosquitto(tmp_path, "max_queued_messages 0")
+    broker = PrivateMosquitto(tmp_path, settings=("max_queued_messages 0",))
     broker.start()
     yield broker
     broker.stop()
@@ -67,7 +69,7 @@ def broker(tmp_path: Path) -> PrivateMosquitto:
 async def test_twenty_thousand_hostile_payloads_are_all_counted_and_never_touch_an_answer(
     tmp_path: Path, model_dir: Path, prefix: str, broker: PrivateMosquitto
 ) -> None:
-    config_path = serving_config(tmp_path, model_dir, prefix, agents=AGENTS, port=broker.port)
+    config_path = serving_config(tmp_path, model_dir, prefix, mqtt=MQTT | {"port": broker.port}, **RUNTIME)
     config = load_config(config_path)
     valid_count = HOSTILE // HOSTILE_PER_VALID
     async with GameClient(config.mqtt, len(ITEMS)) as game:
@@ -116,7 +118,7 @@ async def test_a_flood_is_counted_whole_and_its_newest_tick_answered(
 
     Then its other case: 500 garbage messages in front of each of 40 valid ticks, each answered.
     """
-    config_path = serving_config(tmp_path, model_dir, prefix, agents=AGENTS, port=broker.port)
+    config_path = serving_config(tmp_path, model_dir, prefix, mqtt=MQTT | {"port": broker.port}, **RUNTIME)
     config = load_config(config_path)
     with running(config_path, tmp_path):
         async with GameClient(config.mqtt, len(ITEMS)) as game:

@@ -17,7 +17,7 @@ from runtime.agents import create_population
 from runtime.config import load_config
 from runtime.intake import TickIntake
 from runtime.models import discover_models
-from runtime.protocol import encode_roster, encode_status
+from runtime.protocol import Limits, encode_roster, encode_status
 from runtime.scheduler import TickScheduler
 from runtime.serve import RuntimeServer
 from tests.conversion.original_format import make_network, write_original_checkpoint
@@ -99,7 +99,7 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
             assert status["alpha"] == config.learning.matrix_update_rate
             assert status["status_interval_s"] == 0.5 and abs(status["published_at"] - time.time()) < 5
             limits = status["limits"]
-            assert limits["max_agents"] == 10_000 and limits["matrix_range"] == [0.1, 10.0]
+            assert limits["max_agents"] == 5 and limits["matrix_range"] == [0.1, 10.0]  # ids: the roster
             roster = game.roster
             assert roster is not None and roster.client_id == status["client_id"]
             assert roster.desired[:3] == ("gold", ITEMS[1], "apple")
@@ -147,7 +147,8 @@ async def test_status_and_roster_carry_exactly_what_protocol_md_section_6_docume
     server = RuntimeServer(config, handle_signals=False)
     population, pool = await server.build_pool()
     try:
-        intake = TickIntake(population, server.limits, "doc/market/tick")
+        limits = Limits.from_config(config.mqtt, num_agents=len(population), num_items=len(ITEMS))
+        intake = TickIntake(population, limits, "doc/market/tick")
         server.scheduler = TickScheduler(pool, RecordingPublisher(), intake, alpha=0.04)
         status = msgpack.unpackb(encode_status(server.status("online")))
         roster = msgpack.unpackb(encode_roster(server.roster()))
