@@ -46,6 +46,7 @@ from benchmarks._harness import (
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 from runtime.config import Config
 from runtime.protocol import Limits, MarketTick, Topics, decode_matrices, encode_tick
+from runtime.simulator import discover_roster
 
 TARGET_FIRST_TICK_S = 5.0
 RETRY_TICK_S = 0.05  # republish the first tick this often until it is answered (subscription races)
@@ -88,7 +89,10 @@ async def first_served_tick(config: Config, runtime: RuntimeProcess, timeout: fl
     status = await wait_for_status(config, runtime, timeout, "online")
     online_s = time.perf_counter() - runtime.started_at
     topics = Topics(config.mqtt.topic_prefix)
-    ids = tuple(status["agent_ids"])
+    roster = await discover_roster(config, timeout)  # retained: here as soon as the status says online
+    if roster is None:
+        raise HarnessError(f"no roster on {topics.roster} from the online runtime")
+    ids = roster.agent_ids
     rng = np.random.default_rng(0)
     tick = MarketTick(
         tick=1,

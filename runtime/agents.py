@@ -21,6 +21,7 @@ from runtime.state import (
     build_states,
     initial_inventory,
     initial_matrices,
+    refused_proposals,
 )
 
 Assignment = Literal["round_robin", "one_per_checkpoint"]
@@ -75,6 +76,7 @@ class AgentPopulation:
         self.desired: IntArray = np.asarray(desired, dtype=np.int64)
         self.model_keys = tuple(model_keys)
         self.matrices = np.ascontiguousarray(matrices, dtype=np.float32)
+        self.initial_matrices = self.matrices.copy()  # announced in the roster: answers can be recomputed
         self.inventory = np.ascontiguousarray(inventory, dtype=np.float32)
         self.success_rate = np.zeros(len(self.agent_ids), dtype=np.float32)
         count, n = len(self.agent_ids), len(self.items)
@@ -142,6 +144,7 @@ class AgentPopulation:
         self.model_keys += newcomers.model_keys
         self.desired = np.concatenate([self.desired, newcomers.desired])
         self.matrices = np.concatenate([self.matrices, newcomers.matrices])
+        self.initial_matrices = np.concatenate([self.initial_matrices, newcomers.initial_matrices])
         self.inventory = np.concatenate([self.inventory, newcomers.inventory])
         self.success_rate = np.concatenate([self.success_rate, newcomers.success_rate])
         self._row_of.update({agent_id: first + i for i, agent_id in enumerate(newcomers.agent_ids)})
@@ -162,13 +165,23 @@ class AgentPopulation:
             self.inventory, self.desired, self.matrices, self.success_rate, market_mean=market_mean, out=out
         )
 
-    def update(self, rows: IntArray, proposals: FloatArray, alpha: float) -> FloatArray:
-        """Apply the update rule to the ticked agents' matrices; returns their new matrices [M, n, n]."""
-        if len(rows) == len(self) and np.array_equal(rows, np.arange(len(self))):
-            return apply_update(self.matrices, proposals, alpha)
-        updated = apply_update(self.matrices[rows], proposals[rows], alpha)
-        self.matrices[rows] = updated
-        return updated
+    def update(self, rows: IntArray, proposals: FloatArray, alpha: float) -> tuple[FloatArray, IntArray]:
+        """Apply the update rule to the ticked agents' matrices, behind the output guard.
+
+        Returns their new matrices [M, n, n] and the population rows whose proposal the guard refused
+        (runtime.state.refused_proposals): those agents keep their previous matrix.
+        """
+        whole = len(rows) == len(self) and np.array_equal(rows, np.arange(len(self)))
+        ticked = proposals if whole else proposals[rows]
+        current = self.matrices if whole else self.matrices[rows]
+        refused = refused_proposals(ticked)
+        kept = current[refused]
+        with np.errstate(invalid="ignore", over="ignore"):  # refused rows are restored just below
+            apply_update(current, ticked, alpha)
+        current[refused] = kept
+        if not whole:
+            self.matrices[rows] = current
+        return current, rows[refused]
 
 
 def groups_of(model_keys: Sequence[str]) -> dict[str, IntArray]:

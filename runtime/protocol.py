@@ -2,9 +2,9 @@
 
 One batched message per market tick in each direction; float arrays travel as raw little-endian bytes
 plus a shape so encoding and decoding stay vectorized. Everything inbound is untrusted: the size is
-checked before unpacking, msgpack runs with hard limits, and every field is type-, shape- and
-finiteness-checked. Every failure is a :class:`ProtocolError` with a ``kind`` that :class:`DropCounter`
-counts and logs at a bounded rate.
+checked before unpacking, msgpack runs with hard limits, maps may not repeat a key, and every field is
+type-, shape-, finiteness- and range-checked. Every failure is a :class:`ProtocolError` with a ``kind``
+that :class:`DropCounter` counts and logs at a bounded rate.
 """
 
 from __future__ import annotations
@@ -12,23 +12,36 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgpack
 import numpy as np
 import numpy.typing as npt
 
 from runtime.config import MqttConfig
+from runtime.state import MATRIX_MAX, MATRIX_MIN
 
 PROTOCOL_VERSION: Final = 1
 WIRE_DTYPE: Final = "<f4"  # what the runtime sends
 # What inbound arrays may carry; every one is converted to float32 on decode.
-ACCEPTED_DTYPES: Final = frozenset({"<f4", "<f8", "<i4", "<i8"})
+ITEM_SIZES: Final = {"<f4": 4, "<f8": 8, "<i4": 4, "<i8": 8}
+ACCEPTED_DTYPES: Final = frozenset(ITEM_SIZES)
 
-STATUS_MAX_STR_LEN: Final = 4096  # status strings (EP names, versions) may be longer than agent ids
-ERROR_KINDS: Final = ("oversized", "malformed", "version", "schema", "shape", "non_finite", "unknown_agent")
+STATUS_MAX_STR_LEN: Final = 4096  # status and roster strings (EP names, model keys) may be longer than ids
+ERROR_KINDS: Final = (
+    "oversized",
+    "malformed",
+    "version",
+    "schema",
+    "shape",
+    "non_finite",
+    "range",
+    "unknown_agent",
+)
+LENGTH_SCAN_VALUES: Final = 1024  # values scanned for an over-limit declared length in an incomplete payload
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -57,6 +70,9 @@ class Limits:
     max_items: int = 64
     num_items: int | None = None  # when set, every item axis must have exactly this length
     max_id_len: int = 128  # longest agent id (and any other string) in bytes
+    max_count: float = 1e9  # largest inventory amount and trade counter
+    max_tick: int = 2**53 - 1  # largest tick number (exact in a float64 / JavaScript number)
+    max_time_s: float = 1e10  # latest sent_at, s since the epoch (the year 2286)
 
     @classmethod
     def from_config(cls, mqtt: MqttConfig, *, num_agents: int | None, num_items: int | None = None) -> Limits:
@@ -64,6 +80,33 @@ class Limits:
         mqtt.max_payload_bytes, e.g. a runtime's status read before its roster is known)."""
         max_agents = mqtt.max_payload_bytes if num_agents is None else num_agents
         return cls(max_payload_bytes=mqtt.max_payload_bytes, max_agents=max_agents, num_items=num_items)
+
+    def announce(self) -> dict[str, Any]:
+        """The limits as the status announces them (docs/protocol.md §6, §7)."""
+        return {
+            "max_payload_bytes": self.max_payload_bytes,
+            "max_agents": self.max_agents,
+            "max_items": self.max_items,
+            "max_id_len": self.max_id_len,
+            "max_count": self.max_count,
+            "max_tick": self.max_tick,
+            "max_time_s": self.max_time_s,
+            "matrix_range": [MATRIX_MIN, MATRIX_MAX],
+        }
+
+    @classmethod
+    def from_announcement(cls, announced: Mapping[str, Any], num_items: int | None = None) -> Limits:
+        """The limits a runtime announced (a game server can refuse on its side what the runtime would)."""
+        return cls(
+            max_payload_bytes=int(announced["max_payload_bytes"]),
+            max_agents=int(announced["max_agents"]),
+            max_items=int(announced["max_items"]),
+            num_items=num_items,
+            max_id_len=int(announced["max_id_len"]),
+            max_count=float(announced["max_count"]),
+            max_tick=int(announced["max_tick"]),
+            max_time_s=float(announced["max_time_s"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +132,10 @@ class Topics:
     @property
     def status(self) -> str:
         return f"{self.prefix}/runtime/status"
+
+    @property
+    def roster(self) -> str:
+        return f"{self.prefix}/runtime/roster"
 
     def agent_matrix(self, agent_id: str) -> str:
         return f"{self.prefix}/agents/{agent_id}/matrix"
@@ -131,6 +178,21 @@ class AgentMatrix:
     served_at: float
     agent_id: str
     matrix: FloatArray  # [n, n]
+
+
+@dataclass(frozen=True)
+class RosterMessage:
+    """Who the runtime serves (retained): enough for a game server to recompute every answer."""
+
+    client_id: str
+    started_at: float
+    pool_generation: int  # the status's pool_generation when this roster was current
+    items: tuple[str, ...]
+    agent_ids: tuple[str, ...]
+    desired: tuple[str, ...]  # desired item per agent
+    models: tuple[str, ...]  # model key per agent
+    model_versions: Mapping[str, str]  # model key -> content version
+    initial_matrices: FloatArray  # [N, n, n]: each agent's matrix when it started (or joined)
 
 
 # --------------------------------------------------------------------------------------------- encode
@@ -242,7 +304,38 @@ def payload_shortfall(sizes: Mapping[str, int], limit: int) -> str | None:
     )
 
 
+def encode_roster(roster: RosterMessage) -> bytes:
+    """Serialize the retained roster (one wire array holds every agent's starting matrix)."""
+    return _pack(
+        "roster",
+        {
+            "client_id": roster.client_id,
+            "started_at": float(roster.started_at),
+            "pool_generation": int(roster.pool_generation),
+            "items": list(roster.items),
+            "agent_ids": list(roster.agent_ids),
+            "desired": list(roster.desired),
+            "models": list(roster.models),
+            "model_versions": dict(roster.model_versions),
+            "initial_matrices": _wire_array(roster.initial_matrices),
+        },
+    )
+
+
 # --------------------------------------------------------------------------------------------- decode
+
+
+class _DuplicateKey(Exception):
+    """A msgpack map repeated a key (raised from inside the unpacker, turned into a ``schema`` refusal)."""
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """msgpack object_pairs_hook: a map, refused when a key repeats (no "last one wins")."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = sorted(str(k) for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise _DuplicateKey(f"a map repeats the key(s) {repeated[:5]}")
+    return out
 
 
 def _unpack(
@@ -258,21 +351,23 @@ def _unpack(
             payload,
             raw=False,
             strict_map_key=True,
+            object_pairs_hook=_unique_map,
             max_bin_len=limits.max_payload_bytes,
             max_str_len=limits.max_id_len,
             max_array_len=limits.max_agents,
             max_map_len=max(limits.max_agents, 32),
-            max_ext_len=0,
+            max_ext_len=0,  # every extension type "exceeds" it: refused as malformed below
         )
+    except _DuplicateKey as exc:
+        raise ProtocolError("schema", str(exc)) from None
+    except msgpack.StackError:
+        raise ProtocolError("oversized", "msgpack values nested deeper than the unpacker's limit") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        text = str(exc) or type(exc).__name__
-        if "exceeds max_" in text:
-            raise ProtocolError("oversized", f"msgpack limit: {text}") from None
-        raise ProtocolError("malformed", f"not a single valid msgpack value ({text})") from None
+        raise _unpack_error(payload, limits, str(exc) or type(exc).__name__) from None
     if not isinstance(data, dict):
         raise ProtocolError("schema", f"top level is a msgpack {type(data).__name__}, not a map")
     version = data.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and True are not version 1
         raise ProtocolError(
             "version", f"protocol version {version!r}, this runtime speaks {PROTOCOL_VERSION}"
         )
@@ -282,23 +377,87 @@ def _unpack(
     if missing := required - keys:
         raise ProtocolError("schema", f"{kind} message lacks {sorted(missing)}")
     if optional is not None and (unknown := keys - required - optional):
-        raise ProtocolError("schema", f"{kind} message has unknown keys {sorted(unknown)}")
+        raise ProtocolError("schema", f"{kind} message has unknown keys {sorted(unknown, key=str)}")
     return data
 
 
-def _int(data: Mapping[str, Any], key: str) -> int:
+def _unpack_error(payload: bytes, limits: Limits, text: str) -> ProtocolError:
+    """The kind of an unpack failure: a declared length over its limit is oversized, the rest malformed."""
+    if "exceeds max_ext_len" in text:
+        return ProtocolError("malformed", "msgpack extension types are not part of the protocol")
+    if "exceeds max_" in text:
+        return ProtocolError("oversized", f"msgpack limit: {text}")
+    if "is not allowed for map key" in text:
+        return ProtocolError("schema", f"map keys must be strings ({text})")
+    if "incomplete input" in text and (over := _declared_over_limit(payload, limits)):
+        return ProtocolError("oversized", f"msgpack limit: {over}")
+    return ProtocolError("malformed", f"not a single valid msgpack value ({text})")
+
+
+# msgpack headers followed by a fixed number of bytes: float32/64, uint8..64, int8..64
+_FIXED_WIDTH: Final = dict(zip(range(0xCA, 0xD4), (4, 8, 1, 2, 4, 8, 1, 2, 4, 8), strict=True))
+
+
+def _declared_over_limit(payload: bytes, limits: Limits) -> str | None:
+    """Slow path for a payload that ends early: a str or bin declaring more bytes than its limit.
+
+    msgpack checks those lengths only once the bytes are there, so a huge declared length in a short
+    payload reads as "incomplete". Scans the first :data:`LENGTH_SCAN_VALUES` values (bounded work).
+    """
+    data, pos, pending = bytes(payload), 0, 1
+    for _ in range(LENGTH_SCAN_VALUES):
+        if pending == 0 or pos >= len(data):
+            return None
+        head, pos, pending = data[pos], pos + 1, pending - 1
+        if head <= 0x7F or head >= 0xE0 or head in (0xC0, 0xC2, 0xC3):
+            continue
+        if head <= 0x8F:
+            pending += 2 * (head & 0x0F)
+            continue
+        if head <= 0x9F:
+            pending += head & 0x0F
+            continue
+        if head in _FIXED_WIDTH:
+            pos += _FIXED_WIDTH[head]
+            continue
+        if head <= 0xBF:
+            what, width, size = "str", 0, head & 0x1F
+        elif 0xC4 <= head <= 0xC6 or 0xD9 <= head <= 0xDB:
+            what, width = ("bin", 1 << (head - 0xC4)) if head <= 0xC6 else ("str", 1 << (head - 0xD9))
+            if pos + width > len(data):
+                return None
+            size = int.from_bytes(data[pos : pos + width], "big")
+        elif 0xDC <= head <= 0xDF:  # array/map 16/32: msgpack checked their lengths already
+            width = 2 if head in (0xDC, 0xDE) else 4
+            count = int.from_bytes(data[pos : pos + width], "big")
+            pos, pending = pos + width, pending + (count if head <= 0xDD else 2 * count)
+            continue
+        else:  # ext or the reserved 0xc1: malformed whatever the length
+            return None
+        limit = limits.max_id_len if what == "str" else limits.max_payload_bytes
+        if size > limit:
+            return f"a {what} declares {size} bytes (limit {limit})"
+        pos += width + size
+    return None
+
+
+def _int(data: Mapping[str, Any], key: str, maximum: int) -> int:
     value = data[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError("schema", f"{key} must be a non-negative integer, got {value!r}")
+    if type(value) is not int:
+        raise ProtocolError("schema", f"{key} must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise ProtocolError("range", f"{key} {value} is outside [0, {maximum}]")
     return value
 
 
-def _float(data: Mapping[str, Any], key: str) -> float:
+def _float(data: Mapping[str, Any], key: str, maximum: float = math.inf) -> float:
     value = data[key]
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if type(value) is not float and type(value) is not int:
         raise ProtocolError("schema", f"{key} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ProtocolError("non_finite", f"{key} is {value}")
+    if not 0 <= value <= maximum:
+        raise ProtocolError("range", f"{key} {value} is outside [0, {maximum:g}]")
     return float(value)
 
 
@@ -309,49 +468,75 @@ def _str(data: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _agent_ids(data: Mapping[str, Any]) -> tuple[str, ...]:
-    ids = data["agent_ids"]
-    if not isinstance(ids, list) or not ids:
-        raise ProtocolError("schema", "agent_ids must be a non-empty array of strings")
-    if set(map(type, ids)) != {str}:
-        raise ProtocolError("schema", "agent_ids must all be strings")
+def _strings(data: Mapping[str, Any], key: str, count: int | None = None) -> tuple[str, ...]:
+    """A non-empty array of strings (of ``count`` entries when given)."""
+    values = data[key]
+    if not isinstance(values, list) or not values or set(map(type, values)) != {str}:
+        raise ProtocolError("schema", f"{key} must be a non-empty array of strings")
+    if count is not None and len(values) != count:
+        raise ProtocolError("shape", f"{key} has {len(values)} entries, expected {count}")
+    return tuple(values)
+
+
+def _agent_ids(data: Mapping[str, Any], key: str = "agent_ids") -> tuple[str, ...]:
+    ids = _strings(data, key)
     unique = set(ids)
     if "" in unique:
-        raise ProtocolError("schema", "agent_ids has an empty string")
+        raise ProtocolError("schema", f"{key} has an empty string")
     if len(unique) != len(ids):
-        raise ProtocolError("schema", f"agent_ids has {len(ids) - len(unique)} duplicates")
-    return tuple(ids)
+        raise ProtocolError("schema", f"{key} has {len(ids) - len(unique)} duplicates")
+    joined = "".join(ids)
+    if not joined.isprintable():  # a newline in an id would forge log lines, a bidi override hide text
+        bad = next(c for c in joined if not c.isprintable())
+        raise ProtocolError("schema", f"{key} contain the unprintable character U+{ord(bad):04X}")
+    return ids
 
 
 def _array(data: Mapping[str, Any], key: str, shape: tuple[int | None, ...], limits: Limits) -> FloatArray:
-    """A wire array as float32 (a read-only view of the payload for "<f4"); None in ``shape`` = item axis."""
+    """A wire array as float32 (a read-only view of the payload for "<f4"); None in ``shape`` = item axis.
+
+    Finiteness and ranges are the caller's: :func:`_within` checks them in two reductions.
+    """
     value = data[key]
-    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+    if type(value) is not dict or len(value) != 3 or not {"dtype", "shape", "data"}.issuperset(value):
         raise ProtocolError("schema", f"{key} must be a map with exactly dtype, shape, data")
     dtype, got, raw = value["dtype"], value["shape"], value["data"]
     if dtype not in ACCEPTED_DTYPES:
         raise ProtocolError("schema", f"{key}.dtype {dtype!r} not one of {sorted(ACCEPTED_DTYPES)}")
-    if not isinstance(got, list) or not all(type(d) is int and d >= 0 for d in got):
+    if type(got) is not list or any(type(d) is not int or d < 0 for d in got):
         raise ProtocolError("schema", f"{key}.shape must be an array of non-negative integers")
-    if not isinstance(raw, bytes):
+    if type(raw) is not bytes:
         raise ProtocolError("schema", f"{key}.data must be msgpack bin (raw bytes), got {type(raw).__name__}")
-    items = limits.num_items
-    expected = tuple(items if d is None else d for d in shape)
-    if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, expected, strict=True)):
+    expected = tuple(limits.num_items if s is None else s for s in shape)  # None: any item count >= 1
+    if len(got) != len(shape) or not all(
+        g >= 1 if e is None else g == e for g, e in zip(got, expected, strict=True)
+    ):
         want = "x".join("n" if e is None else str(e) for e in expected)
         raise ProtocolError("shape", f"{key} has shape {got}, expected [{want}]")
     if any(g > limits.max_items for g, s in zip(got, shape, strict=True) if s is None):
         raise ProtocolError("shape", f"{key} has shape {got}: more than {limits.max_items} items")
-    needed = math.prod(got) * np.dtype(dtype).itemsize
+    needed = math.prod(got) * ITEM_SIZES[dtype]
     if len(raw) != needed:
         raise ProtocolError(
             "shape", f"{key}.data has {len(raw)} bytes, shape {got} of {dtype} needs {needed}"
         )
-    with np.errstate(over="ignore"):  # a float64 beyond float32 range becomes inf, refused just below
-        out = np.frombuffer(raw, dtype=dtype).reshape(got).astype(np.float32, copy=False)
-    if not np.isfinite(out).all():
-        raise ProtocolError("non_finite", f"{key} has {int((~np.isfinite(out)).sum())} non-finite values")
-    return out
+    values = np.frombuffer(raw, dtype=dtype).reshape(got)
+    if dtype == WIRE_DTYPE:
+        return cast(FloatArray, values)
+    with np.errstate(over="ignore"):  # a float64 beyond float32 range becomes inf, refused as non-finite
+        return values.astype(np.float32)
+
+
+def _within(key: str, values: FloatArray, low: float, high: float) -> None:
+    """Every value finite and in [low, high] (NaN fails both reductions, so one fast path covers all)."""
+    if values.size == 0 or (values.min() >= low and values.max() <= high):
+        return
+    if not np.isfinite(values).all():
+        raise ProtocolError("non_finite", f"{key} has {int((~np.isfinite(values)).sum())} non-finite values")
+    raise ProtocolError(
+        "range",
+        f"{key} spans [{float(values.min()):g}, {float(values.max()):g}], allowed [{low:g}, {high:g}]",
+    )
 
 
 def _item_count(*arrays: FloatArray) -> None:
@@ -359,6 +544,12 @@ def _item_count(*arrays: FloatArray) -> None:
     sizes = {a.shape[-1] for a in arrays}
     if len(sizes) > 1:
         raise ProtocolError("shape", f"item axes disagree: {sorted(sizes)}")
+
+
+def _market_rates(rates: FloatArray) -> None:
+    """Market rates lie in the matrix range [0.1, 10], or are all zeros ("no market data")."""
+    if not (rates.min() == 0.0 and rates.max() == 0.0):
+        _within("market_mean", rates, MATRIX_MIN, MATRIX_MAX)
 
 
 _TICK_REQUIRED = frozenset({"tick", "sent_at", "agent_ids", "inventory", "successful", "attempted"})
@@ -378,11 +569,17 @@ def decode_tick(payload: bytes, limits: Limits) -> MarketTick:
         market_mean = _array(data, "market_mean", (None, None), limits)
         _item_count(inventory, market_mean, market_mean.T)
     for name, values in (("inventory", inventory), ("successful", successful), ("attempted", attempted)):
-        if (values < 0).any():
-            raise ProtocolError("schema", f"{name} has negative values")
+        _within(name, values, 0.0, limits.max_count)
+    if market_mean is not None:
+        _market_rates(market_mean)
+    if (successful > attempted).any():
+        rows = np.flatnonzero(successful > attempted)
+        raise ProtocolError(
+            "range", f"successful > attempted for {len(rows)} agent(s), e.g. {ids[rows[0]]!r}"
+        )
     return MarketTick(
-        tick=_int(data, "tick"),
-        sent_at=_float(data, "sent_at"),
+        tick=_int(data, "tick", limits.max_tick),
+        sent_at=_float(data, "sent_at", limits.max_time_s),
         agent_ids=ids,
         inventory=inventory,
         successful=successful,
@@ -395,23 +592,28 @@ _MATRICES_REQUIRED = frozenset({"tick", "sent_at", "served_at", "latency_ms", "a
 _MATRICES_OPTIONAL = frozenset({"model_versions"})
 
 
+def _versions(data: Mapping[str, Any]) -> dict[str, str]:
+    versions = data.get("model_versions") or {}
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise ProtocolError("schema", "model_versions must be a map of strings to strings")
+    return versions
+
+
 def decode_matrices(payload: bytes, limits: Limits) -> MatricesMessage:
     """Parse and check the runtime's answer (game-server side); raises :class:`ProtocolError`."""
     data = _unpack(payload, limits, "matrices", _MATRICES_REQUIRED, _MATRICES_OPTIONAL)
     ids = _agent_ids(data)
     matrices = _array(data, "matrices", (len(ids), None, None), limits)
     _item_count(matrices, matrices.transpose(0, 2, 1))
-    versions = data.get("model_versions") or {}
-    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
-        raise ProtocolError("schema", "model_versions must be a map of strings to strings")
+    _within("matrices", matrices, -math.inf, math.inf)
     return MatricesMessage(
-        tick=_int(data, "tick"),
+        tick=_int(data, "tick", limits.max_tick),
         sent_at=_float(data, "sent_at"),
         served_at=_float(data, "served_at"),
         agent_ids=ids,
         matrices=matrices,
         latency_ms=_float(data, "latency_ms"),
-        model_versions=versions,
+        model_versions=_versions(data),
     )
 
 
@@ -423,26 +625,69 @@ def decode_agent_matrix(payload: bytes, limits: Limits) -> AgentMatrix:
     data = _unpack(payload, limits, "agent_matrix", _AGENT_MATRIX_KEYS, frozenset())
     matrix = _array(data, "matrix", (None, None), limits)
     _item_count(matrix, matrix.T)
+    _within("matrix", matrix, -math.inf, math.inf)
     return AgentMatrix(
-        tick=_int(data, "tick"),
+        tick=_int(data, "tick", limits.max_tick),
         served_at=_float(data, "served_at"),
         agent_id=_str(data, "agent_id"),
         matrix=matrix,
     )
 
 
+def _wordy(limits: Limits) -> Limits:
+    """Status and roster strings may be longer than agent ids (EP names, model file names)."""
+    return replace(limits, max_id_len=max(limits.max_id_len, STATUS_MAX_STR_LEN))
+
+
 def decode_status(payload: bytes, limits: Limits) -> dict[str, Any]:
     """Parse the runtime status (without ``v``/``type``); ``state`` is required, other keys are open."""
-    data = _unpack(
-        payload,
-        replace(limits, max_id_len=max(limits.max_id_len, STATUS_MAX_STR_LEN)),
-        "status",
-        frozenset({"state"}),
-        None,
-    )
+    data = _unpack(payload, _wordy(limits), "status", frozenset({"state"}), None)
     if data["state"] not in ("online", "offline"):
         raise ProtocolError("schema", f"status state {data['state']!r} is not 'online' or 'offline'")
     return {k: v for k, v in data.items() if k not in ("v", "type")}
+
+
+_ROSTER_KEYS = frozenset(
+    {
+        "client_id",
+        "started_at",
+        "pool_generation",
+        "items",
+        "agent_ids",
+        "desired",
+        "models",
+        "model_versions",
+        "initial_matrices",
+    }
+)
+
+
+def decode_roster(payload: bytes, limits: Limits) -> RosterMessage:
+    """Parse the runtime's roster (game-server side); raises :class:`ProtocolError`."""
+    wordy = _wordy(limits)
+    data = _unpack(payload, wordy, "roster", _ROSTER_KEYS, frozenset())
+    ids = _agent_ids(data)
+    items = _strings(data, "items")
+    desired = _strings(data, "desired", len(ids))
+    models = _strings(data, "models", len(ids))
+    versions = _versions(data)
+    if unknown := sorted(set(desired) - set(items)):
+        raise ProtocolError("schema", f"desired items {unknown[:5]} are not in items {list(items)}")
+    if unknown := sorted(set(models) - set(versions)):
+        raise ProtocolError("schema", f"models {unknown[:5]} have no entry in model_versions")
+    matrices = _array(data, "initial_matrices", (len(ids), len(items), len(items)), wordy)
+    _within("initial_matrices", matrices, MATRIX_MIN, MATRIX_MAX)
+    return RosterMessage(
+        client_id=_str(data, "client_id"),
+        started_at=_float(data, "started_at"),
+        pool_generation=_int(data, "pool_generation", limits.max_tick),
+        items=items,
+        agent_ids=ids,
+        desired=desired,
+        models=models,
+        model_versions=versions,
+        initial_matrices=matrices,
+    )
 
 
 # --------------------------------------------------------------------------------------------- drops
@@ -466,8 +711,9 @@ class DropCounter:
         self._last_logged: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
 
-    def record(self, kind: str, detail: str) -> None:
-        """Count one drop; log it unless this kind was logged less than ``window_s`` ago."""
+    def record(self, kind: str, detail: str, exc_info: BaseException | None = None) -> None:
+        """Count one drop; log it (with ``exc_info``'s traceback) unless this kind was logged less than
+        ``window_s`` ago."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
         now = self._clock()
         last = self._last_logged.get(kind)
@@ -484,6 +730,7 @@ class DropCounter:
             detail,
             more,
             self.counts[kind],
+            exc_info=exc_info,
         )
 
     def record_error(self, error: ProtocolError, source: str) -> None:

@@ -1,34 +1,29 @@
-"""The per-tick pipeline: latest tick wins, one inference per model group, one answer message per tick.
+"""The per-tick pipeline: newest valid tick, one inference per model group, one answer message per tick.
 
-``on_tick`` only drops the raw payload into a one-place slot (a newer tick overwrites an unserved one and
-the overwritten tick is counted as skipped), so a slow tick never builds a queue. One serving task
-takes the newest payload and runs decode -> states [N, D] -> pool inference -> update rule -> encode ->
-publish, all vectorized over agents, and records the receive -> publish latency.
+Ticks are checked on arrival by :class:`runtime.intake.TickIntake`, which keeps only the newest valid
+one in a one-place slot, so a slow tick never builds a queue and garbage never displaces a valid tick.
+One serving task takes the newest tick and runs states [N, D] -> pool inference -> output guard and
+update rule -> encode -> publish, all vectorized over agents, and records the receive -> publish latency.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.agents import AgentPopulation, RosterError
+from runtime.intake import AcceptedTick, TickIntake
 from runtime.protocol import (
     DropCounter,
-    Limits,
     MatricesMessage,
-    ProtocolError,
-    decode_tick,
     encode_agent_matrices,
     encode_matrices,
 )
 from runtime.sessions import PoolGeneration, SessionPool
-from runtime.state import FloatArray, state_dim
+from runtime.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +36,6 @@ class Publisher(Protocol):
     async def publish_matrices(self, payload: bytes) -> bool: ...
 
     async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool: ...
-
-
-class TickSlot:
-    """A one-place mailbox: put never blocks and replaces what is unread; take waits for the newest."""
-
-    def __init__(self) -> None:
-        self._item: tuple[bytes, float] | None = None
-        self._ready = asyncio.Event()
-        self.overwritten = 0
-
-    def put(self, payload: bytes, received_at: float) -> None:
-        if self._item is not None:
-            self.overwritten += 1
-        self._item = (payload, received_at)
-        self._ready.set()
-
-    async def take(self) -> tuple[bytes, float]:
-        while self._item is None:
-            self._ready.clear()
-            await self._ready.wait()
-        item, self._item = self._item, None
-        return item
 
 
 class LatencyWindow:
@@ -86,94 +59,77 @@ class TickScheduler:
 
     def __init__(
         self,
-        population: AgentPopulation,
         pool: SessionPool,
         publisher: Publisher,
+        intake: TickIntake,
         *,
-        limits: Limits,
         alpha: float,
-        tick_topic: str,
         per_agent_topics: bool = False,
-        drops: DropCounter | None = None,
-        slot: TickSlot | None = None,
     ) -> None:
-        self.population = population
+        self.population = intake.population
         self.pool = pool
         self.publisher = publisher
-        self.limits = limits
+        self.intake = intake
         self.alpha = alpha
-        self.tick_topic = tick_topic
         self.per_agent_topics = per_agent_topics
-        self.drops = drops or DropCounter(log, what=f"tick on {tick_topic}")
-        self.slot = slot or TickSlot()
         self.latency = LatencyWindow()
-        self.ticks_served = 0
-        self.unpublished = 0
-        self.inference_errors = 0
-        self._states = np.empty((len(population), 0), dtype=np.float32)
+        self.guarded_outputs = 0  # agent answers the output guard refused (the agent kept its matrix)
+        self._guard_log = DropCounter(log, what="network proposal")
+        self._states = np.empty((len(self.population), 0), dtype=np.float32)
         self._versions: tuple[int, dict[str, str]] = (-1, {})
 
-    @property
-    def ticks_skipped(self) -> int:
-        return self.slot.overwritten
-
-    def on_tick(self, payload: bytes, received_at: float) -> None:
-        """The transport's callback: O(1), never blocks, never raises."""
-        self.slot.put(payload, received_at)
-
     async def run(self) -> None:
-        """Serve the newest tick, forever (until cancelled)."""
+        """Serve the newest valid tick, forever (until cancelled)."""
         while True:
-            payload, received_at = await self.slot.take()
-            await self.serve(payload, received_at)
+            await self.serve_next()
 
-    async def serve(self, payload: bytes, received_at: float) -> MatricesMessage | None:
-        """One tick end to end; a refused or failed tick is counted and logged, never raised."""
-        population = self.population
-        try:
-            tick = decode_tick(payload, self._tick_limits())
-            rows = population.rows_for(tick.agent_ids)
-        except ProtocolError as exc:
-            self.drops.record_error(exc, self.tick_topic)
-            return None
-        except RosterError as exc:
-            self.drops.record("unknown_agent", f"{self.tick_topic}: tick {tick.tick}: {exc}")
-            return None
-        population.observe(rows, tick.inventory, tick.successful, tick.attempted)
+    async def serve_next(self) -> MatricesMessage | None:
+        """Wait for the newest valid tick and serve it."""
+        return await self.serve(await self.intake.slot.take())
+
+    async def serve(self, accepted: AcceptedTick) -> MatricesMessage | None:
+        """One tick end to end; a failed inference is counted and logged, never raised."""
+        population, ledger, tick = self.population, self.intake.ledger, accepted.tick
+        population.observe(accepted.rows, tick.inventory, tick.successful, tick.attempted)
         states = population.states(tick.market_mean, out=self._state_buffer())
         try:
             generation = self.pool.current  # a swap during this tick serves the next one
             proposals = await self.pool.infer(states, generation)
         except Exception:  # an ORT failure on one tick must not stop serving the next
-            self.inference_errors += 1
+            ledger.finish("inference_errors")
             log.exception("tick %d: inference failed; agents keep their matrices", tick.tick)
             return None
-        matrices = population.update(rows, proposals, self.alpha)
+        matrices, refused = population.update(accepted.rows, proposals, self.alpha)
+        if len(refused):
+            self._guarded(tick.tick, refused)
         msg = MatricesMessage(
             tick=tick.tick,
             sent_at=tick.sent_at,
             served_at=time.time(),
             agent_ids=tick.agent_ids,
             matrices=matrices,
-            latency_ms=(time.perf_counter() - received_at) * 1e3,
+            latency_ms=(time.perf_counter() - accepted.received_at) * 1e3,
             model_versions=self._model_versions(generation),
         )
         published = await self.publisher.publish_matrices(encode_matrices(msg))
         if self.per_agent_topics:
             for agent_id, agent_payload in encode_agent_matrices(msg):
                 await self.publisher.publish_agent_matrix(agent_id, agent_payload)
+        ledger.finish("served" if published else "unpublished")
         if published:
-            self.ticks_served += 1
-            self.latency.add((time.perf_counter() - received_at) * 1e3)
-        else:
-            self.unpublished += 1
+            self.latency.add((time.perf_counter() - accepted.received_at) * 1e3)
         return msg
 
-    def _tick_limits(self) -> Limits:
-        """A tick names at most the agents served, and their number grows when new models join."""
-        if self.limits.max_agents < len(self.population):
-            self.limits = replace(self.limits, max_agents=len(self.population))
-        return self.limits
+    def _guarded(self, tick: int, rows: IntArray) -> None:
+        """Count and log (rate-limited) the agents whose proposal the output guard refused."""
+        self.guarded_outputs += len(rows)
+        row = int(rows[0])
+        agent, model = self.population.agent_ids[row], self.population.model_keys[row]
+        self._guard_log.record(
+            "refused",
+            f"tick {tick}: {len(rows)} agent(s) keep their matrix, e.g. {agent} (model {model}): "
+            f"a proposal non-finite or outside [{PROPOSAL_MIN:g}, {PROPOSAL_MAX:g}]",
+        )
 
     def _state_buffer(self) -> FloatArray:
         """Reuse one [N, D] buffer across ticks (reallocated only when the roster grows)."""
@@ -192,13 +148,10 @@ class TickScheduler:
         """The serving figures for the status message and the periodic log line."""
         p50, p99 = self.latency.percentiles()
         return {
-            "ticks_served": self.ticks_served,
-            "ticks_skipped": self.ticks_skipped,
-            "ticks_unpublished": self.unpublished,
-            "inference_errors": self.inference_errors,
+            **self.intake.ledger.stats(),
+            "guarded_outputs": self.guarded_outputs,
             "latency_p50_ms": p50,
             "latency_p99_ms": p99,
-            "dropped": self.drops.snapshot(),
             "reload_failures": self.pool.reload_failures,
             "pool_generation": self.pool.current.number,
         }

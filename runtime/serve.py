@@ -25,13 +25,22 @@ from runtime.agents import AgentPopulation, create_population
 from runtime.broker import BrokerError, ensure_broker
 from runtime.command import given, run_command
 from runtime.config import Config, ConfigError, NpuConfig, Overrides
+from runtime.intake import TickIntake
 from runtime.models import ModelError, discover_models
-from runtime.protocol import Limits, encode_status, message_sizes, payload_shortfall
+from runtime.protocol import (
+    Limits,
+    RosterMessage,
+    Topics,
+    encode_roster,
+    encode_status,
+    message_sizes,
+    payload_shortfall,
+)
 from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.reload import ModelReloader, WatchedFiles, model_watcher
-from runtime.scheduler import TickScheduler, TickSlot
+from runtime.scheduler import TickScheduler
 from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
-from runtime.transport import BrokerRefused, RuntimeTransport, runtime_client_id
+from runtime.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
 from runtime.workers import (
     bootstrap_population,
     checkpoints,
@@ -97,24 +106,23 @@ class RuntimeServer:
     async def serve(self) -> int:
         """Run until stopped; returns the process exit code."""
         mqtt = self.config.mqtt
-        slot = TickSlot()
-        # First: MQTT credentials and TLS files are checked now, not after minutes of conversion.
-        transport = RuntimeTransport(
-            mqtt, on_tick=slot.put, will_payload=encode_status(self.last_will()), client_id=self.client_id
-        )
+        client_options(mqtt)  # first: MQTT credentials and TLS files are checked now, not after conversion
         await self.prepare_models()
         population, pool = await self.build_pool()
         self._check_message_sizes(population, pool)
         broker = await ensure_broker(mqtt)
+        limits = Limits.from_config(mqtt, num_agents=len(population), num_items=population.num_items)
+        intake = TickIntake(population, limits, Topics(mqtt.topic_prefix).tick)
+        will = encode_status(self.last_will())
+        transport = RuntimeTransport(
+            mqtt, on_tick=intake.receive, will_payload=will, client_id=self.client_id
+        )
         scheduler = TickScheduler(
-            population,
             pool,
             transport,
-            limits=Limits.from_config(mqtt, num_agents=len(population), num_items=population.num_items),
+            intake,
             alpha=self.config.learning.matrix_update_rate,
-            tick_topic=transport.topics.tick,
             per_agent_topics=mqtt.per_agent_topics,
-            slot=slot,
         )
         self.scheduler = scheduler
         reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
@@ -243,28 +251,31 @@ class RuntimeServer:
         }
 
     def status(self, state: str) -> dict[str, Any]:
-        """The retained status: identity, models, EPs, serving figures, and the roster while online."""
+        """The retained status: identity, heartbeat, what a client needs to check answers, serving figures.
+
+        Its size does not grow with the agents (the roster has its own topic): a heartbeat stays cheap.
+        """
         pop, pool = self.population, self.pool
-        status: dict[str, Any] = {**self.last_will(), "state": state}
+        status: dict[str, Any] = {
+            **self.last_will(),
+            "state": state,
+            "published_at": time.time(),
+            "status_interval_s": self.config.runtime.status_interval_s,
+            "alpha": self.config.learning.matrix_update_rate,
+        }
         if pop is not None and pool is not None:
-            status.update(
-                agents=len(pop),
-                items=list(pop.items),
-                eps=pool.current.providers,
-                model_versions=pool.current.versions,
-            )
-            if state == "online":  # an offline runtime serves nobody: a game must not tick its old roster
-                status.update(agent_ids=list(pop.agent_ids), desired=pop.desired_items)
+            status.update(agents=len(pop), items=list(pop.items), eps=pool.current.providers)
         if self.scheduler is not None:
-            status.update(self.scheduler.stats())
+            status.update(self.scheduler.stats(), limits=self.scheduler.intake.limits.announce())
         return status
 
     def _check_message_sizes(self, population: AgentPopulation, pool: SessionPool) -> None:
         """Every message this roster needs must fit mqtt.max_payload_bytes: this runtime refuses a bigger
-        tick, and game servers using this config refuse a bigger answer or status."""
+        tick, and game servers using this config refuse a bigger answer, status or roster."""
         cfg = self.config
         sizes = message_sizes(population.agent_ids, population.num_items, pool.current.versions)
         sizes["status"] = len(encode_status(self.status("online"))) + STATUS_GROWTH_BYTES
+        sizes["roster"] = len(encode_roster(self.roster()))
         shortfall = payload_shortfall(sizes, cfg.mqtt.max_payload_bytes)
         if shortfall is not None:
             fewer = (
@@ -274,10 +285,32 @@ class RuntimeServer:
             )
             raise StartupError(f"{len(population)} agents: {shortfall}, or serve {fewer}")
 
+    def roster(self) -> RosterMessage:
+        """Who is served: ids, desired items, model and version per agent, starting matrices."""
+        pop, pool = self.population, self.pool
+        if pop is None or pool is None:
+            raise RuntimeError("the roster exists once the pool is built")
+        return RosterMessage(
+            client_id=self.client_id,
+            started_at=self.started_at,
+            pool_generation=pool.current.number,
+            items=pop.items,
+            agent_ids=pop.agent_ids,
+            desired=tuple(pop.desired_items),
+            models=pop.model_keys,
+            model_versions=pool.current.versions,
+            initial_matrices=pop.initial_matrices,
+        )
+
     async def report_status(self, transport: RuntimeTransport) -> None:
-        """Publish the retained status once connected and every runtime.status_interval_s, with a log line."""
+        """Publish the retained roster (again whenever the pool generation changes) and the retained
+        status, once connected and every runtime.status_interval_s, with a log line."""
         await transport.connected.wait()
+        announced = -1
         while True:
+            if self.pool is not None and self.pool.current.number != announced:
+                announced = self.pool.current.number
+                await transport.publish_roster(encode_roster(self.roster()))
             await transport.publish_status(encode_status(self.status("online")))
             await asyncio.sleep(self.config.runtime.status_interval_s)
             log.info("%s", self._summary())
@@ -287,9 +320,10 @@ class RuntimeServer:
             return "not serving"
         s = self.scheduler.stats()
         return (
-            f"{len(self.scheduler.population)} agents: {s['ticks_served']} ticks served, "
-            f"{s['ticks_skipped']} skipped, p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
-            f"dropped {s['dropped'] or 0}, pool generation {s['pool_generation']}"
+            f"{len(self.scheduler.population)} agents: {s['ticks_received']} ticks received, "
+            f"{s['ticks_served']} served, {s['ticks_skipped']} skipped, dropped {s['dropped'] or 0}, "
+            f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
+            f"{s['guarded_outputs']} outputs guarded, pool generation {s['pool_generation']}"
         )
 
     async def _announce_ready(self, transport: RuntimeTransport) -> None:

@@ -3,8 +3,9 @@
 Every tick (at simulator.tick_rate_hz) the simulator applies the newest matrices the runtime sent, runs
 one market step (runtime.market.trade_step: the same rules as training), and publishes the agents'
 inventories and trade counters on <prefix>/market/tick. It learns which agents to play from the
-runtime's retained status on <prefix>/runtime/status (agent_ids, desired items); without one it plays
---agents N agents named agent-0000, agent-0001, ... with random desired items.
+runtime's retained roster on <prefix>/runtime/roster (agent_ids, desired items), once the retained status
+on <prefix>/runtime/status says that runtime is online; without one it plays --agents N agents named
+agent-0000, agent-0001, ... with random desired items.
 
 A live line every second shows ticks answered, trades, fitness and the latency seen from the game
 side (publish -> matrices received). With --ticks N it stops by itself and prints a final summary
@@ -14,7 +15,7 @@ Ctrl-Break) stops it after the current tick, still with the final summary; a sec
 Examples:
   blockmarket simulate --ticks 200                      # against `blockmarket run` on this machine
   blockmarket simulate --rate 50 --ticks 1000 --json out/sim.json
-  blockmarket simulate --agents 128 --wait 0            # no runtime status: assume agent-0000..0127
+  blockmarket simulate --agents 128 --wait 0            # no runtime roster: assume agent-0000..0127
 
 Wire format: docs/protocol.md.
 """
@@ -48,8 +49,10 @@ from runtime.protocol import (
     MarketTick,
     MatricesMessage,
     ProtocolError,
+    RosterMessage,
     Topics,
     decode_matrices,
+    decode_roster,
     decode_status,
     encode_tick,
     message_sizes,
@@ -72,7 +75,7 @@ class SimulatorError(RuntimeError):
 
 @dataclass(frozen=True)
 class Roster:
-    """The agents a runtime serves, as announced in its retained status."""
+    """The agents a runtime serves, as announced in its retained roster, and its state then."""
 
     agent_ids: tuple[str, ...]
     desired: tuple[int, ...]  # item indices into config.environment.items_list
@@ -185,7 +188,7 @@ class MarketSimulator:
 
     # ------------------------------------------------------------------------------------ receiving
 
-    def on_matrices(self, payload: bytes, received_at: float) -> None:
+    def on_matrices(self, payload: bytes, received_at: float, _retained: bool) -> None:
         """MqttLink handler: check and time an answer; the newest is applied at the next tick."""
         try:
             msg = decode_matrices(payload, self._limits)
@@ -375,42 +378,47 @@ async def _connected(
 # ---------------------------------------------------------------------------------------- roster
 
 
-def roster_from_status(status: dict[str, Any], items: Sequence[str]) -> Roster | None:
-    """The roster in a runtime status, or None if it carries none; raises if it does not fit ``items``."""
-    ids, desired = status.get("agent_ids"), status.get("desired")
-    if ids is None or desired is None:
-        return None
-    served_items = status.get("items")
-    if served_items is not None and list(served_items) != list(items):
+def roster_from_message(roster: RosterMessage, state: str, items: Sequence[str]) -> Roster:
+    """The agents to play from a runtime's roster; raises if it does not fit ``items``."""
+    if list(roster.items) != list(items):
         raise SimulatorError(
-            f"the runtime serves items {list(served_items)} but this config has {list(items)}: "
+            f"the runtime serves items {list(roster.items)} but this config has {list(items)}: "
             "use the runtime's config.yaml (environment.items_list)"
         )
-    if not isinstance(ids, list | tuple) or not isinstance(desired, list | tuple) or len(ids) != len(desired):
-        raise SimulatorError("runtime status: agent_ids and desired must be lists of the same length")
     index = {item: k for k, item in enumerate(items)}
-    unknown = sorted({d for d in desired if d not in index}, key=str)
-    if unknown:
-        raise SimulatorError(f"runtime status: desired items {unknown} are not in {list(items)}")
-    return Roster(tuple(str(a) for a in ids), tuple(index[d] for d in desired), str(status["state"]))
+    return Roster(roster.agent_ids, tuple(index[d] for d in roster.desired), state)
+
+
+def same_runtime(roster: RosterMessage, status: dict[str, Any]) -> bool:
+    """Whether a roster and a status come from the same runtime process."""
+    return (roster.client_id, roster.started_at) == (status.get("client_id"), status.get("started_at"))
 
 
 async def discover_roster(config: Config, wait_s: float) -> Roster | None:
-    """Read the runtime's retained status for up to ``wait_s``; waits for "online" while it says offline."""
+    """Read the runtime's retained status and roster for up to ``wait_s``; waits for "online" while the
+    status says offline. A roster counts only with a status of the same runtime (client_id, started_at)."""
     topics = Topics(config.mqtt.topic_prefix)
     limits = Limits.from_config(config.mqtt, num_agents=None)  # the roster is what we are waiting for
-    found: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    latest: dict[str, Any] = {}
+    changed = asyncio.Event()
 
-    def on_status(payload: bytes, _received_at: float) -> None:
-        try:
-            found.put_nowait(decode_status(payload, limits))
-        except ProtocolError as exc:
-            logger.warning("ignoring a bad runtime status on %s: %s", topics.status, exc)
+    def keep(name: str, decode: Callable[[bytes, Limits], Any]) -> Callable[[bytes, float, bool], None]:
+        def handler(payload: bytes, _received_at: float, _retained: bool) -> None:
+            try:
+                latest[name] = decode(payload, limits) if payload else None  # empty: cleared
+            except ProtocolError as exc:
+                logger.warning("ignoring a bad runtime %s on %s: %s", name, topics.prefix, exc)
+            changed.set()
+
+        return handler
 
     link = MqttLink(
         config.mqtt,
         client_id=f"blockmarket-simulator-roster-{os.getpid()}",
-        subscriptions={topics.status: on_status},
+        subscriptions={
+            topics.status: keep("status", decode_status),
+            topics.roster: keep("roster", decode_roster),
+        },
     )
     task = asyncio.create_task(link.run())
     roster: Roster | None = None
@@ -418,14 +426,19 @@ async def discover_roster(config: Config, wait_s: float) -> Roster | None:
         await _connected(link, task, config.mqtt)
         deadline = time.monotonic() + wait_s
         while roster is None or roster.state != "online":
+            status, announced = latest.get("status"), latest.get("roster")
+            if status and announced and same_runtime(announced, status):
+                roster = roster_from_message(announced, str(status["state"]), config.environment.items_list)
+                if roster.state == "online":
+                    break
+            changed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                status = await asyncio.wait_for(found.get(), remaining)
+                await asyncio.wait_for(changed.wait(), remaining)
             except TimeoutError:
                 break
-            roster = roster_from_status(status, config.environment.items_list) or roster
     finally:
         await link.disconnect()
         await task
@@ -456,10 +469,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--agents", type=int, default=None,
-        help="agents to play when no runtime status is found (default: simulator.num_agents)",
+        help="agents to play when no runtime roster is found (default: simulator.num_agents)",
     )  # fmt: skip
     parser.add_argument(
-        "--wait", type=float, default=10.0, help="seconds to wait for the runtime's status (default 10)"
+        "--wait", type=float, default=10.0, help="seconds to wait for the runtime's roster (default 10)"
     )
     parser.add_argument("--seed", type=int, default=None, help="market seed (default: simulator.seed)")
     parser.add_argument("--host", default=None, help="MQTT broker host (default: mqtt.host)")
@@ -497,8 +510,8 @@ async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummar
         seed = config.simulator.seed if args.seed is None else args.seed
         roster = default_roster(count, config.environment.num_items, seed)
         logger.warning(
-            "no runtime status with a roster on %s: playing %d agents agent-0000.. (random desired items)",
-            Topics(config.mqtt.topic_prefix).status,
+            "no runtime roster on %s: playing %d agents agent-0000.. (random desired items)",
+            Topics(config.mqtt.topic_prefix).roster,
             count,
         )
     elif roster.state != "online":

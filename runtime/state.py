@@ -16,9 +16,16 @@ import numpy.typing as npt
 
 MATRIX_MIN = 0.1
 MATRIX_MAX = 10.0
+# The output guard's range for a network's proposal. A TradingNetwork proposes softplus(.) + 0.1 >= 0.1
+# (quantized variants may round to just below); on the bounded states of build_states a healthy network
+# proposes rates on the matrix's scale. 1000x the matrix maximum means the arithmetic ran away (fp16
+# saturates at 65,504), and any proposal above MATRIX_MAX / alpha clips to MATRIX_MAX anyway.
+PROPOSAL_MIN = 0.0
+PROPOSAL_MAX = 1000 * MATRIX_MAX
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 
 
 def state_dim(num_items: int) -> int:
@@ -102,6 +109,15 @@ def apply_update(matrices: FloatArray, proposals: npt.ArrayLike, alpha: float) -
     diag = np.arange(n)
     matrices[:, diag, diag] = 1.0
     return matrices
+
+
+def refused_proposals(proposals: FloatArray) -> BoolArray:
+    """The output guard: rows [M] of ``proposals`` [M, ...] with a non-finite entry or one outside
+    [PROPOSAL_MIN, PROPOSAL_MAX] (NaN fails both comparisons, so two reductions decide)."""
+    flat = proposals.reshape(len(proposals), -1)
+    if not flat.size or (flat.min() >= PROPOSAL_MIN and flat.max() <= PROPOSAL_MAX):
+        return np.zeros(len(proposals), dtype=np.bool_)
+    return ~((flat.min(axis=1) >= PROPOSAL_MIN) & (flat.max(axis=1) <= PROPOSAL_MAX))
 
 
 def initial_matrices(rng: np.random.Generator, count: int, num_items: int) -> FloatArray:

@@ -4,9 +4,11 @@
 the agent state held by its owner outlives it, and it retries at least every
 ``mqtt.reconnect_max_backoff_s`` so serving resumes soon after the broker is back. It gives up
 (:class:`BrokerRefused`) only when retrying cannot help: the broker keeps refusing our credentials, or
-another client with our client id keeps taking the connection over. :class:`RuntimeTransport` is the
-runtime's link (tick topic in; matrices, per-agent matrices and retained status out; last will
-"offline"). The simulator builds its own :class:`MqttLink` for the game-server side.
+another client with our client id keeps taking the connection over. Inbound messages go to their
+handler the moment paho reads them (:class:`DeliveringQueue`): no queue inside the process can drop one
+unseen. :class:`RuntimeTransport` is the runtime's link (tick topic in; matrices, per-agent matrices,
+retained status and roster out; last will "offline"). The simulator builds its own :class:`MqttLink` for
+the game-server side.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import random
 import socket
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import aiomqtt
 
@@ -28,7 +32,9 @@ from runtime.protocol import DropCounter, Topics
 
 logger = logging.getLogger(__name__)
 
-TickHandler = Callable[[bytes, float], None]  # (payload, time.perf_counter() at receipt)
+# handler(payload, time.perf_counter() at receipt, retained): retained is True for a message the broker
+# replays because it was stored with the retain flag (sent on subscribing), False for a live one.
+Handler = Callable[[bytes, float, bool], None]
 
 INITIAL_BACKOFF_S = 0.2
 # CONNACK reason codes refusing our credentials: bad user name or password, not authorized (paho gives
@@ -38,7 +44,6 @@ AUTH_REFUSALS = frozenset({134, 135})
 # broker closes ours again right after accepting it (MQTT 3.1.1 and Mosquitto 2.0 give no reason for it).
 SHORT_SESSION_S = 2.0  # a connection the broker ends sooner than this after accepting it is suspect...
 TAKEOVER_STREAK = 3  # ...and this many in a row, with no failed attempt between them, means a takeover
-MAX_QUEUED_INCOMING = 1024  # aiomqtt's inbound queue; handlers are cheap, so this only bounds memory
 # Retained statuses are published at QoS 0: TCP already delivers them in order on a live connection and
 # they are republished after every reconnect. At QoS 1 each periodic status stalled the next matrices
 # answer by ~40 ms (measured: the game-side p99 at 100 agents fell from 32 ms to 4.6 ms at QoS 0).
@@ -91,6 +96,23 @@ def _refuses_credentials(exc: aiomqtt.MqttError) -> bool:
     return isinstance(exc, aiomqtt.MqttCodeError) and code in AUTH_REFUSALS
 
 
+class DeliveringQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's inbound queue, replaced: every message is handed on the moment paho reads it.
+
+    aiomqtt's own queue is emptied by its iterator one message per several loop iterations, and when full
+    it discards each further message with a log line of its own. This one never holds a message, so
+    nothing waits or is lost inside the process: a reader that falls behind pushes back on TCP, and the
+    broker's queue for this client is what fills (docs/protocol.md §8).
+    """
+
+    def __init__(self, deliver: Callable[[aiomqtt.Message], None], maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._deliver = deliver
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        self._deliver(item)
+
+
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -99,9 +121,11 @@ def _cancelling() -> bool:
 class MqttLink:
     """One MQTT connection kept alive by :meth:`run` until :meth:`disconnect`; publishes fail fast while down.
 
-    ``subscriptions`` maps exact topics to handlers called as ``handler(payload, perf_counter_at_receipt)``
-    on the event loop; they must be cheap and must not raise. Retained publishes are remembered and
-    published again after every reconnect (a restarted broker has forgotten them, or fired our will).
+    ``subscriptions`` maps exact topics to handlers called as ``handler(payload, perf_counter_at_receipt,
+    retained)`` on the event loop as each message is read; they must be cheap and should not raise (an
+    exception is counted and logged, and the next message is delivered as usual). Retained publishes are
+    remembered and published again after every reconnect (a restarted broker has forgotten them, or fired
+    our will).
     """
 
     def __init__(
@@ -109,7 +133,7 @@ class MqttLink:
         cfg: MqttConfig,
         *,
         client_id: str,
-        subscriptions: Mapping[str, TickHandler],
+        subscriptions: Mapping[str, Handler],
         will: aiomqtt.Will | None = None,
     ) -> None:
         self.cfg = cfg
@@ -117,6 +141,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.connections = 0  # successful connects (1 + reconnects)
         self.unsent = DropCounter(logger, what=f"outbound message from {client_id}")
+        self.unhandled = DropCounter(logger, what=f"inbound message to {client_id}")
         self._subscriptions = dict(subscriptions)
         self._will = will
         self._options = client_options(cfg)
@@ -212,7 +237,7 @@ class MqttLink:
             self.cfg.port,
             identifier=self.client_id,
             will=self._will,
-            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            queue_type=cast(type[asyncio.Queue[aiomqtt.Message]], partial(DeliveringQueue, self._deliver)),
             **self._options,  # type: ignore[arg-type]
         ) as client:
             self._accepted_at = time.monotonic()
@@ -228,7 +253,7 @@ class MqttLink:
                 self.client_id, "connected to" if self.connections == 1 else "reconnected to", self.address,
                 ", ".join(self._subscriptions) or "nothing",
             )  # fmt: skip
-            receiving = asyncio.create_task(self._dispatch(client))
+            receiving = asyncio.create_task(self._until_disconnected(client))
             stopping = asyncio.create_task(self._stopping.wait())
             try:
                 await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -240,12 +265,19 @@ class MqttLink:
             if receiving.done() and not receiving.cancelled():
                 receiving.result()  # re-raises the MqttError that ended the session
 
-    async def _dispatch(self, client: aiomqtt.Client) -> None:
-        handlers = self._subscriptions
-        async for message in client.messages:
-            handler = handlers.get(message.topic.value)
-            if handler is not None:
-                handler(message.payload, time.perf_counter())
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Raise aiomqtt's MqttError when the connection ends (messages never reach its iterator)."""
+        await anext(client.messages)
+
+    def _deliver(self, message: aiomqtt.Message) -> None:
+        """DeliveringQueue's callback, inside paho's read: hand the message to its topic's handler."""
+        handler = self._subscriptions.get(message.topic.value)
+        if handler is None:
+            return
+        try:
+            handler(message.payload, time.perf_counter(), bool(message.retain))
+        except Exception as exc:  # raised into paho it would end the connection: counted and logged instead
+            self.unhandled.record("handler_error", f"{message.topic.value}: {exc!r}", exc_info=exc)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
         """Publish now, or return False (counted) when not connected; retained messages survive reconnects."""
@@ -280,7 +312,7 @@ class RuntimeTransport(MqttLink):
         self,
         cfg: MqttConfig,
         *,
-        on_tick: TickHandler,
+        on_tick: Handler,
         will_payload: bytes,
         client_id: str | None = None,
     ) -> None:
@@ -304,8 +336,12 @@ class RuntimeTransport(MqttLink):
         return await self.publish(self.topics.agent_matrix(agent_id), payload)
 
     async def publish_status(self, payload: bytes) -> bool:
-        """Retained: a client that subscribes later (the simulator) reads the roster from it."""
+        """Retained: a client that subscribes later learns at once whether the runtime is online."""
         return await self.publish(self.topics.status, payload, retain=True)
+
+    async def publish_roster(self, payload: bytes) -> bool:
+        """Retained: a client that subscribes later (the simulator) reads the agents from it."""
+        return await self.publish(self.topics.roster, payload, retain=True)
 
     async def close(self, final_status: bytes | None = None, timeout_s: float = 5.0) -> None:
         """Publish the final (offline) status, retained, then disconnect cleanly."""

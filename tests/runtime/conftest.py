@@ -24,11 +24,12 @@ def model_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    """A unique topic prefix (tests share the broker at 127.0.0.1:1883); its retained status is cleared."""
+    """A unique topic prefix (tests share the broker at 127.0.0.1:1883); its retained messages are cleared."""
     value = f"bmtest-{uuid.uuid4().hex[:12]}"
     yield value
-    clear = ["mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-t", f"{value}/runtime/status", "-r", "-n"]
-    subprocess.run(clear, check=True, timeout=10, capture_output=True)
+    for topic in ("runtime/status", "runtime/roster"):
+        clear = ["mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-t", f"{value}/{topic}", "-r", "-n"]
+        subprocess.run(clear, check=True, timeout=10, capture_output=True)
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,15 @@ from runtime.protocol import (
     Limits,
     MarketTick,
     MatricesMessage,
+    RosterMessage,
     Topics,
     decode_matrices,
+    decode_roster,
     decode_status,
     decode_tick,
     encode_tick,
 )
+from runtime.simulator import same_runtime
 from runtime.state import state_dim
 from runtime.transport import MqttLink
 from tests.wire.wire_helpers import wait_until
@@ -71,6 +75,22 @@ def reference_forward(weights: Weights, states: np.ndarray) -> np.ndarray:
         if layer + 2 < len(weights):
             hidden = np.maximum(hidden, 0.0)
     return np.logaddexp(0.0, hidden) + 0.1
+
+
+def runaway_weights(trigger: float) -> Weights:
+    """A TradingNetwork that is tame on every validation state but overflows to inf when the market rate
+    of (diamond -> gold) exceeds ``trigger``: a model the output guard must catch at serving time."""
+    weights = trading_weights(7)
+    market_entry = 2 * len(ITEMS) + len(ITEMS) ** 2 + 1
+    w0, b0, w1, b1, w2, b2, head, _ = weights
+    w0[0], b0[0] = 0.0, -trigger
+    w0[0, market_entry] = 1.0  # unit 0 = relu(rate - trigger): 0 on every realistic state (rates <= 5)
+    w1[0], w1[:, 0], b1[0] = 0.0, 0.0, 0.0
+    w1[0, 0] = 1e30
+    w2[0], w2[:, 0], b2[0] = 0.0, 0.0, 0.0
+    w2[0, 0] = 1e30  # overflows float32
+    head[:, 0] = 1.0
+    return weights
 
 
 def trading_model(weights: Weights, batch: int | str = "batch") -> onnx.ModelProto:
@@ -166,9 +186,11 @@ def python_module(
     )
 
 
-def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **runtime: object) -> Path:
+def serving_config(
+    tmp_path: Path, model_dir: Path, prefix: str, mqtt: dict[str, object] | None = None, **runtime: object
+) -> Path:
     """`tmp_path/config.yaml` for a `blockmarket run` process serving ``model_dir`` on the CPU EP under a
-    test's own topic prefix, converting nothing; ``runtime`` keys replace the defaults."""
+    test's own topic prefix, converting nothing; ``runtime`` and ``mqtt`` keys replace the defaults."""
     defaults = {
         "model_dir": str(model_dir),
         "convert_on_startup": False,
@@ -179,7 +201,7 @@ def serving_config(tmp_path: Path, model_dir: Path, prefix: str, **runtime: obje
         tmp_path / "config.yaml",
         runtime={**defaults, **runtime},
         training={"model_save_path": str(tmp_path / "no-checkpoints")},
-        mqtt={"topic_prefix": prefix},
+        mqtt={"topic_prefix": prefix, **(mqtt or {})},
         npu={"enabled": False},
     )
 
@@ -206,8 +228,20 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
     return int(process.returncode)
 
 
+@contextmanager
+def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`blockmarket run` for the block; it must stop cleanly (exit 0) on SIGTERM afterwards."""
+    process = runtime_process(config, tmp_path / "run.log")
+    try:
+        yield process
+    finally:
+        code = stop_process(process)
+        assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+
 class GameClient:
-    """The game-server side in a test: publishes ticks, records them and the runtime's answers and status."""
+    """The game-server side in a test: publishes ticks, records them and the runtime's answers, status and
+    roster."""
 
     def __init__(self, mqtt: MqttConfig, num_items: int, record_ticks: bool = False) -> None:
         self.topics = Topics(mqtt.topic_prefix)
@@ -215,22 +249,30 @@ class GameClient:
         self.sent: dict[int, MarketTick] = {}
         self.answers: dict[int, MatricesMessage] = {}
         self.status: dict[str, Any] = {}
-        subscriptions = {self.topics.matrices: self._on_matrices, self.topics.status: self._on_status}
+        self.roster: RosterMessage | None = None
+        subscriptions = {
+            self.topics.matrices: self._on_matrices,
+            self.topics.status: self._on_status,
+            self.topics.roster: self._on_roster,
+        }
         if record_ticks:  # another process (the simulator) plays the game: record what it sends
             subscriptions[self.topics.tick] = self._on_tick
         self.link = MqttLink(mqtt, client_id=f"test-game-{uuid.uuid4().hex[:8]}", subscriptions=subscriptions)
         self._task: asyncio.Task[None] | None = None
 
-    def _on_matrices(self, payload: bytes, _: float) -> None:
+    def _on_matrices(self, payload: bytes, *_: object) -> None:
         msg = decode_matrices(payload, self.limits)
         self.answers[msg.tick] = msg
 
-    def _on_tick(self, payload: bytes, _: float) -> None:
+    def _on_tick(self, payload: bytes, *_: object) -> None:
         tick = decode_tick(payload, self.limits)
         self.sent[tick.tick] = tick
 
-    def _on_status(self, payload: bytes, _: float) -> None:
+    def _on_status(self, payload: bytes, *_: object) -> None:
         self.status = decode_status(payload, self.limits)
+
+    def _on_roster(self, payload: bytes, *_: object) -> None:
+        self.roster = decode_roster(payload, self.limits) if payload else None
 
     async def __aenter__(self) -> GameClient:
         self._task = asyncio.create_task(self.link.run())
@@ -243,21 +285,31 @@ class GameClient:
             self._task.cancel()
 
     async def online(self, timeout: float = 60.0) -> dict[str, Any]:
-        """The retained status once the runtime is online (its roster tells us the agent ids)."""
-        await wait_until(lambda: self.status.get("state") == "online", timeout, "the runtime's online status")
+        """The retained status once the runtime is online and its roster (the agent ids) has arrived."""
+        await wait_until(self._online, timeout, "the runtime's online status and roster")
         return self.status
 
+    def _online(self) -> bool:
+        roster, status = self.roster, self.status
+        return status.get("state") == "online" and roster is not None and same_runtime(roster, status)
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        assert self.roster is not None, "no roster yet: await online() first"
+        return self.roster.agent_ids
+
     def tick(self, number: int, seed: int = 0, market_mean: bool = False) -> MarketTick:
-        ids = tuple(self.status["agent_ids"])
+        ids = self.agent_ids
         rng = np.random.default_rng(seed * 100_003 + number)
         n = len(self.status["items"])
+        successful = rng.integers(0, 5, size=len(ids))
         return MarketTick(
             tick=number,
             sent_at=time.time(),
             agent_ids=ids,
             inventory=rng.integers(0, 30, size=(len(ids), n)).astype(np.float32),
-            successful=rng.integers(0, 5, size=len(ids)).astype(np.float32),
-            attempted=rng.integers(0, 10, size=len(ids)).astype(np.float32),
+            successful=successful.astype(np.float32),
+            attempted=(successful + rng.integers(0, 6, size=len(ids))).astype(np.float32),
             market_mean=rng.uniform(0.2, 5.0, size=(n, n)).astype(np.float32) if market_mean else None,
         )
 
@@ -317,13 +369,23 @@ class OfflineMarket:
         return len(game.answers)
 
     def __init__(self, model_dir: Path, runtime: RuntimeConfig, items: tuple[str, ...], alpha: float) -> None:
-        models, _ = discover_models(model_dir, items)
-        self.population = create_population(
-            models, items, num_agents=runtime.num_agents, assignment=runtime.assignment, seed=runtime.seed
-        )
-        self.sessions = {m.key: ort.InferenceSession(str(m.onnx_path)) for m in models}
+        self.models, _ = discover_models(model_dir, items)
+        self.runtime, self.items = runtime, items
+        self.restart()
+        self.sessions = {m.key: ort.InferenceSession(str(m.onnx_path)) for m in self.models}
         self.groups = self.population.groups()
         self.alpha = alpha
+
+    def restart(self) -> None:
+        """The agents as the runtime starts them (seeded), sessions kept."""
+        runtime = self.runtime
+        self.population = create_population(
+            self.models,
+            self.items,
+            num_agents=runtime.num_agents,
+            assignment=runtime.assignment,
+            seed=runtime.seed,
+        )
 
     def step(self, tick: MarketTick) -> np.ndarray:
         pop = self.population
@@ -334,7 +396,8 @@ class OfflineMarket:
         for key, group in self.groups.items():
             proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
         self.proposals = proposals
-        return pop.update(rows, proposals, self.alpha).copy()
+        matrices, self.refused = pop.update(rows, proposals, self.alpha)  # refused: the output guard's rows
+        return matrices.copy()
 
 
 class CpuPressure:

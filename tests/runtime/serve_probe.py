@@ -31,7 +31,7 @@ async def probe(config_path: str, ticks: int) -> dict[str, object]:
     answers: list[bytes] = []
     topics = Topics(config.mqtt.topic_prefix)
     client = MqttLink(
-        config.mqtt, client_id="probe", subscriptions={topics.matrices: lambda p, _: answers.append(p)}
+        config.mqtt, client_id="probe", subscriptions={topics.matrices: lambda p, *_: answers.append(p)}
     )
     link = asyncio.create_task(client.run())
     await asyncio.wait_for(client.connected.wait(), 10)

@@ -66,7 +66,8 @@ def test_vectorized_tick_matches_per_agent_reference() -> None:
         want = reference_state(inventory[tick_pos], pop.desired[row], before[row], others, rate)
         np.testing.assert_allclose(states[row], want, rtol=1e-6, atol=1e-6)
     proposals = rng.uniform(0.0, 15.0, size=(12, len(ITEMS) ** 2)).astype(np.float32)
-    updated = pop.update(rows, proposals, alpha=0.3)
+    updated, refused = pop.update(rows, proposals, alpha=0.3)
+    assert len(refused) == 0
     for pos, row in enumerate(rows):
         want = reference_update(before[row], proposals[row].reshape(5, 5), 0.3)
         np.testing.assert_allclose(updated[pos], want, rtol=1e-6)
@@ -83,6 +84,31 @@ def test_subset_tick_leaves_other_agents_untouched() -> None:
     untouched = [0, 2, 3, 5]
     np.testing.assert_array_equal(pop.matrices[untouched], before[untouched])
     assert not np.array_equal(pop.matrices[[4, 1]], before[[4, 1]])
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole roster", "subset"])
+def test_output_guard_keeps_the_matrix_of_agents_with_a_runaway_proposal(whole: bool) -> None:
+    pop = population(6)
+    rows = np.arange(6) if whole else pop.rows_for(("a5", "a0", "a3", "a1"))
+    before = pop.matrices.copy()
+    proposals = np.full((6, 25), 2.0, dtype=np.float32)
+    proposals[5, 3] = np.nan
+    proposals[0, 0] = np.inf
+    proposals[3, 7] = 1.0e4 + 16  # above PROPOSAL_MAX (the next float32 above 1e4 is 1e4 + 0.001)
+    proposals[1, 2] = -0.5  # below PROPOSAL_MIN
+    proposals[2, 2] = 3.4e38  # finite, far beyond: refused too (only in the whole-roster case ticked)
+    matrices, refused = pop.update(rows, proposals, alpha=0.5)
+    expected_refused = {5, 0, 3, 1} | ({2} if whole else set())
+    assert set(refused.tolist()) == expected_refused
+    for pos, row in enumerate(rows):
+        if row in expected_refused:
+            np.testing.assert_array_equal(pop.matrices[row], before[row])  # kept exactly
+        else:
+            np.testing.assert_allclose(
+                pop.matrices[row], reference_update(before[row], proposals[row].reshape(5, 5), 0.5), rtol=1e-6
+            )
+        np.testing.assert_array_equal(matrices[pos], pop.matrices[row])
+    assert np.isfinite(pop.matrices).all()
 
 
 def test_row_mapping_is_cached_and_refuses_unknown_or_repeated_agents() -> None:

@@ -47,10 +47,12 @@ def test_demo_bootstraps_a_population_and_serves_the_simulation(tmp_path: Path, 
     converted = re.search(r"conversion: (\d+) converted, 0 unchanged, 0 failed", done.stderr)
     assert converted is not None and int(converted[1]) > 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "sim.json").read_text())
-    stopped = re.search(r"runtime stopped: 32 agents: (\d+) ticks served, (\d+) skipped", done.stderr)
+    stopped = re.search(
+        r"runtime stopped: 32 agents: (\d+) ticks received, (\d+) served, (\d+) skipped", done.stderr
+    )
     assert stopped is not None, done.stderr[-4000:]
-    served, skipped = int(stopped[1]), int(stopped[2])
-    assert served + skipped == 20, done.stderr[-4000:]  # every tick answered or skipped (latest wins)
+    received, served, skipped = int(stopped[1]), int(stopped[2]), int(stopped[3])
+    assert received == served + skipped == 20, done.stderr[-4000:]  # every tick answered or skipped
     assert skipped <= (2 if pressure.overloaded else 0), f"{skipped} of 20 ticks skipped while {pressure}"
     assert summary["agents"] == 32 and summary["answered"] == served and summary["missing"] == skipped
     assert summary["rule_violations"] == 0

@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -31,6 +28,7 @@ from tests.runtime.runtime_helpers import (
     GameClient,
     OfflineMarket,
     check_matrices,
+    running,
     runtime_process,
     stop_process,
     trading_weights,
@@ -74,16 +72,6 @@ def serving_config(
     )
 
 
-@contextmanager
-def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    process = runtime_process(config, tmp_path / "run.log")
-    try:
-        yield process
-    finally:
-        code = stop_process(process)
-        assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
-
-
 async def test_128_agents_200_ticks_with_the_simulator(
     tmp_path: Path, twelve_models: Path, prefix: str
 ) -> None:
@@ -100,7 +88,8 @@ async def test_128_agents_200_ticks_with_the_simulator(
     with running(config_path, tmp_path):
         async with GameClient(config.mqtt, len(ITEMS), record_ticks=True) as recorder:
             status = await recorder.online()
-            assert status["agents"] == AGENTS and len(status["model_versions"]) == 12
+            assert status["agents"] == AGENTS and recorder.roster is not None
+            assert len(recorder.roster.model_versions) == 12
             simulate = [
                 *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
                 *("--ticks", str(TICKS), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
@@ -116,6 +105,7 @@ async def test_128_agents_200_ticks_with_the_simulator(
             )
     summary = json.loads(summary_path.read_text())
     served, skipped = recorder.status["ticks_served"], recorder.status["ticks_skipped"]
+    assert recorder.status["ticks_received"] == TICKS == accounted(recorder)
     assert sorted(recorder.sent) == list(range(TICKS)) and summary["ticks_sent"] == TICKS
     assert len(recorder.answers) == summary["answered"] == served and summary["missing"] == skipped
     assert summary["rule_violations"] == 0 and summary["unknown_agents"] == 0
@@ -126,7 +116,13 @@ async def test_128_agents_200_ticks_with_the_simulator(
     allowed = TICKS // 10 if pressure.overloaded else 0
     assert skipped <= allowed, f"{skipped} ticks skipped ({unanswered}) while {pressure}"
     log = (tmp_path / "run.log").read_text()
-    assert "pack:TradingNetwork-61x128" in log and f"{served} ticks served, {skipped} skipped" in log
+    assert (
+        "pack:TradingNetwork-61x128" in log
+        and f"{TICKS} ticks received, {served} served, {skipped} skipped" in log
+    )
+
+
+BUCKETS = ("ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors", "ticks_in_flight")
 
 
 async def test_the_shipped_default_serves_int8_packs_within_their_tolerance(
@@ -149,9 +145,12 @@ async def test_the_shipped_default_serves_int8_packs_within_their_tolerance(
 
 
 def accounted(game: GameClient) -> int:
-    """Ticks the runtime status counts as served or skipped, once all served answers arrived (else -1)."""
-    served = game.status.get("ticks_served", 0)
-    return served + game.status.get("ticks_skipped", 0) if len(game.answers) == served else -1
+    """Ticks in the runtime status's buckets (its counting invariant sums them to ``ticks_received``), once
+    every served answer has arrived here (else -1)."""
+    status = game.status
+    if not status or len(game.answers) != status["ticks_served"] or status["ticks_in_flight"]:
+        return -1
+    return sum(status[bucket] for bucket in BUCKETS) + sum(status["dropped"].values())
 
 
 async def test_broker_restart_keeps_serving_with_agent_state_intact(
@@ -293,6 +292,7 @@ async def test_bad_input_never_stops_serving_and_is_counted(
             expected = dict(Counter(kind.removesuffix("_truncated") for kind in payloads))
             await wait_until(lambda: game.status.get("dropped") == expected, 5, f"dropped counts {expected}")
             assert game.status["ticks_served"] == len(payloads)
+            assert game.status["ticks_received"] == 2 * len(payloads) == accounted(game)
     assert OfflineMarket.check(config_path, game) == len(payloads)
 
 
@@ -331,9 +331,11 @@ async def test_hot_reload_in_a_serving_runtime(tmp_path: Path, model_dir: Path, 
     market = OfflineMarket(model_dir, config.runtime, ITEMS, config.learning.matrix_update_rate)
     with running(config_path, tmp_path):
         async with GameClient(config.mqtt, len(ITEMS)) as game:
-            old = (await game.online())["model_versions"]["m1"]
+            await game.online()
+            assert game.roster is not None
+            old = game.roster.model_versions["m1"]
             number = 0
-            while game.status["model_versions"]["m1"] == old or number < 40:
+            while game.roster.model_versions["m1"] == old or number < 40:
                 if number == 20:
                     write_model(model_dir, "m1", trading_weights(99))
                 await game.send(game.tick(number))
@@ -362,15 +364,20 @@ async def test_a_new_checkpoint_joins_a_serving_runtime_as_a_new_agent(
     config = load_config(config_path)
     with running(config_path, tmp_path):
         async with GameClient(config.mqtt, len(ITEMS)) as game:
-            assert (await game.online())["agent_ids"] == ["ckpt-0", "ckpt-1", "ckpt-2"]
+            await game.online()
+            assert game.agent_ids == ("ckpt-0", "ckpt-1", "ckpt-2")
             write_model(model_dir, "m3", trading_weights(3), agent_id="newcomer", desired_item="emerald")
             number = 0
-            while "newcomer" not in game.status["agent_ids"]:
+            while "newcomer" not in game.agent_ids:
                 await game.send(game.tick(number))  # the old roster is served throughout
                 check_matrices((await game.answer(number)).matrices, 3, len(ITEMS))
                 number += 1
                 assert number < 300, "the new agent never joined"
-            assert game.status["desired"][-1] == "emerald"
+            assert game.roster is not None and game.roster.desired[-1] == "emerald"
+            assert (
+                game.roster.models[-1] == "m3"
+                and game.roster.pool_generation == game.status["pool_generation"]
+            )
             await game.send(game.tick(number))  # the game server now ticks the grown roster
             answer = await game.answer(number)
     assert answer.agent_ids[-1] == "newcomer"

@@ -217,7 +217,7 @@ def test_run_command_goes_offline_on_sigint_windows_like(
     log = (tmp_path / "run.log").read_text()
     assert process.returncode == 0, log
     assert REFUSED in log and STOPPING in log
-    assert "runtime stopped: 5 agents: 1 ticks served" in log
+    assert "runtime stopped: 5 agents: 1 ticks received, 1 served" in log
 
 
 # ------------------------------------------------------------------------------ simulate and demo

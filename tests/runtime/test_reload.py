@@ -350,7 +350,9 @@ async def test_a_reload_during_simulated_ticks_misses_no_tick(
     runtime = runtime_process(config_path, log_path)
     try:
         async with GameClient(config.mqtt, len(ITEMS), record_ticks=True) as game:
-            old = (await game.online())["model_versions"]["m1"]
+            await game.online()
+            assert game.roster is not None
+            old = game.roster.model_versions["m1"]
             await wait_until(lambda: "(OS notifications)" in log_path.read_text(), 10, "the watcher to start")
             simulate = [
                 *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
@@ -365,7 +367,7 @@ async def test_a_reload_during_simulated_ticks_misses_no_tick(
                 write_model(model_dir, "m3", trading_weights(3), agent_id="newcomer", desired_item="emerald")
                 output, _ = await asyncio.wait_for(simulator.communicate(), 60)
             assert simulator.returncode == 0, output.decode()[-3000:]
-            await wait_until(lambda: "newcomer" in game.status.get("agent_ids", ()), 10, "the new agent")
+            await wait_until(lambda: "newcomer" in game.agent_ids, 10, "the new agent in the roster")
     finally:
         assert stop_process(runtime) == 0, log_path.read_text()[-3000:]
     summary = json.loads(summary_path.read_text())

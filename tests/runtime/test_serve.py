@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import pytest
 
+from runtime.agents import create_population
 from runtime.config import load_config
+from runtime.intake import TickIntake
+from runtime.models import discover_models
+from runtime.protocol import Limits, encode_roster, encode_status
+from runtime.scheduler import TickScheduler
+from runtime.serve import RuntimeServer
 from tests.conversion.original_format import make_network, write_original_checkpoint
 from tests.runtime.runtime_helpers import (
     ITEMS,
@@ -19,6 +29,8 @@ from tests.runtime.runtime_helpers import (
     stop_process,
     write_config,
 )
+from tests.runtime.test_scheduler import RecordingPublisher
+from tests.wire.test_protocol_doc import section, table_rows
 from tests.wire.wire_helpers import wait_until
 
 PROBE = Path(__file__).with_name("serve_probe.py")
@@ -82,12 +94,23 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
         async with GameClient(config.mqtt, len(ITEMS)) as game:
             status = await game.online()
             assert status["agents"] == 5 and status["items"] == list(ITEMS)
-            assert status["desired"][:3] == ["gold", ITEMS[1], "apple"]
-            assert status["eps"] == ["CPUExecutionProvider"] and set(status["model_versions"]) == {
+            assert status["eps"] == ["CPUExecutionProvider"]
+            # what a game server needs to check answers and to notice a dead runtime without the will
+            assert status["alpha"] == config.learning.matrix_update_rate
+            assert status["status_interval_s"] == 0.5 and abs(status["published_at"] - time.time()) < 5
+            limits = status["limits"]
+            assert limits["max_agents"] == 5 and limits["matrix_range"] == [0.1, 10.0]  # ids: the roster
+            roster = game.roster
+            assert roster is not None and roster.client_id == status["client_id"]
+            assert roster.desired[:3] == ("gold", ITEMS[1], "apple")
+            assert roster.models == ("m0", "m1", "m2", "m0", "m1") and set(roster.model_versions) == {
                 "m0",
                 "m1",
                 "m2",
             }
+            models, _ = discover_models(model_dir, ITEMS)
+            fresh = create_population(models, ITEMS, num_agents=5, assignment="round_robin", seed=0)
+            np.testing.assert_array_equal(roster.initial_matrices, fresh.matrices)  # the starting point
             await game.send(game.tick(0))
             check_matrices((await game.answer(0)).matrices, 5, len(ITEMS))
             assert stop_process(process) == 0
@@ -95,7 +118,7 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
             assert game.status["ticks_served"] == 1
     finally:
         stop_process(process)
-    assert "runtime stopped: 5 agents: 1 ticks served" in (tmp_path / "run.log").read_text()
+    assert "runtime stopped: 5 agents: 1 ticks received, 1 served" in (tmp_path / "run.log").read_text()
 
 
 def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,3 +132,35 @@ def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ProviderError, match="not importable"):
         serve.serve_on_npu(NpuConfig(require_npu=True))
     assert serve.serve_on_npu(NpuConfig(require_npu=False)) is False
+
+
+async def test_status_and_roster_carry_exactly_what_protocol_md_section_6_documents(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    config = load_config(
+        write_config(
+            tmp_path / "config.yaml",
+            runtime={"num_agents": 5, "model_dir": str(model_dir), "convert_on_startup": False},
+            npu={"enabled": False},
+        )
+    )
+    server = RuntimeServer(config, handle_signals=False)
+    population, pool = await server.build_pool()
+    try:
+        limits = Limits.from_config(config.mqtt, num_agents=len(population), num_items=len(ITEMS))
+        intake = TickIntake(population, limits, "doc/market/tick")
+        server.scheduler = TickScheduler(pool, RecordingPublisher(), intake, alpha=0.04)
+        status = msgpack.unpackb(encode_status(server.status("online")))
+        roster = msgpack.unpackb(encode_roster(server.roster()))
+    finally:
+        pool.close()
+    text = section("6")
+    status_part, roster_part = text.split("### 6.1")[0], text.split("### 6.1")[1].split("### 6.2")[0]
+
+    def documented(part: str) -> set[str]:
+        return {key for row in table_rows(part) for key in re.findall(r"`(\w+)`", row[0])}
+
+    assert set(status) == documented(status_part)
+    assert set(roster) == documented(roster_part)
+    limits_cell = next(row for row in table_rows(status_part) if row[0] == "`limits`")[2]
+    assert all(f"`{key}`" in limits_cell for key in status["limits"]), limits_cell

@@ -81,7 +81,7 @@ async def test_runtime_over_tls_with_its_password_serves_a_game_server_user(
     finally:
         stop_process(process)
     log = (tmp_path / "run.log").read_text()
-    assert "runtime stopped: 4 agents: 3 ticks served" in log, log[-3000:]
+    assert "runtime stopped: 4 agents: 3 ticks received, 3 served" in log, log[-3000:]
 
 
 async def test_tls_refuses_a_broker_whose_certificate_the_ca_file_does_not_vouch_for(

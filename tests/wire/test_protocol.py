@@ -13,18 +13,22 @@ from wire_helpers import make_tick
 
 from runtime.config import MqttConfig
 from runtime.protocol import (
+    LENGTH_SCAN_VALUES,
     PROTOCOL_VERSION,
     DropCounter,
     Limits,
     MatricesMessage,
     ProtocolError,
+    RosterMessage,
     Topics,
     decode_agent_matrix,
     decode_matrices,
+    decode_roster,
     decode_status,
     decode_tick,
     encode_agent_matrices,
     encode_matrices,
+    encode_roster,
     encode_status,
     encode_tick,
     message_sizes,
@@ -100,6 +104,39 @@ def test_status_round_trip_and_state_check() -> None:
     assert err.value.kind == "schema"
 
 
+def roster(**changes: Any) -> RosterMessage:
+    fields: dict[str, Any] = {
+        "client_id": "rt-1",
+        "started_at": 1_700_000_000.5,
+        "pool_generation": 3,
+        "items": ("diamond", "gold", "apple", "emerald", "redstone"),
+        "agent_ids": ("a0", "a1", "a2"),
+        "desired": ("gold", "apple", "gold"),
+        "models": ("m0", "m1", "m0"),
+        "model_versions": {"m0": "9c1e", "m1": "77aa"},
+        "initial_matrices": np.random.default_rng(2).uniform(0.5, 2.0, (3, 5, 5)).astype(np.float32),
+    }
+    return RosterMessage(**{**fields, **changes})
+
+
+def test_roster_round_trip_and_refusals() -> None:
+    sent = roster()
+    back = decode_roster(encode_roster(sent), LIMITS)
+    np.testing.assert_array_equal(back.initial_matrices, sent.initial_matrices)
+    assert (back.agent_ids, back.desired, back.models) == (sent.agent_ids, sent.desired, sent.models)
+    assert dict(back.model_versions) == sent.model_versions and back.pool_generation == 3
+    bad = {
+        "desired items": roster(desired=("gold", "wood", "gold")),
+        "no entry in model_versions": roster(models=("m0", "m2", "m0")),
+        "entries, expected 3": roster(models=("m0", "m1")),
+        "initial_matrices spans": roster(initial_matrices=np.full((3, 5, 5), 11.0, np.float32)),
+        "unprintable": roster(agent_ids=("a0", "a1\n", "a2")),
+    }
+    for words, message in bad.items():
+        with pytest.raises(ProtocolError, match=words):
+            decode_roster(encode_roster(message), LIMITS)
+
+
 def test_inbound_float64_and_int_arrays_become_float32() -> None:
     def to_other_dtypes(data: dict[str, Any]) -> None:
         data["inventory"] = wire(np.full((4, 5), 3.5), "<f8")
@@ -117,6 +154,7 @@ def test_topics() -> None:
     assert topics.tick == "game/eu/market/tick"
     assert topics.matrices == "game/eu/agents/matrices"
     assert topics.status == "game/eu/runtime/status"
+    assert topics.roster == "game/eu/runtime/roster"
     assert topics.agent_matrix("a1") == "game/eu/agents/a1/matrix"
     for bad in ("", "game/#", "a/+/b", "trailing/"):
         with pytest.raises(ValueError, match="prefix"):
@@ -133,6 +171,37 @@ def _nan_inventory(data: dict[str, Any]) -> None:
     data["inventory"] = wire(values)
 
 
+def _packed_map(pairs: list[tuple[str, bytes]]) -> bytes:
+    """A msgpack map from (key, already packed value) pairs, repeated keys and all."""
+    return msgpack.Packer().pack_map_header(len(pairs)) + b"".join(msgpack.packb(k) + v for k, v in pairs)
+
+
+def _duplicated(key: str, inside: str | None = None) -> bytes:
+    """A valid tick whose map (the top level, or the array map ``inside``) has ``key`` twice."""
+    data = msgpack.unpackb(encode_tick(make_tick()))
+
+    def pack(value: Any) -> bytes:
+        return msgpack.packb(value, use_bin_type=True)
+
+    def twice(values: dict[str, Any]) -> bytes:
+        return _packed_map([(k, pack(v)) for k, v in values.items()] + [(key, pack(values[key]))])
+
+    if inside is None:
+        return twice(data)
+    return _packed_map([(k, twice(v) if k == inside else pack(v)) for k, v in data.items()])
+
+
+def _truncated_after(header: bytes) -> bytes:
+    """A tick map that ends right after ``header`` (a declared length, its bytes never sent)."""
+    return b"\x83\xa1v\x01\xa4type\xa4tick\xa9agent_ids" + header + b"ab"
+
+
+def _rates(value: float, rest: float | None = None) -> np.ndarray:
+    rates = np.full((5, 5), value if rest is None else rest, np.float32)
+    rates[1, 2] = value
+    return rates
+
+
 BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
     "garbage": ("malformed", b"\xc1\x00garbage"),
     "empty": ("malformed", b""),
@@ -143,15 +212,34 @@ BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
     "no version": ("version", tampered(lambda d: d.pop("v"))),
     "future version": ("version", tampered(_set("v", 2))),
     "string version": ("version", tampered(_set("v", "1"))),
+    "float version": ("version", tampered(_set("v", 1.0))),
+    "bool version": ("version", tampered(_set("v", True))),
+    "duplicate key": ("schema", _duplicated("tick")),
+    "duplicate key in an array map": ("schema", _duplicated("dtype", inside="inventory")),
+    "non-string map key": ("schema", msgpack.packb({1: 2, "v": 1})),
+    "ext type": ("malformed", msgpack.packb({"v": 1, "type": "tick", "x": msgpack.ExtType(5, b"abc")})),
+    "timestamp ext": ("malformed", tampered(_set("sent_at", msgpack.Timestamp(1_700_000_000)))),
+    "huge declared bin length": ("oversized", _truncated_after(b"\xc6\xff\xff\xff\xf0")),
+    "huge declared str length": ("oversized", _truncated_after(b"\xdb\x7f\xff\xff\xff")),
+    "huge declared array length": ("oversized", _truncated_after(b"\xdd\x7f\xff\xff\xff")),
+    "declared length past the end": ("malformed", _truncated_after(b"\xc4\x40abc")),
+    "nested too deep": ("oversized", b"\x81\xa1x" + b"\x91" * 100_000 + b"\xc0"),
     "wrong type": ("schema", tampered(_set("type", "matrices"))),
     "missing key": ("schema", tampered(lambda d: d.pop("attempted"))),
     "unknown key": ("schema", tampered(_set("market_means", None))),
     "tick is a string": ("schema", tampered(_set("tick", "7"))),
-    "negative tick": ("schema", tampered(_set("tick", -1))),
+    "negative tick": ("range", tampered(_set("tick", -1))),
+    "tick beyond 2**53 - 1": ("range", tampered(_set("tick", 2**53))),
+    "float tick": ("schema", tampered(_set("tick", 7.0))),
+    "negative sent_at": ("range", tampered(_set("sent_at", -1.0))),
+    "sent_at in the year 5000": ("range", tampered(_set("sent_at", 1e11))),
     "bool sent_at": ("schema", tampered(_set("sent_at", True))),
     "agent id not a string": ("schema", tampered(_set("agent_ids", ["a", 2, "c", "d"]))),
     "duplicate agent ids": ("schema", tampered(_set("agent_ids", ["a", "b", "a", "d"]))),
     "empty agent id": ("schema", tampered(_set("agent_ids", ["a", "", "c", "d"]))),
+    "newline in an agent id": ("schema", tampered(_set("agent_ids", ["a", "b\nWARNING forged", "c", "d"]))),
+    "bidi override in an agent id": ("schema", tampered(_set("agent_ids", ["a", "b\u202e", "c", "d"]))),
+    "NUL in an agent id": ("schema", tampered(_set("agent_ids", ["a", "b\x00", "c", "d"]))),
     "no agents": ("schema", tampered(_set("agent_ids", []))),
     "array not a map": ("schema", tampered(_set("inventory", [1.0, 2.0]))),
     "unsupported dtype": ("schema", tampered(_set("inventory", wire(np.ones((4, 5)), ">f4")))),
@@ -159,7 +247,13 @@ BAD_PAYLOADS: dict[str, tuple[str, bytes]] = {
         "schema",
         tampered(_set("successful", {"dtype": "<f4", "shape": [4], "data": "abcd" * 4})),
     ),
-    "negative inventory": ("schema", tampered(_set("inventory", wire(-np.ones((4, 5)))))),
+    "negative inventory": ("range", tampered(_set("inventory", wire(-np.ones((4, 5)))))),
+    "inventory above max_count": ("range", tampered(_set("inventory", wire(np.full((4, 5), 2e9))))),
+    "successful > attempted": ("range", tampered(_set("successful", wire(np.full(4, 11.0))))),
+    "extreme finite market rate": ("range", tampered(_set("market_mean", wire(_rates(3.4e38))))),
+    "market rate below 0.1": ("range", tampered(_set("market_mean", wire(_rates(0.05))))),
+    "market rates partly zero": ("range", tampered(_set("market_mean", wire(_rates(0.0, 1.0))))),
+    "nan market rate": ("non_finite", tampered(_set("market_mean", wire(_rates(np.nan))))),
     "nan inventory": ("non_finite", tampered(_nan_inventory)),
     "inf sent_at": ("non_finite", tampered(_set("sent_at", float("inf")))),
     "huge float64": ("non_finite", tampered(_set("attempted", wire(np.full(4, 1e300), "<f8")))),
@@ -180,6 +274,37 @@ def test_bad_tick_raises_the_right_kind(case: str) -> None:
     with pytest.raises(ProtocolError) as err:
         decode_tick(payload, LIMITS)
     assert err.value.kind == kind, err.value
+
+
+def test_refusals_name_what_was_wrong() -> None:
+    named = {
+        "duplicate key": "repeats the key(s) ['tick']",
+        "duplicate key in an array map": "repeats the key(s) ['dtype']",
+        "huge declared bin length": "a bin declares 4294967280 bytes",
+        "huge declared str length": "a str declares 2147483647 bytes (limit 128)",
+        "ext type": "extension types",
+        "float version": "protocol version 1.0",
+        "newline in an agent id": "U+000A",
+        "successful > attempted": "e.g. 'agent-0000'",
+    }
+    for case, words in named.items():
+        with pytest.raises(ProtocolError) as err:
+            decode_tick(BAD_PAYLOADS[case][1], LIMITS)
+        assert words in err.value.detail, (case, err.value.detail)
+    assert msgpack.unpackb(BAD_PAYLOADS["duplicate key"][1])["tick"] == 7  # plain msgpack: the last one wins
+
+
+def test_the_declared_length_scan_is_bounded() -> None:
+    """A lying length beyond the first LENGTH_SCAN_VALUES values is reported as the truncation it also is."""
+
+    def lying_after(values: int) -> bytes:  # {"v": 1, "x": [0] * values, "y": <str of 2**31 - 1 bytes>}
+        array = b"\xdc" + values.to_bytes(2, "big") + b"\x00" * values
+        return b"\x83\xa1v\x01\xa1x" + array + b"\xa1y\xdb\x7f\xff\xff\xff"
+
+    for values, kind in ((8, "oversized"), (LENGTH_SCAN_VALUES + 10, "malformed")):
+        with pytest.raises(ProtocolError) as err:
+            decode_tick(lying_after(values), LIMITS)
+        assert err.value.kind == kind
 
 
 def test_oversized_refused_before_unpacking_and_by_msgpack_limits() -> None:

@@ -14,13 +14,13 @@ import pytest
 from wire_helpers import SHARED_PORT, EchoRuntime, free_port, started, wait_until
 
 from runtime.config import Config, MqttConfig
-from runtime.protocol import Topics
+from runtime.protocol import RosterMessage, Topics
 from runtime.simulator import (
     MarketSimulator,
     SimulatorError,
     discover_roster,
     obeys_update_rule,
-    roster_from_status,
+    roster_from_message,
 )
 from runtime.transport import MqttLink
 
@@ -53,7 +53,8 @@ async def echo_runtime(config: Config, count: int = 16) -> AsyncIterator[EchoRun
             await task
         cleaner = MqttLink(config.mqtt, client_id=f"cleaner-{config.mqtt.topic_prefix}", subscriptions={})
         cleaner_task = await started(cleaner)
-        await cleaner.publish(Topics(config.mqtt.topic_prefix).status, b"", retain=True)
+        for topic in (Topics(config.mqtt.topic_prefix).status, Topics(config.mqtt.topic_prefix).roster):
+            await cleaner.publish(topic, b"", retain=True)
         await cleaner.disconnect()
         await cleaner_task
 
@@ -113,16 +114,21 @@ async def test_bad_answers_are_counted_not_applied(prefix: str) -> None:
 
 
 def test_roster_must_fit_the_configured_items() -> None:
-    status = {"state": "online", "agent_ids": ["a", "b"], "desired": ["gold", "apple"], "items": ITEMS}
-    roster = roster_from_status(status, ITEMS)
-    assert roster is not None and roster.desired == (1, 2)
-    assert roster_from_status({"state": "online"}, ITEMS) is None
+    announced = RosterMessage(
+        client_id="rt",
+        started_at=1.0,
+        pool_generation=1,
+        items=tuple(ITEMS),
+        agent_ids=("a", "b"),
+        desired=("gold", "apple"),
+        models=("m", "m"),
+        model_versions={"m": "1"},
+        initial_matrices=np.ones((2, 5, 5), np.float32),
+    )
+    roster = roster_from_message(announced, "online", ITEMS)
+    assert roster.agent_ids == ("a", "b") and roster.desired == (1, 2) and roster.state == "online"
     with pytest.raises(SimulatorError, match=r"environment\.items_list"):
-        roster_from_status({**status, "items": ["wood", "stone"]}, ITEMS)
-    with pytest.raises(SimulatorError, match="wood"):
-        roster_from_status({**status, "desired": ["gold", "wood"]}, ITEMS)
-    with pytest.raises(SimulatorError, match="same length"):
-        roster_from_status({**status, "desired": ["gold"]}, ITEMS)
+        roster_from_message(announced, "online", ["wood", "stone"])
 
 
 def test_a_roster_whose_messages_exceed_the_payload_limit_is_refused_at_startup() -> None:

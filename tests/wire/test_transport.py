@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_helpers import SHARED_HOST, SHARED_PORT, Inbox, PrivateMosquitto, make_tick, started, wait_until
+from wire_helpers import (
+    SHARED_HOST,
+    SHARED_PORT,
+    Inbox,
+    PrivateMosquitto,
+    blast,
+    make_tick,
+    started,
+    wait_until,
+)
 
 from runtime.config import ConfigError, MqttConfig, dump_default_config, parse_config
 from runtime.protocol import (
@@ -33,6 +43,7 @@ from runtime.transport import BrokerRefused, MqttLink, RuntimeTransport, client_
 pytestmark = pytest.mark.mqtt
 
 LIMITS = Limits(num_items=5)
+FLOOD = 20_000
 OFFLINE = encode_status({"state": "offline"})
 
 
@@ -66,8 +77,8 @@ async def test_tick_in_matrices_out_round_trip(mqtt_cfg: MqttConfig) -> None:
     sent = make_tick(count=128)
     before = time.perf_counter()
     assert await game.publish(topics.tick, encode_tick(sent))
-    payload, received_at = await asyncio.wait_for(ticks.queue.get(), 5)
-    assert before < received_at <= time.perf_counter()
+    payload, received_at, retained = await asyncio.wait_for(ticks.queue.get(), 5)
+    assert before < received_at <= time.perf_counter() and not retained
     tick = decode_tick(payload, LIMITS)
     assert tick.agent_ids == sent.agent_ids
     np.testing.assert_array_equal(tick.inventory, sent.inventory)
@@ -111,7 +122,7 @@ KILLED_RUNTIME = textwrap.dedent(
     async def main() -> None:
         cfg = MqttConfig(topic_prefix=sys.argv[1], keepalive_s=5)
         will = encode_status({"state": "offline", "reason": "connection lost"})
-        transport = RuntimeTransport(cfg, on_tick=lambda payload, at: None, will_payload=will)
+        transport = RuntimeTransport(cfg, on_tick=lambda payload, at, retained: None, will_payload=will)
         task = asyncio.create_task(transport.run())
         await transport.connected.wait()
         await transport.publish_status(encode_status({"state": "online", "agent_ids": ["a", "b"]}))
@@ -353,3 +364,81 @@ async def test_cancelling_run_ends_it(private_broker: PrivateMosquitto, prefix: 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 20)
     assert not runtime.connected.is_set()
+
+
+async def test_retained_messages_are_flagged_and_live_ones_are_not(mqtt_cfg: MqttConfig) -> None:
+    """A tick stored with the retain flag is replayed to every new subscriber: the handler must know."""
+    topics = Topics(mqtt_cfg.topic_prefix)
+    writer = MqttLink(mqtt_cfg, client_id=f"retainer-{mqtt_cfg.topic_prefix}", subscriptions={})
+    writer_task = await started(writer)
+    stored = encode_tick(make_tick(tick=1))
+    assert await writer.publish(topics.tick, stored, retain=True)
+    ticks = Inbox()
+    runtime = RuntimeTransport(mqtt_cfg, on_tick=ticks, will_payload=OFFLINE, client_id="rt-retained")
+    runtime_task = await started(runtime)
+    try:
+        payload, _, retained = await asyncio.wait_for(ticks.queue.get(), 5)
+        assert payload == stored and retained
+        live = encode_tick(make_tick(tick=2))
+        assert await writer.publish(topics.tick, live)
+        payload, _, retained = await asyncio.wait_for(ticks.queue.get(), 5)
+        assert payload == live and not retained
+    finally:
+        await writer.publish(topics.tick, b"", retain=True)  # delete the stored tick
+        await runtime.close()
+        await writer.disconnect()
+        await asyncio.gather(runtime_task, writer_task)
+
+
+async def test_a_raising_handler_is_counted_and_delivery_goes_on(mqtt_cfg: MqttConfig) -> None:
+    seen: list[bytes] = []
+
+    def fragile(payload: bytes, received_at: float, retained: bool) -> None:
+        seen.append(payload)
+        if payload == b"boom":
+            raise RuntimeError("handler bug")
+
+    runtime = RuntimeTransport(mqtt_cfg, on_tick=fragile, will_payload=OFFLINE, client_id="rt-fragile")
+    game = MqttLink(mqtt_cfg, client_id="game-fragile", subscriptions={})
+    runtime_task, game_task = await started(runtime), await started(game)
+    for payload in (b"one", b"boom", b"two"):
+        await game.publish(runtime.topics.tick, payload)
+    await wait_until(lambda: len(seen) == 3, 5, "all three messages")
+    assert seen == [b"one", b"boom", b"two"] and runtime.connections == 1  # no reconnect
+    assert runtime.unhandled.snapshot() == {"handler_error": 1}
+    await runtime.close()
+    await game.disconnect()
+    await asyncio.gather(runtime_task, game_task)
+
+
+@pytest.mark.slow
+async def test_a_flood_reaches_the_handler_whole_and_quietly(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiomqtt's 1,024-message queue used to discard a flood, with one warning per discarded message.
+
+    The broker is told to keep everything for a slow subscriber (max_queued_messages 0), so every
+    message that does not arrive would have been lost inside this process.
+    """
+    broker = PrivateMosquitto(tmp_path, settings=("max_queued_messages 0",))
+    broker.start()
+    try:
+        cfg = MqttConfig(port=broker.port, topic_prefix=prefix, keepalive_s=30)
+        count = 0
+
+        def handler(payload: bytes, received_at: float, retained: bool) -> None:
+            nonlocal count
+            count += 1
+
+        runtime = RuntimeTransport(cfg, on_tick=handler, will_payload=OFFLINE, client_id="rt-flood")
+        task = await started(runtime)
+        flood = (i.to_bytes(4, "little") * 16 for i in range(FLOOD))
+        with caplog.at_level(logging.WARNING):
+            sent = await asyncio.to_thread(blast, broker.port, runtime.topics.tick, flood)
+            await wait_until(lambda: count == sent, 60, f"all {sent} messages to arrive (got {count})")
+        assert sent == FLOOD and runtime.connections == 1
+        assert not [r for r in caplog.records if r.name == "mqtt"], "aiomqtt logged about its queue"
+        await runtime.close()
+        await task
+    finally:
+        broker.stop()

@@ -6,19 +6,23 @@ import asyncio
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import paho.mqtt.client as mqtt
 
 from runtime.config import MqttConfig
 from runtime.protocol import (
     Limits,
     MarketTick,
     MatricesMessage,
+    RosterMessage,
     decode_tick,
     encode_matrices,
+    encode_roster,
     encode_status,
 )
 from runtime.transport import MqttLink, RuntimeTransport
@@ -54,17 +58,24 @@ def make_tick(count: int = 4, items: int = 5, tick: int = 7, seed: int = 0) -> M
 class PrivateMosquitto:
     """A Mosquitto of our own on free loopback ports: tests may kill and restart it freely.
 
-    By default anonymous and on one port; ``config`` is a whole mosquitto.conf listening on ``ports``.
-    Its log is ``mosquitto.log`` in ``workdir``.
+    By default anonymous and on one port, plus the mosquitto.conf lines in ``settings`` (e.g.
+    ``max_queued_messages 0``: a slow subscriber's queue is unbounded, so a flood reaches it whole
+    instead of the broker dropping its newest messages); ``config`` is a whole mosquitto.conf listening
+    on ``ports``. Its log is ``mosquitto.log`` in ``workdir``.
     """
 
-    def __init__(self, workdir: Path, config: str | None = None, ports: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: str | None = None,
+        ports: tuple[int, ...] = (),
+        settings: tuple[str, ...] = (),
+    ) -> None:
         self.ports = ports or (free_port(),)
         self.port = self.ports[0]
         self.config = workdir / "mosquitto.conf"
-        self.config.write_text(
-            config or f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
+        default = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false", *settings]
+        self.config.write_text(config or "\n".join(default) + "\n")
         self.log = workdir / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -86,17 +97,38 @@ class PrivateMosquitto:
         self.process = None
 
 
+def blast(port: int, topic: str, payloads: Iterable[bytes], host: str = SHARED_HOST) -> int:
+    """Publish as fast as paho can (QoS 0, no waiting on anything): a flooding client. Returns the count.
+
+    Blocking: run it in a thread. Returns once every message has left the socket.
+    """
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"blast-{uuid.uuid4().hex[:8]}")
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        count = 0
+        for payload in payloads:
+            client.publish(topic, payload, qos=0)
+            count += 1
+        while client.want_write():
+            time.sleep(0.005)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return count
+
+
 class Inbox:
     """Collects payloads delivered to an MqttLink handler, for awaiting in tests."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[bytes, float, bool]] = asyncio.Queue()
 
-    def __call__(self, payload: bytes, received_at: float) -> None:
-        self.queue.put_nowait((payload, received_at))
+    def __call__(self, payload: bytes, received_at: float, retained: bool) -> None:
+        self.queue.put_nowait((payload, received_at, retained))
 
     async def next(self, timeout: float = 5.0) -> bytes:
-        payload, _ = await asyncio.wait_for(self.queue.get(), timeout)
+        payload, _, _ = await asyncio.wait_for(self.queue.get(), timeout)
         return payload
 
 
@@ -137,19 +169,35 @@ class EchoRuntime:
         self.pending: asyncio.Queue[bytes] = asyncio.Queue()
         self.transport = RuntimeTransport(
             cfg,
-            on_tick=lambda payload, at: self.pending.put_nowait(payload),
+            on_tick=lambda payload, at, retained: self.pending.put_nowait(payload),
             will_payload=encode_status({"state": "offline"}),
             client_id=f"echo-runtime-{cfg.topic_prefix}",
         )
         self.limits = Limits(num_items=n)
+        self.started_at = time.time()
 
     def status(self) -> bytes:
-        return encode_status(
-            {"state": "online", "agent_ids": self.agent_ids, "desired": self.desired, "items": self.items}
+        identity = {"client_id": self.transport.client_id, "started_at": self.started_at}
+        return encode_status({"state": "online", **identity, "items": self.items})
+
+    def roster(self) -> bytes:
+        return encode_roster(
+            RosterMessage(
+                client_id=self.transport.client_id,
+                started_at=self.started_at,
+                pool_generation=1,
+                items=tuple(self.items),
+                agent_ids=tuple(self.agent_ids),
+                desired=tuple(self.desired),
+                models=("echo",) * len(self.agent_ids),
+                model_versions={"echo": "1"},
+                initial_matrices=self.matrices,
+            )
         )
 
     async def serve(self) -> None:
         transport_task = await started(self.transport)
+        await self.transport.publish_roster(self.roster())
         await self.transport.publish_status(self.status())
         try:
             while True:

@@ -1,0 +1,131 @@
+"""Inbound ticks: decoded on arrival, counted exactly once, and only the newest valid tick waits.
+
+The transport hands every message on the tick topic to :meth:`TickIntake.receive` as soon as paho has
+read it: there is no queue in between that could overflow unseen. A retained tick (the broker replaying
+the past), and anything the codec or the roster refuses, is counted as dropped by kind and never touches
+the :class:`TickSlot`, so garbage cannot displace a valid tick. A valid tick goes into the slot, where a
+newer valid tick overtakes it (counted as skipped). :class:`TickLedger` holds the buckets, so that at
+every moment ``received == served + skipped + unpublished + inference_errors + dropped + in_flight``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from runtime.agents import AgentPopulation, RosterError
+from runtime.protocol import DropCounter, Limits, MarketTick, ProtocolError, decode_tick
+from runtime.state import IntArray
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["served", "unpublished", "inference_errors"]
+
+
+@dataclass(frozen=True)
+class AcceptedTick:
+    """A tick that passed every check, with its population rows and its receipt time (perf_counter)."""
+
+    tick: MarketTick
+    rows: IntArray
+    received_at: float
+
+
+class TickSlot:
+    """A one-place mailbox: put never blocks and replaces what is unread; take waits for the newest."""
+
+    def __init__(self) -> None:
+        self._item: AcceptedTick | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: AcceptedTick) -> AcceptedTick | None:
+        """Hold ``item``; returns the unread tick it overtook, if any."""
+        overtaken, self._item = self._item, item
+        self._ready.set()
+        return overtaken
+
+    async def take(self) -> AcceptedTick:
+        while self._item is None:
+            self._ready.clear()
+            await self._ready.wait()
+        item, self._item = self._item, None
+        return item
+
+
+class TickLedger:
+    """Where every message received on one tick topic went: each lands in exactly one bucket."""
+
+    def __init__(self, drops: DropCounter) -> None:
+        self.drops = drops  # refused on arrival, by kind
+        self.received = 0
+        self.skipped = 0  # valid, overtaken by a newer valid tick before being served
+        self.in_flight = 0  # valid, waiting in the slot or being served
+        self.outcomes: dict[Outcome, int] = {"served": 0, "unpublished": 0, "inference_errors": 0}
+
+    def accept(self, overtook: bool) -> None:
+        """A valid tick entered the slot (``overtook``: replacing an unread one, which is now skipped)."""
+        if overtook:
+            self.skipped += 1
+        else:
+            self.in_flight += 1
+
+    def finish(self, outcome: Outcome) -> None:
+        """A tick taken from the slot was served, could not be published, or failed in inference."""
+        self.in_flight -= 1
+        self.outcomes[outcome] += 1
+
+    def unaccounted(self) -> int:
+        """Messages in no bucket: 0 unless the accounting itself is broken."""
+        return self.received - self.skipped - self.in_flight - sum(self.outcomes.values()) - self.drops.total
+
+    def stats(self) -> dict[str, Any]:
+        """The buckets under the names the status uses (docs/protocol.md §6)."""
+        return {
+            "ticks_received": self.received,
+            "ticks_served": self.outcomes["served"],
+            "ticks_skipped": self.skipped,
+            "ticks_unpublished": self.outcomes["unpublished"],
+            "inference_errors": self.outcomes["inference_errors"],
+            "ticks_in_flight": self.in_flight,
+            "dropped": self.drops.snapshot(),
+        }
+
+
+class TickIntake:
+    """Checks each tick on arrival: valid ones into the slot, everything else counted by kind."""
+
+    def __init__(self, population: AgentPopulation, limits: Limits, topic: str) -> None:
+        self.population = population
+        self.limits = limits
+        self.topic = topic
+        self.slot = TickSlot()
+        self.ledger = TickLedger(DropCounter(log, what=f"tick on {topic}"))
+
+    def receive(self, payload: bytes, received_at: float, retained: bool) -> None:
+        """The transport's handler, run as each message arrives: never blocks, never raises."""
+        ledger = self.ledger
+        ledger.received += 1
+        if retained:
+            ledger.drops.record("retained", f"{self.topic}: a retained tick replays the past; not served")
+            return
+        try:
+            tick = decode_tick(payload, self._tick_limits())
+            rows = self.population.rows_for(tick.agent_ids)
+        except ProtocolError as exc:
+            ledger.drops.record_error(exc, self.topic)
+            return
+        except RosterError as exc:
+            ledger.drops.record("unknown_agent", f"{self.topic}: tick {tick.tick}: {exc}")
+            return
+        except Exception as exc:  # a codec bug must not end the MQTT session: counted, logged with traceback
+            ledger.drops.record("internal", f"{self.topic}: {exc!r}", exc_info=exc)
+            return
+        ledger.accept(overtook=self.slot.put(AcceptedTick(tick, rows, received_at)) is not None)
+
+    def _tick_limits(self) -> Limits:
+        """A tick names at most the agents served, and their number grows when new models join."""
+        if self.limits.max_agents < len(self.population):
+            self.limits = replace(self.limits, max_agents=len(self.population))
+        return self.limits
