@@ -6,7 +6,7 @@ population arrays at once: inventory [N, n], desired [N], matrices [N, n, n], su
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,6 +131,20 @@ class AgentPopulation:
         rows = np.fromiter((self._row_of[a] for a in agent_ids), dtype=np.int64, count=len(agent_ids))
         self._cached_ids, self._cached_rows = agent_ids, rows
         return rows
+
+    def only(self, model_keys: Collection[str]) -> AgentPopulation:
+        """A copy of the agents served by these models (new agents join model by model if one fails)."""
+        rows = [row for row, key in enumerate(self.model_keys) if key in model_keys]
+        part = AgentPopulation(
+            [self.agent_ids[r] for r in rows],
+            self.items,
+            self.desired[rows],
+            [self.model_keys[r] for r in rows],
+            self.matrices[rows],
+            self.inventory[rows],
+        )
+        part.success_rate[:] = self.success_rate[rows]
+        return part
 
     def extend(self, newcomers: AgentPopulation) -> None:
         """Append agents in place (hot reload of new checkpoints); existing rows and their state stay."""

@@ -21,6 +21,7 @@ no torch) via :func:`extract_trading_weights`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -55,14 +56,17 @@ class PackError(ValueError):
     """Weights that cannot be packed (wrong architecture, mismatched shapes, empty population)."""
 
 
-def extract_trading_weights(onnx_path: str | Path) -> list[npt.NDArray[np.float32]]:
-    """[W1, b1, ..., W_head, b_head] of a fp32 TradingNetwork ONNX file, in nn.Linear layout.
+def extract_trading_weights(
+    onnx_path: str | Path, content: bytes | None = None
+) -> list[npt.NDArray[np.float32]]:
+    """[W1, b1, ..., W_head, b_head] of a fp32 TradingNetwork ONNX file (or of its ``content``, already
+    read), in nn.Linear layout.
 
     The graph must be Gemm (+ReLU) layers ending in Gemm -> Softplus -> Add 0.1; anything else (a
     ValueNetwork, a quantized or fp16 variant, a context model) is refused with the file named.
     """
     path = Path(onnx_path)
-    model = onnx.load(str(path))
+    model = onnx.load(str(path)) if content is None else onnx.load_model_from_string(content)
     graph = model.graph
     consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
@@ -309,6 +313,24 @@ def pack_metadata(model: onnx.ModelProto) -> dict[str, str]:
         for prop in model.metadata_props
         if prop.key.startswith(META_PREFIX)
     }
+
+
+def write_pack(sources: Sequence[tuple[Path, str]], path: Path, form: PackForm, batch_per_agent: int) -> Path:
+    """The pack of these fp32 model files, each of the version (start of its content's sha256) given,
+    written to ``path``: what the serving process has a worker process do, since parsing, assembling,
+    serializing and checking a large model hold the GIL (for 200 MB of weights 0.3-0.5 s each, in which
+    its event loop could not run). A file whose content is not that version any more is refused."""
+    weights = []
+    for source, version in sources:
+        content = source.read_bytes()
+        found = hashlib.sha256(content).hexdigest()
+        if not found.startswith(version):
+            raise PackError(
+                f"{source}: its content (sha256 {found[: len(version)]}) is no longer version {version}, "
+                "which the pack was to hold"
+            )
+        weights.append(extract_trading_weights(source, content))
+    return save_pack(build_pack(weights, form=form, batch_per_agent=batch_per_agent), path)
 
 
 def save_pack(model: onnx.ModelProto, path: str | Path) -> Path:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from runtime.agents import new_agents
-from runtime.models import METADATA_SUFFIX, ModelInfo, read_models
+from runtime.models import METADATA_SUFFIX, ModelInfo, StaleMetadata, read_models
 from runtime.sessions import SessionPool
 from runtime.workers import checkpoint_files, is_checkpoint_name
 
@@ -37,6 +37,9 @@ FileStamp = tuple[int, int]  # (mtime_ns, size)
 Stamps = dict[str, FileStamp]  # path -> stamp
 SETTLE_S = 0.2  # a burst of writes (the converter writes several files per model) ends after this quiet
 MAX_BATCH_S = 2.0  # ... or after this long, so a long conversion run is reloaded model by model
+# The converter replaces `<name>.onnx`, then builds and validates the NPU variants, then writes the
+# metadata: a model whose metadata still declares the previous file is refused only this much later
+METADATA_GRACE_S = 60.0
 
 
 def model_key(path: Path) -> str:
@@ -124,12 +127,16 @@ class WatchedFiles:
         return found
 
     def changes(self, paths: Iterable[Path]) -> Changes:
-        """What these added or modified files mean: models (those with metadata) and checkpoints."""
+        """What these added or modified files mean: models (those with metadata) and checkpoints.
+
+        A metadata entry that is no readable file (a symlink loop, a directory) is reported all the same:
+        reading it fails, which is counted and logged, instead of it being ignored.
+        """
         paths = list(paths)
         touched = {model_key(p) for p in paths if self.is_model_file(p)}
         # NPU variants and QNN context caches (`<name>_*.onnx`) have no metadata of their own: the
         # converter rewrites `<name>_metadata.json` with them, which is what reports the change
-        models = {key for key in touched if (self.model_dir / f"{key}{METADATA_SUFFIX}").is_file()}
+        models = {key for key in touched if os.path.lexists(self.model_dir / f"{key}{METADATA_SUFFIX}")}
         return Changes(frozenset(models), any(self.is_checkpoint(p) for p in paths))
 
     def roots(self) -> tuple[list[Path], list[Path]]:
@@ -146,10 +153,15 @@ class WatchedFiles:
 
 
 def _stamp(found: Stamps, path: str, source: os.DirEntry[str] | Path) -> None:
+    """A broken entry (a dangling symlink, a symlink loop) gets its link's own stamp: it is reported
+    once, fails once when read, and reports again only when it changes."""
     try:
         stat = source.stat()
-    except FileNotFoundError:  # deleted between listing and stat: absent
-        return
+    except OSError:
+        try:
+            stat = source.stat(follow_symlinks=False)
+        except OSError:  # deleted between listing and stat: absent
+            return
     found[path] = (stat.st_mtime_ns, stat.st_size)
 
 
@@ -345,6 +357,9 @@ class ModelReloader:
 
     A model nobody runs yet becomes a new agent when each agent is one checkpoint
     (``one_per_checkpoint``); agents drawn round-robin keep their models until a restart reassigns them.
+    A model file whose metadata still declares the previous sha256 is what the converter leaves between
+    replacing the model and rewriting its metadata: it is read again when the metadata changes, and
+    refused as a reload failure only if the metadata still disagrees ``metadata_grace_s`` later.
     """
 
     def __init__(
@@ -355,15 +370,19 @@ class ModelReloader:
         convert: Callable[[], Awaitable[object]] | None = None,
         add_new_agents: bool = False,
         seed: int = 0,
+        metadata_grace_s: float = METADATA_GRACE_S,
     ) -> None:
         self.pool = pool
         self.watcher = watcher
         self.convert = convert
         self.add_new_agents = add_new_agents
         self.seed = seed
+        self.metadata_grace_s = metadata_grace_s
         self.reloads = 0
         self.watching = asyncio.Event()  # set once changes are being seen
         self._unassigned: set[str] = set()
+        self._stale: dict[str, float] = {}  # model key -> loop time its stale metadata is refused at
+        self._next: asyncio.Task[Changes] | None = None
 
     async def start(self) -> None:
         """Begin watching (the watcher's setup runs off the loop); changes from now on are reloaded."""
@@ -377,13 +396,31 @@ class ModelReloader:
         try:
             while True:
                 try:
-                    await self.apply(await self.watcher.next_changes())
+                    await self.apply(await self._next_changes())
                 except Exception:  # a failed conversion or unreadable directory must not stop serving
                     self.pool.reload_failures += 1
                     where = self.watcher.files.describe()
                     log.exception("hot reload in %s failed; the current models keep serving", where)
         finally:
+            if self._next is not None:
+                self._next.cancel()
             self.watcher.close()
+
+    async def _next_changes(self) -> Changes:
+        """The watcher's next batch, or the models whose stale metadata is due to be read again.
+
+        The watcher's wait is never cancelled for a re-check (a poll's changes would be lost with it).
+        """
+        if self._next is None:
+            self._next = asyncio.ensure_future(self.watcher.next_changes())
+        now = asyncio.get_running_loop().time()
+        timeout = max(0.0, min(self._stale.values()) - now) if self._stale else None
+        done, _ = await asyncio.wait({self._next}, timeout=timeout)
+        if not done:
+            due = asyncio.get_running_loop().time()
+            return Changes(frozenset(key for key, at in self._stale.items() if at <= due))
+        finished, self._next = self._next, None
+        return finished.result()
 
     async def apply(self, changes: Changes) -> None:
         """Convert new checkpoints (their models arrive as the next changes), reload changed models."""
@@ -394,18 +431,45 @@ class ModelReloader:
             await self.reload(changes.models)
 
     async def reload(self, keys: Iterable[str]) -> None:
+        """Read the models' metadata and hash their files on a thread; serve what changed. A model that
+        cannot be read is skipped (counted, logged once per change): the others still reload. Models the
+        pool refused before are read and tried again with them."""
         model_dir = self.watcher.files.model_dir
-        paths = [model_dir / f"{key}{METADATA_SUFFIX}" for key in sorted(keys)]
+        paths = [model_dir / f"{key}{METADATA_SUFFIX}" for key in sorted({*keys, *self.pool.refused})]
         infos, problems = await asyncio.to_thread(read_models, paths)
         for problem in problems:
+            if isinstance(problem, StaleMetadata) and self._awaits_metadata(problem.key):
+                continue
             self.pool.reload_failures += 1
             log.error("hot reload skipped, the previous version keeps serving: %s", problem)
+        for info in infos:
+            self._stale.pop(info.key, None)
         changed = {i.key: i for i in infos if i.key in self.pool.models and i != self.pool.models[i.key]}
         new = [info for info in infos if info.key not in self.pool.models]
+        pending = {*changed, *(info.key for info in new)}
+        for key in [key for key in self.pool.refused if key not in pending]:  # reverted, or unreadable now
+            del self.pool.refused[key]
         if changed and await self.pool.reload(changed):  # a new version, or new NPU variants
             self.reloads += 1
         if new:
             await self._add_agents(new)
+
+    def _awaits_metadata(self, key: str) -> bool:
+        """True while stale metadata may still be the converter at work (the first time: said so)."""
+        now = asyncio.get_running_loop().time()
+        if key not in self._stale:
+            self._stale[key] = now + self.metadata_grace_s
+            log.info(
+                "hot reload: %s.onnx changed but its metadata still declares another sha256; waiting up to "
+                "%.0f s for the converter to rewrite it",
+                key,
+                self.metadata_grace_s,
+            )
+            return True
+        if now < self._stale[key]:
+            return True
+        del self._stale[key]  # refused now; a later change of either file is read again
+        return False
 
     async def _add_agents(self, models: list[ModelInfo]) -> None:
         population = self.pool.population

@@ -26,7 +26,7 @@ from runtime.broker import BrokerError, ensure_broker
 from runtime.command import given, run_command
 from runtime.config import Config, ConfigError, NpuConfig, Overrides
 from runtime.intake import TickIntake
-from runtime.models import ModelError, discover_models
+from runtime.models import ModelError, ModelInfo, discover_models
 from runtime.protocol import (
     Limits,
     RosterMessage,
@@ -153,7 +153,7 @@ class RuntimeServer:
         cfg = self.config
         if not cfg.runtime.convert_on_startup:
             return
-        if not checkpoints(cfg) and not discover_models(cfg.model_dir, cfg.environment.items_list)[0]:
+        if not checkpoints(cfg) and not (await self.discover())[0]:
             log.warning(
                 "no checkpoints under %s and no models in %s: BOOTSTRAPPING a population first "
                 "(training %d generations in a worker process)",
@@ -189,7 +189,7 @@ class RuntimeServer:
     async def build_pool(self) -> tuple[AgentPopulation, SessionPool]:
         """The agents and their sessions, created and validated off the event loop."""
         cfg = self.config
-        models, problems = discover_models(cfg.model_dir, cfg.environment.items_list)
+        models, problems = await self.discover()
         for problem in problems:
             log.warning("model skipped: %s", problem)
         if not models:
@@ -226,6 +226,11 @@ class RuntimeServer:
         )
         self.population, self.pool = population, pool
         return population, pool
+
+    async def discover(self) -> tuple[list[ModelInfo], list[str]]:
+        """The servable models, read and hashed on a thread (a large repository takes seconds)."""
+        cfg = self.config
+        return await asyncio.to_thread(discover_models, cfg.model_dir, cfg.environment.items_list)
 
     def reloader(self, pool: SessionPool) -> ModelReloader:
         cfg = self.config

@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import multiprocessing
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +29,7 @@ import onnxruntime as ort
 
 from runtime.agents import AgentPopulation, groups_of
 from runtime.config import NpuConfig
-from runtime.models import MATRIX_OUTPUT, ModelInfo
+from runtime.models import MATRIX_OUTPUT, ModelInfo, sha256_file
 from runtime.state import FloatArray, IntArray, realistic_states
 
 log = logging.getLogger(__name__)
@@ -134,13 +137,13 @@ class UnitPlan:
         return self.name.startswith("pack:")
 
     def served_by(self, unit: InferenceUnit | None) -> bool:
-        """True when ``unit`` already serves exactly this plan (same rows, models and versions)."""
+        """True when ``unit`` already serves exactly this plan (same rows, models, versions and variants)."""
         return (
             unit is not None
             and np.array_equal(unit.rows, self.rows)
             and unit.row_keys == self.row_keys
-            and {k: m.version for k, m in unit.models.items()}
-            == {k: m.version for k, m in self.models.items()}
+            and {k: (m.version, m.variants) for k, m in unit.models.items()}
+            == {k: (m.version, m.variants) for k, m in self.models.items()}
         )
 
 
@@ -198,7 +201,12 @@ class SessionPool:
         self.executor = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="inference")
         self.current = PoolGeneration(0, ())
         self.reload_failures = 0
+        # model key -> why its new version failed to swap in. In a pack that may be another member's broken
+        # file (a pack is rebuilt from every member's file): the reloader tries them again with later changes
+        self.refused: dict[str, str] = {}
         self._swap_lock = asyncio.Lock()
+        self._builder: ProcessPoolExecutor | None = None
+        self._builder_lock = threading.Lock()
 
     async def start(self) -> PoolGeneration:
         """Build and validate every unit off the loop, then start serving with them."""
@@ -226,40 +234,66 @@ class SessionPool:
 
     async def reload(self, changed: Mapping[str, ModelInfo]) -> bool:
         """Serve new versions of some models: the units using them are rebuilt, the others kept."""
-        versions = ", ".join(f"{key}@{info.version}" for key, info in changed.items())
-        return await self._replan(self.population.model_keys, changed, None, versions)
+        return await self._in_parts(changed, None)
 
     async def add_agents(self, newcomers: AgentPopulation, models: Mapping[str, ModelInfo]) -> bool:
         """Serve new agents (new checkpoints) from the next tick on; existing agents keep their state."""
-        keys = self.population.model_keys + newcomers.model_keys
-        return await self._replan(keys, models, newcomers, f"new agents {', '.join(newcomers.agent_ids)}")
+        return await self._in_parts(models, newcomers)
+
+    async def _in_parts(self, models: Mapping[str, ModelInfo], newcomers: AgentPopulation | None) -> bool:
+        """Swap in all these models at once; if that fails, each model alone, so one that cannot serve
+        (counted in reload_failures, logged) never holds back the others. The current generation keeps
+        serving whatever fails."""
+        what = ", ".join(f"{key}@{info.version}" for key, info in models.items())
+        if newcomers is not None:
+            what = f"new agents {', '.join(newcomers.agent_ids)} ({what})"
+        try:
+            swapped = await self._replan(models, newcomers, what)
+        except Exception as exc:
+            if len(models) == 1:
+                self._refuse(models, what, exc)
+                return False
+            log.warning("hot reload of %s failed (%s); trying each model alone", what, exc)
+        else:
+            for key in models:
+                self.refused.pop(key, None)
+            return swapped
+        parts = [
+            await self._in_parts({key: info}, newcomers.only({key}) if newcomers is not None else None)
+            for key, info in models.items()
+        ]
+        return any(parts)
+
+    def _refuse(self, model: Mapping[str, ModelInfo], what: str, exc: Exception) -> None:
+        """Count and log a model's failure once: a retry failing the same way says nothing new."""
+        ((key, info),) = model.items()
+        reason, before = f"{info.version}: {exc}", self.refused.get(key)
+        self.refused[key] = reason
+        if reason == before:
+            log.debug("hot reload of %s failed again: %s", what, exc)
+            return
+        self.reload_failures += 1
+        log.error("hot reload of %s failed, the previous version keeps serving: %s", what, exc)
 
     async def _replan(
-        self,
-        model_keys: Sequence[str],
-        changed: Mapping[str, ModelInfo],
-        newcomers: AgentPopulation | None,
-        what: str,
+        self, changed: Mapping[str, ModelInfo], newcomers: AgentPopulation | None, what: str
     ) -> bool:
         """Plan the units for this roster; build and validate the ones that differ off the loop; swap.
 
-        Any failure (file, ONNX Runtime, validation) keeps the current generation serving. Roster and
+        Raises what building or validating raised, the current generation still serving. Roster and
         units change together with no await in between, so the swap falls between two ticks.
         """
         async with self._swap_lock:
             old = self.current
+            model_keys = self.population.model_keys + (newcomers.model_keys if newcomers is not None else ())
             models = {**self.models, **changed}
             plans = await self._plan(model_keys, models)
             serving = {unit.name: unit for unit in old.units}
             todo = [plan for plan in plans if not plan.served_by(serving.get(plan.name))]
             if not todo and newcomers is None:
+                self.models = models  # e.g. a new desired item in the metadata: nothing to rebuild
                 return False
-            try:
-                fresh = {unit.name: unit for unit in await self._build(todo)}
-            except Exception as exc:
-                self.reload_failures += 1
-                log.error("hot reload of %s failed, the previous version keeps serving: %s", what, exc)
-                return False
+            fresh = {unit.name: unit for unit in await self._build(todo)}
             if newcomers is not None:
                 self.population.extend(newcomers)
             self.models = models
@@ -280,8 +314,12 @@ class SessionPool:
         return list(await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, p) for p in plans)))
 
     def close(self) -> None:
-        """Stop the inference threads (the sessions go with the last generation reference)."""
+        """Stop the inference threads and the pack builder (the sessions go with the last generation)."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        with self._builder_lock:
+            if self._builder is not None:
+                self._builder.shutdown(wait=True, cancel_futures=True)
+                self._builder = None
 
     def build_unit(self, plan: UnitPlan) -> InferenceUnit:
         """Create and warm one session (blocking: run it in an executor), validated before it can serve.
@@ -319,6 +357,9 @@ class SessionPool:
         weights: PackPrecision | None,
     ) -> InferenceUnit:
         session, provider = self.factory(path, prefer_npu)
+        for info in plan.models.values():
+            if path == info.onnx_path:  # the session read the file: was it still this version?
+                _check_version(info)
         static = _static_batch(session)
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
@@ -359,17 +400,31 @@ class SessionPool:
         return info.onnx_path, self.use_npu
 
     def _pack_file(self, plan: UnitPlan, per_model: int, precision: PackPrecision) -> Path:
-        """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions."""
-        from runtime.pack import PackForm, build_pack, extract_trading_weights, save_pack
+        """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions
+        (content hashes, so a replaced model never reuses a pack of its old weights)."""
+        from runtime.pack import PackForm, write_pack
 
         form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
         digest = hashlib.sha256("|".join([form, str(per_model), *versions]).encode()).hexdigest()[:16]
         path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
         if not path.is_file():
-            weights = [extract_trading_weights(info.onnx_path) for info in plan.models.values()]
-            save_pack(build_pack(weights, form=form, batch_per_agent=per_model), path)
+            sources = [(info.onnx_path, info.version) for info in plan.models.values()]
+            builder = self._pack_builder()
+            try:
+                builder.submit(write_pack, sources, path, form, per_model).result()
+            except BrokenProcessPool:
+                with self._builder_lock:
+                    self._builder = None  # the next pack gets a new worker
+                raise PoolError(f"{path}: the pack builder process died (out of memory?)") from None
         return path
+
+    def _pack_builder(self) -> ProcessPoolExecutor:
+        """The worker process that builds packs (started on first use, spawned: nothing is forked)."""
+        with self._builder_lock:
+            if self._builder is None:
+                self._builder = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            return self._builder
 
 
 def pack_slots(plan: UnitPlan) -> tuple[IntArray, int]:
@@ -385,6 +440,16 @@ def pack_slots(plan: UnitPlan) -> tuple[IntArray, int]:
     for k, group in enumerate(groups):
         slots[group] = k * per_model + np.arange(len(group))
     return slots, per_model
+
+
+def _check_version(info: ModelInfo) -> None:
+    """Refuse a model file replaced since its version was read: it must not serve under that label."""
+    found = sha256_file(info.onnx_path)[: len(info.version)]
+    if found != info.version:
+        raise PoolError(
+            f"{info.onnx_path}: its content (sha256 {found}) is no longer version {info.version}; "
+            "the change is reloaded as such"
+        )
 
 
 def _static_batch(session: Any) -> int | None:

@@ -8,9 +8,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import pytest
 
-from tests.runtime.runtime_helpers import trading_weights, write_model
+from tests.runtime.runtime_helpers import BIG_HIDDEN, trading_model, trading_weights, write_model
 
 
 @pytest.fixture
@@ -20,6 +21,14 @@ def model_dir(tmp_path: Path) -> Path:
     for i, desired in enumerate(("gold", None, "apple")):
         write_model(directory, f"m{i}", trading_weights(i), desired_item=desired, agent_id=f"ckpt-{i}")
     return directory
+
+
+@pytest.fixture(scope="session")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TradingNetwork ONNX file of ~200 MB (hidden width BIG_HIDDEN), written once per test session."""
+    path = tmp_path_factory.mktemp("big") / "big.onnx"
+    onnx.save_model(trading_model(trading_weights(404, hidden=BIG_HIDDEN, layers=2)), str(path))
+    return path
 
 
 @pytest.fixture

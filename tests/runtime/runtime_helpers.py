@@ -54,6 +54,7 @@ from tests.wire.wire_helpers import wait_until
 ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
 REPO = Path(__file__).resolve().parents[2]
 Weights = list[npt.NDArray[np.float32]]
+BIG_HIDDEN = 7000  # the `big_model` fixture's width: 61x7000 + 7000x7000 + 7000x25 fp32 weights, 197 MB
 
 
 def trading_weights(seed: int, num_items: int = len(ITEMS), hidden: int = 16, layers: int = 3) -> Weights:
@@ -144,23 +145,48 @@ def write_model(
         name = f"{key}_fp32_b{batch}.onnx"
         onnx.save_model(trading_model(variant_weights, batch=batch), str(model_dir / name))
         variant_info.append({"onnx_path": name, "precision": "fp32", "batch_size": batch, "passed": True})
+    meta = model_metadata(
+        key,
+        int(weights[0].shape[0]),
+        items=items,
+        agent_id=agent_id,
+        desired_item=desired_item,
+        variants=variant_info,
+        onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+    )
+    path = model_dir / f"{key}_metadata.json"
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    return path
+
+
+def model_metadata(
+    key: str,
+    hidden_dim: int,
+    *,
+    items: tuple[str, ...] = ITEMS,
+    agent_id: str | None = None,
+    desired_item: str | None = None,
+    variants: Sequence[dict[str, object]] = (),
+    onnx_sha256: str | None = None,
+) -> dict[str, Any]:
+    """The converter's `<key>_metadata.json` content for `<key>.onnx` (no `conversion_info` without a
+    sha256: what the original converter wrote)."""
     n = len(items)
-    meta = {
+    meta: dict[str, Any] = {
         "model_info": {
-            "onnx_path": onnx_path.name,
+            "onnx_path": f"{key}.onnx",
             "model_type": "TradingNetwork",
             "input_dim": state_dim(n),
             "output_dim": n * n,
             "items_list": list(items),
-            "hidden_dim": int(weights[0].shape[0]),
+            "hidden_dim": hidden_dim,
         },
         "agent_info": {"agent_id": agent_id, "desired_item": desired_item},
-        "npu_optimization": {"variants": variant_info},
-        "conversion_info": {"onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()},
+        "npu_optimization": {"variants": list(variants)},
     }
-    path = model_dir / f"{key}_metadata.json"
-    path.write_text(json.dumps(meta), encoding="utf-8")
-    return path
+    if onnx_sha256 is not None:
+        meta["conversion_info"] = {"onnx_sha256": onnx_sha256}
+    return meta
 
 
 def write_config(path: Path, **sections: dict[str, object]) -> Path:
