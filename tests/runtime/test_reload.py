@@ -466,7 +466,7 @@ async def test_a_big_model_dropped_while_serving_stalls_no_tick(
         f"loop stalls max {gaps.max():.1f} ms, p99 {np.percentile(gaps, 99):.1f} ms; {summary['missing']} "
         f"of {BIG_TICKS} ticks unanswered; {pressure}"
     )
-    assert gaps.max() < (250 if pressure.overloaded else 50), seen
+    assert gaps.max() < (100 if pressure.overloaded else 50), seen  # GIL held: 200-500 ms
     allowed = BIG_TICKS // 10 if pressure.overloaded else 0  # a starved runtime coalesces (docs/runtime.md)
     assert summary["missing"] <= allowed, seen
     print(seen)
@@ -596,7 +596,7 @@ async def test_a_model_that_fails_to_load_does_not_hold_back_the_others_changed_
     their own the other is served at once. A pack is rebuilt from every member's file, so while one is
     broken the pack keeps serving the versions it has (the old weights under their own labels, never
     the broken file's) and both changes are tried again with the next one."""
-    pool = await make_pool(model_dir, agents=6, max_sessions=max_sessions)
+    pool = await make_pool(model_dir, agents=6, max_sessions=max_sessions, cpu_pack_precision="fp32")
     reloader = ModelReloader(pool, PollingWatcher(WatchedFiles(model_dir), 0.02))
     before = pool.current.versions
     fresh = trading_weights(64)
