@@ -412,7 +412,7 @@ def simulate_command(config_path: Path, summary_path: Path, ticks: int = TICKS) 
     ]
 
 
-BIG_TICKS = 300  # 15 s: building a pack of the big model takes several
+BIG_TICKS = 400  # 20 s: building and checking a pack of the big model takes several
 
 
 @pytest.mark.mqtt
