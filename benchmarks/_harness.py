@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -54,6 +55,16 @@ def blockmarket() -> list[str]:
             f"{script}: no `blockmarket` console script; install the project (pip install -e .)"
         )
     return [str(script)]
+
+
+@contextmanager
+def work_directory(keep: Path | None, name: str) -> Iterator[Path]:
+    """Where a run writes its files: ``keep`` (``--keep``: created and left in place), else a temporary
+    directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=f"bm-{name}-") as tmp:
+        work = keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
 
 
 def unique_prefix(name: str) -> str:
@@ -114,21 +125,38 @@ def distinct_models(source: Path, target: Path, count: int, seed: int, noise: fl
             shutil.copy2(metadata_path, target / metadata_path.name)
             continue
         template = graphs.setdefault(metadata_path, onnx.load(str(source / onnx_name)))
-        model = onnx.ModelProto()
-        model.CopyFrom(template)
-        for tensor in model.graph.initializer:
-            weights = numpy_helper.to_array(tensor)
-            noisy = (weights + rng.normal(0.0, noise, weights.shape)).astype(weights.dtype)
-            tensor.CopyFrom(numpy_helper.from_array(noisy, tensor.name))
-        payload = model.SerializeToString()
-        stem = f"agent_derived{i:05d}"
-        (target / f"{stem}.onnx").write_bytes(payload)
-        metadata["model_info"]["onnx_path"] = f"{stem}.onnx"
         metadata["agent_info"]["agent_id"] = f"derived{i:05d}"
-        metadata["conversion_info"]["onnx_sha256"] = hashlib.sha256(payload).hexdigest()
-        metadata["conversion_info"]["derived_from"] = onnx_name
-        (target / f"{stem}{METADATA_SUFFIX}").write_text(json.dumps(metadata, indent=2))
+        write_converted(target, f"agent_derived{i:05d}", offspring(template, rng, noise), metadata, onnx_name)
     return target
+
+
+def offspring(template: onnx.ModelProto, rng: np.random.Generator, noise: float) -> bytes:
+    """The template's graph with every weight plus N(0, ``noise``), serialized: an evolutionary offspring."""
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    for tensor in model.graph.initializer:
+        weights = numpy_helper.to_array(tensor)
+        noisy = (weights + rng.normal(0.0, noise, weights.shape)).astype(weights.dtype)
+        tensor.CopyFrom(numpy_helper.from_array(noisy, tensor.name))
+    return model.SerializeToString()
+
+
+def write_converted(
+    folder: Path, stem: str, payload: bytes, metadata: dict[str, Any], derived_from: str
+) -> str:
+    """Write ``stem``.onnx and its metadata as the converter does: each file whole (temp file + rename),
+    the model first, so hot reload never reads half a file. Returns the model's sha256."""
+    from conversion.files import atomic_target  # no torch: conversion's package imports lazily
+
+    sha256 = hashlib.sha256(payload).hexdigest()
+    conversion = {**metadata["conversion_info"], "onnx_sha256": sha256, "derived_from": derived_from}
+    model_info = {**metadata["model_info"], "onnx_path": f"{stem}.onnx"}
+    metadata = {**metadata, "model_info": model_info, "conversion_info": conversion}
+    with atomic_target(folder / f"{stem}.onnx") as tmp:
+        tmp.write_bytes(payload)
+    with atomic_target(folder / f"{stem}{METADATA_SUFFIX}") as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2))
+    return sha256
 
 
 def shipped_config() -> dict[str, Any]:
@@ -144,6 +172,26 @@ def write_config(path: Path, overrides: dict[str, dict[str, Any]]) -> Config:
         document[section].update(values)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return load_config(path)
+
+
+def serving_overrides(
+    work: Path, args: argparse.Namespace, prefix: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """What a benchmark's `run` sets: its files in ``work``, a broker that must be there (no embedded
+    fallback), one agent per model, its topic ``prefix``, and the settings the command line asks for."""
+    mqtt: dict[str, Any] = {"embedded_broker": "never"}
+    if prefix is not None:
+        mqtt["topic_prefix"] = prefix
+    return {
+        "training": {"model_save_path": str(work / "checkpoints")},
+        "conversion": {"output_dir": str(work / "models")},
+        "mqtt": mqtt,
+        "runtime": {
+            "model_dir": str(work / "models"),
+            "assignment": "one_per_checkpoint",
+            **runtime_settings(args),
+        },
+    }
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +259,18 @@ def convert(checkpoints: Path, config: Path, output: Path, log: Path, timeout: f
     """``blockmarket convert`` over a checkpoint folder; returns the wall time in seconds."""
     command = [*blockmarket(), "convert", "--model-path", str(checkpoints), "--config", str(config)]
     return run_command([*command, "--output-dir", str(output), "--no-progress"], log, timeout).wall_s
+
+
+def converted_checkpoints(
+    work: Path, overrides: dict[str, dict[str, Any]], count: int, seed: int
+) -> tuple[Config, float]:
+    """``count`` fresh checkpoints in ``work``/checkpoints, converted by `blockmarket convert` into
+    ``work``/models; the config it ran with and its wall time in seconds."""
+    config = work / "config-convert.yaml"
+    setup = write_config(config, overrides)
+    print(f"... writing and converting {count} checkpoints in {work}", file=sys.stderr, flush=True)
+    write_checkpoints(work / "checkpoints", count, setup.environment.items_list, 128, seed)
+    return setup, convert(work / "checkpoints", config, work / "models", work / "convert.log")
 
 
 def tail(log: Path, lines: int = 15) -> str:
@@ -284,7 +344,8 @@ async def wait_for_status(
 
 
 class ResourceSampler:
-    """CPU% (average over the window, 100 = one core) and peak RSS of one process, sampled on a thread.
+    """CPU% (average over the window, 100 = one core), peak RSS and RSS over time (``samples``) of one
+    process, sampled on a thread every ``interval_s``.
 
     A process that exits inside the window keeps the figures of its last sample.
     """
@@ -299,6 +360,7 @@ class ResourceSampler:
         self._thread = threading.Thread(target=self._sample, name=f"sample-{pid}", daemon=True)
         self._cpu_start = self._cpu_last = 0.0
         self._wall_start = 0.0
+        self.samples: list[tuple[float, int]] = []  # (seconds since the window opened, RSS bytes)
         self.peak_rss = 0
         self.cpu_percent = 0.0
         self.wall_s = 0.0
@@ -312,6 +374,7 @@ class ResourceSampler:
             return False
         self._cpu_last = float(times.user + times.system)
         self.peak_rss = max(self.peak_rss, rss)
+        self.samples.append((time.perf_counter() - self._wall_start, rss))
         return True
 
     def _sample(self) -> None:
@@ -319,8 +382,9 @@ class ResourceSampler:
             pass
 
     def __enter__(self) -> ResourceSampler:
+        self._wall_start = time.perf_counter()
         self._read()
-        self._cpu_start, self._wall_start = self._cpu_last, time.perf_counter()
+        self._cpu_start = self._cpu_last
         self._thread.start()
         return self
 

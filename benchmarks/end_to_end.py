@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,14 +37,14 @@ from benchmarks._harness import (
     announce_settings,
     blockmarket,
     changed_settings,
-    convert,
+    converted_checkpoints,
     distinct_models,
     run_command,
     running_runtime,
-    runtime_settings,
+    serving_overrides,
     unique_prefix,
     wait_for_status,
-    write_checkpoints,
+    work_directory,
     write_config,
 )
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
@@ -54,28 +53,13 @@ TARGETS = {100: {"p99_ms": 10.0}, 1000: {"p99_ms": 30.0, "skipped": 0, "rss_mb":
 RELOAD_RATIO_TARGET = 1.2  # p99 with hot reload on / off, at 1000 and at 10,000 agents
 
 
-def base_overrides(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """What every run sets: its files in ``work``, a broker that must be there (no embedded fallback),
-    one agent per model, and the settings the command line asks for."""
-    return {
-        "training": {"model_save_path": str(work / "checkpoints")},
-        "conversion": {"output_dir": str(work / "models")},
-        "mqtt": {"embedded_broker": "never"},
-        "runtime": {
-            "model_dir": str(work / "models"),
-            "assignment": "one_per_checkpoint",
-            **runtime_settings(args),
-        },
-    }
-
-
 def serve_and_simulate(
     args: argparse.Namespace, work: Path, models: Path, agents: int, ticks: int, hot_reload: bool | None
 ) -> dict[str, Any]:
     """One `run` of the ``agents`` models in ``models`` + one `simulate` on a fresh prefix; both sides'
     figures. ``hot_reload`` None serves what the command line says (config.yaml's unless --no-reload).
     """
-    overrides = base_overrides(work, args)
+    overrides = serving_overrides(work, args)
     if hot_reload is not None:
         overrides["runtime"]["hot_reload"] = hot_reload
     overrides["mqtt"]["topic_prefix"] = unique_prefix(f"e2e{agents}")
@@ -219,16 +203,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_info()
-    with tempfile.TemporaryDirectory(prefix="bm-e2e-") as tmp:
-        work = args.keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        overrides = base_overrides(work, args)
-        setup = write_config(work / "config-convert.yaml", overrides)
-        print(f"... writing and converting {args.models} checkpoints in {work}", file=sys.stderr, flush=True)
-        write_checkpoints(work / "checkpoints", args.models, setup.environment.items_list, 128, args.seed)
-        convert_s = convert(
-            work / "checkpoints", work / "config-convert.yaml", work / "models", work / "convert.log"
-        )
+    with work_directory(args.keep, "e2e") as work:
+        overrides = serving_overrides(work, args)
+        setup, convert_s = converted_checkpoints(work, overrides, args.models, args.seed)
         runs = [(n, args.ticks, False) for n in args.agents]
         if args.stretch_agents:
             runs.append((args.stretch_agents, args.stretch_ticks, True))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +36,10 @@ from benchmarks._harness import (
     changed_settings,
     convert,
     running_runtime,
-    runtime_settings,
+    serving_overrides,
     unique_prefix,
     wait_for_status,
+    work_directory,
     write_checkpoints,
     write_config,
 )
@@ -52,24 +52,10 @@ TARGET_FIRST_TICK_S = 5.0
 RETRY_TICK_S = 0.05  # republish the first tick this often until it is answered (subscription races)
 
 
-def overrides(work: Path, prefix: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Its files in ``work``, a broker that must be there, one agent per checkpoint, the command line's."""
-    return {
-        "training": {"model_save_path": str(work / "checkpoints")},
-        "conversion": {"output_dir": str(work / "models")},
-        "mqtt": {"embedded_broker": "never", "topic_prefix": prefix},
-        "runtime": {
-            "model_dir": str(work / "models"),
-            "assignment": "one_per_checkpoint",
-            **runtime_settings(args),
-        },
-    }
-
-
 def conversion_times(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Cold conversion of ``--checkpoints`` fresh checkpoints in one command, and of one alone."""
     config, count, seed = work / "config-convert.yaml", args.checkpoints, args.seed
-    items = write_config(config, overrides(work, "unused", args)).environment.items_list
+    items = write_config(config, serving_overrides(work, args)).environment.items_list
     write_checkpoints(work / "checkpoints", count, items, 128, seed)
     write_checkpoints(work / "single", 1, items, 128, seed + 1)
     batch_s = convert(work / "checkpoints", config, work / "models", work / "convert.log")
@@ -125,7 +111,7 @@ def serving_times(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     starts = []
     for attempt in range(args.starts):
         path = work / f"config-run-{attempt}.yaml"
-        config = write_config(path, overrides(work, unique_prefix("startup"), args))
+        config = write_config(path, serving_overrides(work, args, unique_prefix("startup")))
         with running_runtime(path, work / f"run-{attempt}.log") as runtime:
             online_s, first_tick_s = asyncio.run(first_served_tick(config, runtime, args.timeout))
         starts.append(
@@ -158,10 +144,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     machine = machine_info()
-    with tempfile.TemporaryDirectory(prefix="bm-startup-") as tmp:
-        work = args.keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        changed = changed_settings(overrides(work, "unused", args))
+    with work_directory(args.keep, "startup") as work:
+        changed = changed_settings(serving_overrides(work, args))
         announce_settings(f"{args.checkpoints} agents, {args.starts} starts", changed)
         print(f"... converting {args.checkpoints} fresh checkpoints in {work}", file=sys.stderr, flush=True)
         conversion = conversion_times(work, args)

@@ -37,7 +37,7 @@ def read_results(path: Path, benchmark: str) -> Any:
     return document["results"]
 
 
-@pytest.mark.parametrize("module", ["inference", "plot", "end_to_end", "startup"])
+@pytest.mark.parametrize("module", ["inference", "plot", "end_to_end", "startup", "soak"])
 def test_help_describes_the_script(module: str) -> None:
     out = run_script(module, "--help").stdout
     assert "usage: python -m benchmarks." + module in out
@@ -149,3 +149,56 @@ def test_startup_times_conversion_and_the_first_served_tick(tmp_path: Path) -> N
     assert results["conversion"]["batch_s"] > 0 and results["conversion"]["single_s"] > 0
     (start,) = results["starts"]
     assert 0 < start["online_s"] <= start["first_tick_s"]
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_soak_accounts_for_every_message_and_every_reload(tmp_path: Path) -> None:
+    """A short soak: 50 agents, 10% hostile messages, a new model version every 5 s (no RSS verdict: a
+    24-second run says nothing about leaks, so its limit is set out of reach)."""
+    out = tmp_path / "soak.json"
+    done = run_script(
+        "soak",
+        *("--minutes", "0.4", "--agents", "50", "--models", "3", "--reload-every", "5"),
+        *(
+            "--hostile-fraction",
+            "0.1",
+            "--sample-every",
+            "0.5",
+            "--max-rss-growth",
+            "1000",
+            "--out",
+            str(out),
+        ),
+    )
+    document = json.loads(out.read_text())
+    assert document["settings"]["overrides"] == SCENARIO  # the shipped config otherwise
+    results = read_results(out, "soak")
+    ticks, game, reloads, memory = results["ticks"], results["game"], results["reloads"], results["memory"]
+    # the counting invariant, from the runtime's final status
+    buckets = ("served", "skipped", "unpublished", "inference_errors", "in_flight")
+    assert sum(ticks[b] for b in buckets) + sum(ticks["dropped"].values()) == ticks["received"]
+    assert ticks["invariant_holds"] and ticks["accounted"] == ticks["received"]
+    # ... and everything published on the tick topic was received, each hostile kind counted as sent
+    assert game["ticks_sent"] == ticks["published_game"] == 480
+    assert ticks["published"] == ticks["published_game"] + ticks["published_hostile"] + 1 == ticks["received"]
+    assert ticks["published_hostile"] > 20 and ticks["published_hostile_retained"] > 0
+    assert ticks["dropped"] == ticks["dropped_expected"] and ticks["dropped"]["retained"] == 1
+    assert len(ticks["dropped"]) >= 5  # a mix of kinds, not one
+    assert ticks["served"] + ticks["skipped"] == ticks["published_game"]  # no hostile message was served
+    assert game["answered"] + game["missing"] == game["ticks_sent"] and game["rule_violations"] == 0
+    assert 0 < game["latency_p50_ms"] <= game["latency_p99_ms"]
+    # every new model version written was served, announced in the roster and swapped in
+    assert reloads["written"] >= 2 and reloads["failures"] == 0
+    assert reloads["written"] == reloads["served"] == reloads["announced"] == reloads["generations"]
+    assert 0 < reloads["latency_p50_s"] <= reloads["latency_max_s"] < 30
+    assert reloads["pack_cache_files"] >= reloads["written"] + 1  # a pack per generation
+    # memory: sampled over the whole run
+    assert memory["samples"] > 20 and 0 < len(memory["timeline_rss_mb"]) <= 30
+    assert (
+        0 < memory["rss_warmup_mb"] <= memory["rss_peak_mb"] and memory["rss_end_mb"] <= memory["rss_peak_mb"]
+    )
+    growth = 100 * (memory["rss_end_mb"] - memory["rss_warmup_mb"]) / memory["rss_warmup_mb"]
+    assert memory["rss_growth_pct"] == pytest.approx(growth, abs=0.1)
+    assert results["passed"] and all(results["checks"].values())
+    assert "Dropped by kind" in done.stdout and "FAILED" not in done.stdout

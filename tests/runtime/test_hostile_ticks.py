@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.hostile_ticks import HostilePayloads
 from runtime.config import load_config
 from runtime.protocol import Limits, MarketTick, encode_tick
-from tests.runtime.hostile import HostilePayloads
 from tests.runtime.runtime_helpers import (
     ITEMS,
     GameClient,

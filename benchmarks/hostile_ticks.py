@@ -1,5 +1,8 @@
 """Seeded hostile tick payloads, each with the refusal kind the runtime must count it under.
 
+Shared by the hostile-tick tests (tests/runtime/test_hostile_ticks.py) and the soak benchmark
+(benchmarks/soak.py), which both check the runtime's count of every kind against what was sent.
+
 Every generator turns a valid tick into something a hostile or broken client could send: random bytes,
 truncations, byte flips, wrong types, msgpack extension types, lying lengths, deep nesting, repeated
 keys, other versions, unprintable ids, NaN and infinities, extreme finite values, unknown agents, bad
