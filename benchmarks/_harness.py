@@ -359,7 +359,7 @@ class ResourceSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name=f"sample-{pid}", daemon=True)
         self._cpu_start = self._cpu_last = 0.0
-        self._wall_start = 0.0
+        self.started_at = 0.0  # perf_counter() when the window opened
         self.samples: list[tuple[float, int]] = []  # (seconds since the window opened, RSS bytes)
         self.peak_rss = 0
         self.cpu_percent = 0.0
@@ -374,7 +374,7 @@ class ResourceSampler:
             return False
         self._cpu_last = float(times.user + times.system)
         self.peak_rss = max(self.peak_rss, rss)
-        self.samples.append((time.perf_counter() - self._wall_start, rss))
+        self.samples.append((time.perf_counter() - self.started_at, rss))
         return True
 
     def _sample(self) -> None:
@@ -382,7 +382,7 @@ class ResourceSampler:
             pass
 
     def __enter__(self) -> ResourceSampler:
-        self._wall_start = time.perf_counter()
+        self.started_at = time.perf_counter()
         self._read()
         self._cpu_start = self._cpu_last
         self._thread.start()
@@ -392,5 +392,5 @@ class ResourceSampler:
         self._stop.set()
         self._thread.join()
         self._read()
-        self.wall_s = time.perf_counter() - self._wall_start
+        self.wall_s = time.perf_counter() - self.started_at
         self.cpu_percent = 100.0 * (self._cpu_last - self._cpu_start) / max(self.wall_s, 1e-9)

@@ -399,11 +399,15 @@ def _median_between(t: np.ndarray, mb: np.ndarray, start: float, stop: float) ->
     return float(np.median(mb[inside]))
 
 
-def memory(samples: Sequence[tuple[float, int]], warmup_s: float, window_s: float) -> dict[str, Any]:
+def memory(
+    samples: Sequence[tuple[float, int]], warmup_s: float, window_s: float, reloads_at: Sequence[float] = ()
+) -> dict[str, Any]:
     """RSS at the warm-up end and at the end (medians over ``window_s`` ending there: a reload's transient
-    peak is not taken for growth), the growth between them, the peak, and the slope after warm-up."""
+    peak is not taken for growth), the growth between them, the peak, the slope after warm-up, and the
+    last sample before each reload (``reloads_at``, same clock as the samples): a leak raises that floor."""
     t = np.array([at for at, _ in samples])
     mb = np.array([rss for _, rss in samples]) / 2**20
+    before = [mb[t < at][-1] for at in reloads_at if (t < at).any()]
     window = min(window_s, warmup_s)
     at_warmup = _median_between(t, mb, warmup_s - window, warmup_s)
     at_end = _median_between(t, mb, t[-1] - window, t[-1])
@@ -420,6 +424,7 @@ def memory(samples: Sequence[tuple[float, int]], warmup_s: float, window_s: floa
         "window_s": round(window, 1),
         "sampled_s": round(float(t[-1]), 1),
         "samples": len(t),
+        "rss_before_reloads_mb": [round(float(value), 1) for value in before],
         **timeline(t, mb),
     }
 
@@ -479,6 +484,15 @@ def reloads(final: dict[str, Any], run: SoakRun, models: Path) -> dict[str, Any]
     }
 
 
+def warmup_seconds(args: argparse.Namespace) -> float:
+    """--warmup-minutes, by default 10% of the run but at least two reloads in (the first reloads raise
+    RSS to where it then stays: two pool generations meet), at most two thirds of the run."""
+    if args.warmup_minutes is not None:
+        return 60 * float(args.warmup_minutes)
+    run_s = 60 * args.minutes
+    return min(max(run_s / 10, 2 * args.reload_every), run_s * 2 / 3)
+
+
 GAME_KEYS = (
     "ticks_sent", "ticks_unsent", "answered", "missing", "tick_rate_hz", "latency_p50_ms", "latency_p99_ms",
     "latency_max_ms", "rule_violations", "unknown_agents", "dropped",
@@ -487,8 +501,12 @@ GAME_KEYS = (
 
 def summarise(args: argparse.Namespace, run: SoakRun, final: dict[str, Any], models: Path) -> dict[str, Any]:
     """Every figure of the run, and the checks that decide the exit status."""
-    warmup_s = 60 * (args.warmup_minutes if args.warmup_minutes is not None else args.minutes / 10)
-    mem = memory(run.runtime.samples, warmup_s, args.rss_window)
+    mem = memory(
+        run.runtime.samples,
+        warmup_seconds(args),
+        args.rss_window,
+        [record.written_at - run.runtime.started_at for record in run.reloads],
+    )
     ticks = accounting(final, run)
     reload = reloads(final, run, models)
     checks = {
@@ -557,6 +575,8 @@ def print_report(results: dict[str, Any]) -> None:
         RSS_COLUMNS,
         mem,
     )
+    before = ", ".join(f"{value:.0f}" for value in mem["rss_before_reloads_mb"]) or "no reload"
+    print(f"RSS just before each reload, MB: {before}")
     print_row(
         "Tick topic: published, and the runtime's final status (invariant: received = served + skipped + "
         "unpublished + inference errors + in flight + dropped)",
@@ -610,7 +630,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--warmup-minutes",
         type=float,
         default=None,
-        help="RSS growth is counted from here (default: 10%% of the run)",
+        help="RSS growth is counted from here (default: 10%% of the run, at least two reloads, at most 2/3)",
     )
     parser.add_argument(
         "--rss-window", type=float, default=60.0, help="seconds of samples whose median is the RSS at a point"

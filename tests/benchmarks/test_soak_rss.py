@@ -27,7 +27,8 @@ def test_a_reload_peak_at_either_end_is_not_growth() -> None:
 
 def test_a_steady_leak_is_growth_and_slope() -> None:
     rss = 400.0 + np.arange(900) * 2.0 * (36.0 / 3600)  # +36 MB per hour
-    figures = memory(samples(rss), warmup_s=180.0, window_s=60.0)
+    figures = memory(samples(rss), warmup_s=180.0, window_s=60.0, reloads_at=[61.0, 1741.0])
+    assert figures["rss_before_reloads_mb"] == [400.6, 417.4]  # the samples at 60 s and 1740 s
     warmup, end = figures["rss_warmup_mb"], figures["rss_end_mb"]
     assert 401.0 < warmup < 402.0 and 417.0 < end < 418.0  # medians over the last 60 s before each point
     assert figures["rss_growth_pct"] == pytest.approx(100 * (end - warmup) / warmup, abs=0.01)
