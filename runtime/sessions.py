@@ -29,12 +29,14 @@ import onnxruntime as ort
 
 from runtime.agents import AgentPopulation, groups_of
 from runtime.config import NpuConfig
+from runtime.housekeeping import prune_packs, release_free_memory, touch
 from runtime.models import MATRIX_OUTPUT, ModelInfo, sha256_file
 from runtime.state import FloatArray, IntArray, realistic_states
 
 log = logging.getLogger(__name__)
 
 PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks at top-level files
+SETTLE_S = 2.0  # after a swap, ticks still running on the old generation end before cleaning up
 VALIDATION_SEED = 20240601
 # (atol, rtol) of a pack against its models run alone: CPU fp32, CPU int8 weights, HTP fp16 (docs/npu.md)
 PACK_TOLERANCE = {"cpu": (1e-5, 1e-4), "cpu_int8": (1e-1, 5e-2), "npu": (3e-2, 2e-2)}
@@ -207,12 +209,14 @@ class SessionPool:
         self._swap_lock = asyncio.Lock()
         self._builder: ProcessPoolExecutor | None = None
         self._builder_lock = threading.Lock()
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self) -> PoolGeneration:
         """Build and validate every unit off the loop, then start serving with them."""
         plans = await self._plan(self.population.model_keys, self.models)
         self.current = PoolGeneration(1, tuple(await self._build(plans)))
         log.info("session pool generation 1: %s", self.current.describe())
+        self._clean_up_later()
         return self.current
 
     async def infer(self, states: FloatArray, generation: PoolGeneration | None = None) -> FloatArray:
@@ -303,6 +307,7 @@ class SessionPool:
             log.info(
                 "hot reload: generation %d serves %s (%s)", self.current.number, what, self.current.describe()
             )
+            self._clean_up_later()
             return True
 
     async def _plan(self, model_keys: Sequence[str], models: Mapping[str, ModelInfo]) -> list[UnitPlan]:
@@ -313,8 +318,22 @@ class SessionPool:
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(None, self.build_unit, p) for p in plans)))
 
+    def _clean_up_later(self) -> None:
+        """Once the old generation's last ticks are done: prune unused packs, give freed heap back."""
+        task = asyncio.get_running_loop().create_task(self._clean_up())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _clean_up(self) -> None:
+        await asyncio.sleep(SETTLE_S)
+        serving = [unit.model_path for unit in self.current.units]
+        await asyncio.to_thread(prune_packs, self.model_dir / PACK_DIR, serving)
+        await asyncio.to_thread(release_free_memory)
+
     def close(self) -> None:
         """Stop the inference threads and the pack builder (the sessions go with the last generation)."""
+        for task in self._cleanups:
+            task.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
         with self._builder_lock:
             if self._builder is not None:
@@ -408,7 +427,9 @@ class SessionPool:
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
         digest = hashlib.sha256("|".join([form, str(per_model), *versions]).encode()).hexdigest()[:16]
         path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
-        if not path.is_file():
+        if path.is_file():
+            touch(path)
+        else:
             sources = [(info.onnx_path, info.version) for info in plan.models.values()]
             builder = self._pack_builder()
             try:

@@ -1,0 +1,114 @@
+"""Housekeeping after pool swaps: packs no generation serves are deleted, freed heap goes back to the OS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from runtime import housekeeping, sessions
+from runtime.agents import create_population
+from runtime.config import NpuConfig
+from runtime.housekeeping import prune_packs, release_free_memory
+from runtime.models import discover_models, read_model
+from runtime.sessions import SessionPool, default_session_factory
+from runtime.state import realistic_states
+from tests.runtime.runtime_helpers import ITEMS, trading_weights, write_model
+
+HOUR = 3600.0
+
+
+def pack_files(folder: Path, digest: str, *, context: bool = False, age_s: float = HOUR) -> list[Path]:
+    """A pack (and its QNN context cache files), last written ``age_s`` ago."""
+    stem = f"pack-matmul_int8-3x2-{digest}"
+    names = [f"{stem}.onnx"] + (
+        [f"{stem}_ctx.onnx", f"{stem}_ctx_qnn.bin", f"{stem}_ctx.json"] if context else []
+    )
+    paths = [folder / name for name in names]
+    for path in paths:
+        path.write_bytes(b"pack")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return paths
+
+
+def test_prune_removes_old_packs_nobody_serves_with_their_context_files(tmp_path: Path) -> None:
+    serving = pack_files(tmp_path, "a" * 16)
+    stale = pack_files(tmp_path, "b" * 16, context=True)
+    young = pack_files(tmp_path, "c" * 16, age_s=1.0)  # another process may just have written it
+    leftover = tmp_path / f".pack-matmul-3x2-{'d' * 16}.onnx.tmp"  # a build that died half way
+    leftover.write_bytes(b"half")
+    os.utime(leftover, (time.time() - HOUR, time.time() - HOUR))
+    other = tmp_path / "notes.txt"
+    other.write_text("not a pack")
+    os.utime(other, (time.time() - HOUR, time.time() - HOUR))
+
+    removed = prune_packs(tmp_path, keep=serving, grace_s=60.0)
+
+    assert sorted(removed) == sorted([*stale, leftover])
+    assert all(p.exists() for p in [*serving, *young, other])
+
+
+def test_a_recently_used_context_cache_keeps_its_pack(tmp_path: Path) -> None:
+    files = pack_files(tmp_path, "e" * 16, context=True)
+    os.utime(files[-1])  # another process compiled or loaded the context just now
+    assert prune_packs(tmp_path, keep=[], grace_s=60.0) == []
+    assert all(p.exists() for p in files)
+
+
+def test_prune_of_a_missing_directory_does_nothing(tmp_path: Path) -> None:
+    assert prune_packs(tmp_path / "absent", keep=[]) == []
+
+
+async def test_hot_reloads_leave_only_the_served_packs_on_disk(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions, "SETTLE_S", 0.0)
+    monkeypatch.setattr(housekeeping, "PACK_GRACE_S", 0.0)
+    models, _ = discover_models(model_dir, ITEMS)
+    population = create_population(models, ITEMS, num_agents=6, assignment="round_robin", seed=3)
+    pool = SessionPool(
+        population,
+        {m.key: m for m in models},
+        factory=default_session_factory(NpuConfig(), 1),
+        max_sessions=1,
+        model_dir=model_dir,
+        cpu_pack_precision="fp32",
+    )
+    await pool.start()
+    try:
+        for seed in (21, 22):
+            write_model(model_dir, "m1", trading_weights(seed))
+            assert await pool.reload({"m1": read_model(model_dir / "m1_metadata.json")})
+            states = realistic_states(np.random.default_rng(seed), 6, len(ITEMS))
+            assert np.isfinite(await pool.infer(states)).all()
+        for _ in range(100):  # the clean-up runs after the swap, off the loop
+            await asyncio.sleep(0.05)
+            on_disk = sorted((model_dir / sessions.PACK_DIR).glob("*pack-*"))
+            if len(on_disk) == 1:
+                break
+        assert on_disk == [unit.model_path for unit in pool.current.units]
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_release_free_memory_gives_freed_heap_back_on_glibc() -> None:
+    process = psutil.Process()
+    blocks = [bytearray(1000) for _ in range(200_000)]  # 200 MB of small blocks: the heap, not mmap
+    blocks = blocks[::100]  # 99% freed, a few live blocks spread over the heap pin it: glibc keeps it
+    holding = process.memory_info().rss
+    assert release_free_memory()
+    released = holding - process.memory_info().rss
+    assert released > 50e6, f"only {released / 1e6:.1f} MB went back to the OS"
+    del blocks
+
+
+def test_release_free_memory_does_nothing_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert not release_free_memory()
