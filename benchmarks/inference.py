@@ -55,10 +55,7 @@ from benchmarks._report import (
     time_calls,
     write_results,
 )
-from conversion.export import convert_to_onnx
-from conversion.networks import TradingNetwork
-from runtime.pack import build_pack, save_pack
-from runtime.state import (
+from blockmarket.core.state import (
     MATRIX_MAX,
     MATRIX_MIN,
     apply_update,
@@ -68,6 +65,9 @@ from runtime.state import (
     realistic_states,
     state_dim,
 )
+from blockmarket.models.pack import build_pack, save_pack
+from conversion.export import convert_to_onnx
+from conversion.networks import TradingNetwork
 
 FloatArray = npt.NDArray[np.float32]
 PATHS = ("original", "ort_per_agent", "ours")

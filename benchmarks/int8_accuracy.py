@@ -23,9 +23,9 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
-from runtime.pack import INPUT_NAME, WEIGHT_LEVELS, build_pack
+from blockmarket.core.state import realistic_states, state_dim
+from blockmarket.models.pack import INPUT_NAME, WEIGHT_LEVELS, build_pack
 from runtime.sessions import PACK_TOLERANCE
-from runtime.state import realistic_states, state_dim
 
 HEAD_SCALES = (1.0, 4.0, 8.0, 12.0)
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
-from runtime.config import Config, EnvironmentConfig
-from runtime.market import MarketPopulation, trade_step
-from runtime.neighbours import DENSE_MAX_AGENTS, Method, pairs_in_range
+from blockmarket.core.config import Config, EnvironmentConfig
+from blockmarket.market.neighbours import DENSE_MAX_AGENTS, Method, pairs_in_range
+from blockmarket.market.rules import MarketPopulation, trade_step
 
 METHODS: tuple[Method, ...] = ("dense", "grid", "auto")
 HEADERS = [

@@ -65,9 +65,9 @@ from benchmarks._harness import (
 )
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 from benchmarks.hostile_ticks import HostilePayloads
-from runtime.config import Config
-from runtime.models import METADATA_SUFFIX
-from runtime.protocol import (
+from blockmarket.core.config import Config
+from blockmarket.models.files import METADATA_SUFFIX
+from blockmarket.wire.protocol import (
     Limits,
     MarketTick,
     ProtocolError,

@@ -26,8 +26,8 @@ import argparse
 from pathlib import Path
 from typing import get_args
 
-from runtime.command import given, run_command, usage_error
-from runtime.config import Config, Overrides, Precision
+from blockmarket.core.command import given, run_command, usage_error
+from blockmarket.core.config import Config, Overrides, Precision
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

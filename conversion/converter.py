@@ -30,6 +30,9 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from blockmarket.core.config import Config
+from blockmarket.core.files import replace_file
+from blockmarket.models.files import VARIANT_KEY, ModelError, model_file
 from conversion.checkpoint import AgentCheckpoint, CheckpointError, load_checkpoint, require_regular_file
 from conversion.discovery import discover
 from conversion.example import write_inference_example
@@ -38,9 +41,6 @@ from conversion.files import sha256_file
 from conversion.metadata import build_metadata, metadata_path, read_metadata, write_json_atomic
 from conversion.networks import ArchitectureError, NetworkSpec, load_network, spec_of
 from conversion.validation import ValidationError, ValidationReport, validate_onnx
-from runtime.config import Config
-from runtime.files import replace_file
-from runtime.models import VARIANT_KEY, ModelError, model_file
 
 LOG = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blockmarket.core.config import NpuConfig
 from conversion.files import atomic_target
-from runtime.config import NpuConfig
 
 EXAMPLE_NAME = "npu_inference_example.py"
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.files import replace_file
+from blockmarket.core.files import replace_file
 
 
 @contextmanager

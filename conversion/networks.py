@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from runtime.state import items_from_state_dim, state_dim
+from blockmarket.core.state import items_from_state_dim, state_dim
 
 MATRIX_FLOOR = 0.1  # the policy output is softplus(head) + 0.1, so every rate is > 0.1
 

@@ -18,12 +18,12 @@ import onnx
 import torch
 from torch import nn
 
+from blockmarket.core.config import NpuConfig
+from blockmarket.models.pack import INPUT_NAME, PackError, PackForm, build_pack, pack_metadata
+from blockmarket.models.providers import Placement, create_session
 from conversion.networks import spec_of
 from conversion.validation import validation_states
 from conversion.variants import Tolerance
-from runtime.config import NpuConfig
-from runtime.pack import INPUT_NAME, PackError, PackForm, build_pack, pack_metadata
-from runtime.providers import Placement, create_session
 
 
 @dataclass(frozen=True)

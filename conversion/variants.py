@@ -36,14 +36,14 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
+from blockmarket.core.config import Config, NpuConfig
+from blockmarket.core.state import apply_update, realistic_states
+from blockmarket.market.rules import MarketPopulation, trade_step
+from blockmarket.models.providers import CPU_EP, ContextCache, ProviderError, create_session
 from conversion.export import INPUT_NAME, export_static, written_opset
 from conversion.files import atomic_target
 from conversion.networks import NetworkSpec
 from conversion.validation import compare_outputs, session_outputs, torch_outputs, validation_states
-from runtime.config import Config, NpuConfig
-from runtime.market import MarketPopulation, trade_step
-from runtime.providers import CPU_EP, ContextCache, ProviderError, create_session
-from runtime.state import apply_update, realistic_states
 
 log = logging.getLogger(__name__)
 

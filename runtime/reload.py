@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from blockmarket.models.files import METADATA_SUFFIX, ModelInfo, StaleMetadata, read_models
 from runtime.agents import new_agents
-from runtime.models import METADATA_SUFFIX, ModelInfo, StaleMetadata, read_models
 from runtime.sessions import SessionPool
 from runtime.workers import checkpoint_files, is_checkpoint_name
 

@@ -2,7 +2,7 @@
 
 Agents sharing a model share one batched session. When the population needs more models than
 ``runtime.max_sessions`` allows, the distinct-weight models of one architecture are served through a
-*population pack* (runtime.pack): one static-shape graph holding one weight set per model, each
+*population pack* (blockmarket.models.pack): one static-shape graph holding one weight set per model, each
 evaluated on the rows of that model's agents, so all of them take one call.
 
 What serves a tick is an immutable :class:`PoolGeneration`. Sessions are built and validated off the
@@ -27,10 +27,10 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime as ort
 
+from blockmarket.core.config import NpuConfig
+from blockmarket.core.state import FloatArray, IntArray, realistic_states
+from blockmarket.models.files import MATRIX_OUTPUT, ModelInfo, sha256_file
 from runtime.agents import AgentPopulation, groups_of
-from runtime.config import NpuConfig
-from runtime.models import MATRIX_OUTPUT, ModelInfo, sha256_file
-from runtime.state import FloatArray, IntArray, realistic_states
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class PoolError(RuntimeError):
 def default_session_factory(
     npu: NpuConfig, intra_op_threads: int, allow_spinning: bool = False
 ) -> SessionFactory:
-    """Serving sessions from runtime.providers: the QNN HTP NPU when the model can run there, else CPU."""
-    from runtime.providers import create_session
+    """Serving sessions from blockmarket.models.providers: the QNN HTP NPU when the model can run
+    there, else CPU."""
+    from blockmarket.models.providers import create_session
 
     def make(path: Path, prefer_npu: bool) -> tuple[Any, str]:
         session, placement = create_session(
@@ -391,7 +392,7 @@ class SessionPool:
         """An NPU variant whose static batch holds the whole group (one call per tick), else the fp32 model.
 
         Without a fitting variant the fp32 model still asks for the NPU when serving there, so that
-        runtime.providers explains why it lands on CPU (or refuses, with npu.require_npu).
+        blockmarket.models.providers explains why it lands on CPU (or refuses, with npu.require_npu).
         """
         fitting = [v for v in info.variants if v.batch_size >= agents and v.path.is_file()]
         if self.use_npu and fitting:
@@ -402,7 +403,7 @@ class SessionPool:
     def _pack_file(self, plan: UnitPlan, per_model: int, precision: PackPrecision) -> Path:
         """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions
         (content hashes, so a replaced model never reuses a pack of its old weights)."""
-        from runtime.pack import PackForm, write_pack
+        from blockmarket.models.pack import PackForm, write_pack
 
         form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]

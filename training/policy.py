@@ -16,8 +16,8 @@ import numpy.typing as npt
 import torch
 from torch.nn import functional
 
+from blockmarket.core.state import state_dim
 from conversion.networks import MATRIX_FLOOR, TradingNetwork
-from runtime.state import state_dim
 
 # TradingNetwork's Linear layers in forward order: ReLU after all but the head, softplus + floor after it.
 HIDDEN_LAYERS = ("shared.0", "shared.2", "shared.4")

@@ -12,7 +12,7 @@ import yaml
 from original_format import ITEMS_5, ITEMS_8, make_network, write_original_checkpoint
 from torch import nn
 
-from runtime.config import Config, load_config
+from blockmarket.core.config import Config, load_config
 from tests.runtime.runtime_helpers import python_module
 
 REPO = Path(__file__).resolve().parents[2]

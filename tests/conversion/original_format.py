@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from blockmarket.core.state import state_dim
 from conversion.networks import ARCHITECTURES, spec_of
-from runtime.state import state_dim
 
 ITEMS_5 = ("diamond", "gold", "apple", "emerald", "redstone")
 ITEMS_8 = (*ITEMS_5, "iron", "coal", "lapis")

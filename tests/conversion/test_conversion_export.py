@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from original_format import make_network
 
+from blockmarket.core.state import realistic_states, state_dim
 from conversion.export import convert_to_onnx, export_static
 from conversion.networks import ARCHITECTURES
 from conversion.validation import torch_outputs
-from runtime.state import realistic_states, state_dim
 
 
 def dims(value_info: onnx.ValueInfoProto) -> list[int | str]:

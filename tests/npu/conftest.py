@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.config import Config, NpuConfig
-from runtime.providers import qnn_available, qnn_unavailable_reason
+from blockmarket.core.config import Config, NpuConfig
+from blockmarket.models.providers import qnn_available, qnn_unavailable_reason
 
 
 @pytest.fixture

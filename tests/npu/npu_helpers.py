@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from blockmarket.core.state import state_dim
 from conversion.networks import TradingNetwork
-from runtime.state import state_dim
 
 NUM_ITEMS = 5
 HIDDEN = 128

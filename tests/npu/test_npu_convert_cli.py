@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from npu_helpers import NUM_ITEMS, trading_network
 
+from blockmarket.models.providers import DISABLE_QNN_ENV
 from conversion.checkpoint import save_checkpoint
-from runtime.providers import DISABLE_QNN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from npu_helpers import trading_network
 
+from blockmarket.core.config import NpuConfig
+from blockmarket.models.pack import PackError, build_pack, extract_trading_weights, pack_metadata, save_pack
 from conversion.export import convert_to_onnx
 from conversion.networks import ValueNetwork
 from conversion.pack_validation import pack_networks, trading_weights, validate_pack
 from conversion.variants import TOLERANCES, Tolerance
-from runtime.config import NpuConfig
-from runtime.pack import PackError, build_pack, extract_trading_weights, pack_metadata, save_pack
 from runtime.sessions import PACK_TOLERANCE
 
 CPU_EXACT = Tolerance(atol=1e-5, rtol=0.0)

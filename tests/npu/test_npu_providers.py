@@ -17,12 +17,12 @@ import pytest
 from npu_helpers import trading_network
 from onnx import TensorProto, helper
 
+from blockmarket.core.config import NpuConfig
+from blockmarket.models import providers
+from blockmarket.models.pack import save_pack
+from blockmarket.models.providers import ProviderError, create_session
 from conversion.export import convert_to_onnx, export_static
 from conversion.pack_validation import pack_networks
-from runtime import providers
-from runtime.config import NpuConfig
-from runtime.pack import save_pack
-from runtime.providers import ProviderError, create_session
 
 REPO = Path(__file__).resolve().parents[2]
 QNN = "QNNExecutionProvider"
@@ -74,7 +74,7 @@ class TestOnHtp:
         self, tmp_path: Path, npu: NpuConfig, caplog: pytest.LogCaptureFixture
     ) -> None:
         path = convert_to_onnx(trading_network(0), tmp_path / "agent.onnx").path
-        with caplog.at_level(logging.WARNING, logger="runtime.providers"):
+        with caplog.at_level(logging.WARNING, logger="blockmarket.models.providers"):
             for _ in range(2):
                 session, placement = create_session(path, npu)
 
@@ -89,7 +89,7 @@ class TestOnHtp:
         self, tmp_path: Path, npu: NpuConfig, caplog: pytest.LogCaptureFixture
     ) -> None:
         path = hardmax_model(tmp_path / "partly.onnx")
-        with caplog.at_level(logging.WARNING, logger="runtime.providers"):
+        with caplog.at_level(logging.WARNING, logger="blockmarket.models.providers"):
             _, placement = create_session(path, npu)
 
         assert placement.nodes == {QNN: 1, "CPUExecutionProvider": 1} and placement.cpu_ops == ("Hardmax",)
@@ -142,7 +142,7 @@ class TestOnHtp:
         create_session(path, cached)
         (tmp_path / "agent_b2_ctx_qnn.bin").write_bytes(b"not a QNN context")
 
-        with caplog.at_level(logging.WARNING, logger="runtime.providers"):
+        with caplog.at_level(logging.WARNING, logger="blockmarket.models.providers"):
             session, placement = create_session(path, cached)
 
         assert placement.context == "built" and placement.on_npu
@@ -163,7 +163,7 @@ class TestWithoutQnn:
             export_static(trading_network(i), tmp_path / f"a{i}.onnx", batch_size=1).path for i in range(2)
         ]
         npu = NpuConfig(context_cache=False)
-        with caplog.at_level(logging.WARNING, logger="runtime.providers"):
+        with caplog.at_level(logging.WARNING, logger="blockmarket.models.providers"):
             placements = [create_session(p, npu)[1] for p in paths]
 
         assert all(
@@ -184,7 +184,7 @@ class TestWithoutQnn:
     ) -> None:
         path = export_static(trading_network(0), tmp_path / "a.onnx", batch_size=1).path
         off = NpuConfig(enabled=False)
-        with caplog.at_level(logging.INFO, logger="runtime.providers"):
+        with caplog.at_level(logging.INFO, logger="blockmarket.models.providers"):
             _, placement = create_session(path, off)
 
         assert placement.provider == "CPUExecutionProvider" and "npu.enabled: false" in placement.reason
@@ -197,8 +197,8 @@ class TestWithoutQnn:
         path = export_static(trading_network(0), tmp_path / "a.onnx", batch_size=1).path
         script = (
             "import logging, numpy as np\n"
-            "from runtime.config import NpuConfig\n"
-            "from runtime.providers import create_session\n"
+            "from blockmarket.core.config import NpuConfig\n"
+            "from blockmarket.models.providers import create_session\n"
             "logging.basicConfig(level=logging.INFO)\n"
             "for _ in range(2):\n"
             f"    s, p = create_session({str(path)!r}, NpuConfig())\n"

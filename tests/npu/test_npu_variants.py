@@ -9,9 +9,9 @@ import onnx
 import pytest
 from npu_helpers import trading_network
 
+from blockmarket.core.config import Config
 from conversion.networks import spec_of
 from conversion.variants import TOLERANCES, build_variants, validate_variant
-from runtime.config import Config
 
 pytestmark = [pytest.mark.qnn, pytest.mark.usefixtures("htp")]
 

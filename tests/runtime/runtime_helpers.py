@@ -31,10 +31,11 @@ import onnxruntime as ort
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.agents import create_population
-from runtime.config import MqttConfig, RuntimeConfig, dump_default_config, load_config
-from runtime.models import discover_models
-from runtime.protocol import (
+from blockmarket.core.config import MqttConfig, RuntimeConfig, dump_default_config, load_config
+from blockmarket.core.state import state_dim
+from blockmarket.models.files import discover_models
+from blockmarket.simulator.game import same_runtime
+from blockmarket.wire.protocol import (
     Limits,
     MarketTick,
     MatricesMessage,
@@ -46,9 +47,8 @@ from runtime.protocol import (
     decode_tick,
     encode_tick,
 )
-from runtime.simulator import same_runtime
-from runtime.state import state_dim
-from runtime.transport import MqttLink
+from blockmarket.wire.transport import MqttLink
+from runtime.agents import create_population
 from tests.wire.wire_helpers import wait_until
 
 ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
@@ -236,7 +236,7 @@ def runtime_process(
     config: Path, log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """`blockmarket run --config CONFIG` in its own process (stdout/stderr to ``log_path``)."""
-    command = [sys.executable, "-m", "runtime.cli", "run", "--config", str(config)]
+    command = [sys.executable, "-m", "blockmarket.cli", "run", "--config", str(config)]
     with log_path.open("wb") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 

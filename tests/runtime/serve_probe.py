@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 
-from runtime.cli import build_parser
-from runtime.config import load_config
-from runtime.logs import setup_logging
-from runtime.protocol import MarketTick, Topics, encode_tick
-from runtime.serve import RuntimeServer
-from runtime.transport import MqttLink
+from blockmarket.cli import build_parser
+from blockmarket.core.config import load_config
+from blockmarket.core.logs import setup_logging
+from blockmarket.wire.protocol import MarketTick, Topics, encode_tick
+from blockmarket.wire.transport import MqttLink
+from runtime.server import RuntimeServer
 
 
 async def probe(config_path: str, ticks: int) -> dict[str, object]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blockmarket.models.files import discover_models
 from runtime.agents import AgentPopulation, RosterError, create_population
-from runtime.models import discover_models
 from tests.runtime.runtime_helpers import ITEMS
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import SUBCOMMANDS, main
-from runtime.logs import StderrHandler
+from blockmarket.cli import SUBCOMMANDS, main
+from blockmarket.core.logs import StderrHandler
 from tests.runtime.runtime_helpers import REPO, write_config
 
 
@@ -69,10 +69,10 @@ def test_evaluate_sets_up_logging_and_logs_what_loading_noticed(
     lines = (tmp_path / "trading.log").read_text().splitlines()
     assert len(lines) == 2
     assert (
-        " - runtime.config - INFO - " in lines[0]
+        " - blockmarket.core.config - INFO - " in lines[0]
         and "shipped defaults apply to sections conversion" in lines[0]
     )
-    assert " - runtime.config - WARNING - " in lines[1] and "ignored: server" in lines[1]
+    assert " - blockmarket.core.config - WARNING - " in lines[1] and "ignored: server" in lines[1]
 
 
 def test_a_log_file_that_cannot_be_opened_is_a_usage_error(

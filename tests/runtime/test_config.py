@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.config import Config, ConfigError, dump_default_config, load_config, parse_config, read_config
+from blockmarket.core.config import (
+    Config,
+    ConfigError,
+    dump_default_config,
+    load_config,
+    parse_config,
+    read_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = {version: REPO / "tests" / "conversion" / f"original_config_v{version}.yaml" for version in (1, 8)}
@@ -59,9 +66,9 @@ def test_the_original_trainers_config_loads_with_its_own_values(version: int) ->
 
 
 def test_load_config_logs_the_notices_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="runtime.config")
+    caplog.set_level(logging.INFO, logger="blockmarket.core.config")
     load_config(ORIGINAL[8])
-    messages = [r.getMessage() for r in caplog.records if r.name == "runtime.config"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "blockmarket.core.config"]
     assert len(messages) == 2
     assert "shipped defaults apply to" in messages[0] and "server" in messages[1] and "socket" in messages[1]
 

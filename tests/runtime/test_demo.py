@@ -28,7 +28,7 @@ def test_demo_bootstraps_a_population_and_serves_the_simulation(tmp_path: Path, 
             [
                 sys.executable,
                 "-m",
-                "runtime.cli",
+                "blockmarket.cli",
                 "demo",
                 "--config",
                 str(config),

@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.config import MqttConfig, load_config
-from runtime.protocol import MarketTick, encode_tick
+from blockmarket.core.config import MqttConfig, load_config
+from blockmarket.wire.protocol import MarketTick, encode_tick
 from runtime.sessions import PACK_TOLERANCE
 from tests.runtime.runtime_helpers import (
     ITEMS,
@@ -91,7 +91,7 @@ async def test_128_agents_200_ticks_with_the_simulator(
             assert status["agents"] == AGENTS and recorder.roster is not None
             assert len(recorder.roster.model_versions) == 12
             simulate = [
-                *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+                *(sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(config_path)),
                 *("--ticks", str(TICKS), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
             ]
             with CpuPressure() as pressure:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import files
+from blockmarket.core import files
 
 
 def refuse_renames(monkeypatch: pytest.MonkeyPatch, times: int, winerror: int | None) -> list[Path]:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from benchmarks.hostile_ticks import HostilePayloads
-from runtime.config import load_config
-from runtime.protocol import Limits, MarketTick, encode_tick
+from blockmarket.core.config import load_config
+from blockmarket.wire.protocol import Limits, MarketTick, encode_tick
 from tests.runtime.runtime_helpers import (
     ITEMS,
     GameClient,

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from runtime.pack import INPUT_NAME, WEIGHT_LEVELS, PackError, build_pack, save_pack
+from blockmarket.core.state import realistic_states, state_dim
+from blockmarket.models.pack import INPUT_NAME, WEIGHT_LEVELS, PackError, build_pack, save_pack
 from runtime.sessions import PACK_TOLERANCE, PoolError
-from runtime.state import realistic_states, state_dim
 from tests.runtime.runtime_helpers import ITEMS, trading_weights
 from tests.runtime.test_sessions import CountingFactory, make_pool, per_agent_reference
 

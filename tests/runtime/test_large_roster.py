@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import MqttConfig, load_config
-from runtime.protocol import encode_status
-from runtime.simulator import discover_roster
-from runtime.transport import MAX_WILL_BYTES, RuntimeTransport
+from blockmarket.core.config import MqttConfig, load_config
+from blockmarket.simulator.game import discover_roster
+from blockmarket.wire.protocol import encode_status
+from blockmarket.wire.transport import MAX_WILL_BYTES, RuntimeTransport
 from tests.runtime.runtime_helpers import (
     ITEMS,
     GameClient,
@@ -97,7 +97,7 @@ async def test_twelve_thousand_agents_every_tick_served_to_the_simulator(
             assert (await game.online(120))["agents"] == BEYOND
         summary_path = tmp_path / "sim.json"
         simulate = ["simulate", "--config", str(config_path), "--ticks", "5", "--wait", "30", "--quiet"]
-        done = python_module("runtime.cli", *simulate, "--json", str(summary_path))
+        done = python_module("blockmarket.cli", *simulate, "--json", str(summary_path))
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads(summary_path.read_text())
         assert summary["agents"] == BEYOND and summary["ticks_sent"] == 5

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import lifecycle
-from runtime.config import MqttConfig, load_config
-from runtime.serve import RuntimeServer
-from runtime.transport import MqttLink
+from blockmarket.core import lifecycle
+from blockmarket.core.config import MqttConfig, load_config
+from blockmarket.wire.transport import MqttLink
+from runtime.server import RuntimeServer
 from tests.runtime.runtime_helpers import (
     ITEMS,
     GameClient,
@@ -62,7 +62,7 @@ def command(args: Sequence[str], out: Path, env: dict[str, str] | None = None) -
     """`blockmarket ARGS` with stdout in ``out`` and stderr in ``out``.err."""
     with out.open("wb") as stdout, out.with_suffix(".err").open("wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", *args], stdout=stdout, stderr=stderr, env=env
+            [sys.executable, "-m", "blockmarket.cli", *args], stdout=stdout, stderr=stderr, env=env
         )
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, LoggingConfig
-from runtime.logs import setup_logging
+from blockmarket.core.config import ConfigError, LoggingConfig
+from blockmarket.core.logs import setup_logging
 
 
 def test_records_reach_the_current_stderr_after_the_first_one_was_closed(

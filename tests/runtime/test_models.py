@@ -14,8 +14,8 @@ from typing import Any
 import onnx
 import pytest
 
-from runtime import models
-from runtime.models import (
+from blockmarket.models import files as models
+from blockmarket.models.files import (
     METADATA_SUFFIX,
     ModelError,
     StaleMetadata,

@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 import pytest
 
+from blockmarket.core.config import load_config
+from blockmarket.core.state import realistic_states
+from blockmarket.models.files import METADATA_SUFFIX, discover_models, read_model, sha256_file
 from runtime.agents import create_population
-from runtime.config import load_config
-from runtime.models import METADATA_SUFFIX, discover_models, read_model, sha256_file
 from runtime.reload import (
     Changes,
     ModelReloader,
@@ -32,9 +33,8 @@ from runtime.reload import (
     WatchedFiles,
     model_watcher,
 )
-from runtime.serve import RuntimeServer
+from runtime.server import RuntimeServer
 from runtime.sessions import SessionPool
-from runtime.state import realistic_states
 from tests.runtime.runtime_helpers import (
     BIG_HIDDEN,
     ITEMS,
@@ -376,7 +376,7 @@ async def test_a_reload_during_simulated_ticks_misses_no_tick(
             old = game.roster.model_versions["m1"]
             await wait_until(lambda: "(OS notifications)" in log_path.read_text(), 10, "the watcher to start")
             simulate = [
-                *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+                *(sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(config_path)),
                 *("--ticks", str(TICKS), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
             ]
             with CpuPressure() as pressure:
@@ -407,7 +407,7 @@ async def test_a_reload_during_simulated_ticks_misses_no_tick(
 def simulate_command(config_path: Path, summary_path: Path, ticks: int = TICKS) -> list[str]:
     """`blockmarket simulate` at RATE_HZ for ``ticks`` ticks, its summary written to ``summary_path``."""
     return [
-        *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+        *(sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(config_path)),
         *("--ticks", str(ticks), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
     ]
 

@@ -11,15 +11,15 @@ import msgpack
 import numpy as np
 import pytest
 
+from blockmarket.core.config import MqttConfig
+from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN, apply_update, build_states
+from blockmarket.models.files import discover_models, read_model
+from blockmarket.wire.protocol import Limits, MarketTick, decode_matrices, encode_tick
 from runtime import intake as intake_module
 from runtime.agents import Assignment, create_population, new_agents
-from runtime.config import MqttConfig
 from runtime.intake import AcceptedTick, TickIntake, TickSlot
-from runtime.models import discover_models, read_model
-from runtime.protocol import Limits, MarketTick, decode_matrices, encode_tick
 from runtime.scheduler import TickScheduler
 from runtime.sessions import SessionPool
-from runtime.state import MATRIX_MAX, MATRIX_MIN, apply_update, build_states
 from tests.runtime.runtime_helpers import (
     ITEMS,
     reference_forward,

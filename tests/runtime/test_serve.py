@@ -13,13 +13,13 @@ import msgpack
 import numpy as np
 import pytest
 
+from blockmarket.core.config import load_config
+from blockmarket.models.files import discover_models
+from blockmarket.wire.protocol import Limits, encode_roster, encode_status
 from runtime.agents import create_population
-from runtime.config import load_config
 from runtime.intake import TickIntake
-from runtime.models import discover_models
-from runtime.protocol import Limits, encode_roster, encode_status
 from runtime.scheduler import TickScheduler
-from runtime.serve import RuntimeServer
+from runtime.server import RuntimeServer
 from tests.conversion.original_format import make_network, write_original_checkpoint
 from tests.runtime.runtime_helpers import (
     ITEMS,
@@ -123,9 +123,9 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
 
 def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """npu.require_npu must stop a start where QNN cannot be used, never fall back to CPU quietly."""
-    from runtime import serve
-    from runtime.config import NpuConfig
-    from runtime.providers import ProviderError
+    from blockmarket.core.config import NpuConfig
+    from blockmarket.models.providers import ProviderError
+    from runtime import server as serve
 
     monkeypatch.setattr(serve, "qnn_available", lambda: False)
     monkeypatch.setattr(serve, "qnn_unavailable_reason", lambda: "onnxruntime_qnn is not importable")

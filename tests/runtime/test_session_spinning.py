@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.config import Config, NpuConfig, load_config
-from runtime.providers import create_session
-from runtime.serve import RuntimeServer
+from blockmarket.core.config import Config, NpuConfig, load_config
+from blockmarket.core.state import realistic_states
+from blockmarket.models.providers import create_session
+from runtime.server import RuntimeServer
 from runtime.sessions import default_session_factory
-from runtime.state import realistic_states
 from tests.runtime.runtime_helpers import ITEMS, write_config
 
 SPINNING = "session.intra_op.allow_spinning"

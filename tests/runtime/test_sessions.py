@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from blockmarket.core.state import realistic_states
+from blockmarket.models.files import discover_models, read_model
 from runtime.agents import create_population
-from runtime.models import discover_models, read_model
 from runtime.sessions import PoolError, SessionPool
-from runtime.state import realistic_states
 from tests.runtime.runtime_helpers import ITEMS, reference_forward, trading_weights, write_model
 
 
@@ -157,7 +157,7 @@ async def test_missing_model_for_assigned_agents_is_refused(model_dir: Path) -> 
 async def test_population_pack_runs_on_the_qnn_htp_backend(model_dir: Path) -> None:
     """The real NPU path: a grouped-Conv pack compiled for HTP (simulated here), checked per agent row."""
     pytest.importorskip("onnxruntime_qnn")
-    from runtime.config import NpuConfig
+    from blockmarket.core.config import NpuConfig
     from runtime.sessions import default_session_factory
 
     npu = NpuConfig(context_cache=False, require_npu=True)  # any CPU-fallback node fails the test
@@ -188,8 +188,8 @@ async def test_a_pack_that_disagrees_with_its_models_is_refused(model_dir: Path)
 @pytest.mark.qnn
 async def test_require_npu_refuses_a_group_without_a_static_variant(model_dir: Path) -> None:
     pytest.importorskip("onnxruntime_qnn")
-    from runtime.config import NpuConfig
-    from runtime.providers import ProviderError
+    from blockmarket.core.config import NpuConfig
+    from blockmarket.models.providers import ProviderError
     from runtime.sessions import default_session_factory
 
     factory = default_session_factory(NpuConfig(context_cache=False, require_npu=True), 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from wire_helpers import SHARED_HOST, SHARED_PORT, PrivateMosquitto
 
-from runtime.config import MqttConfig
+from blockmarket.core.config import MqttConfig
 
 
 @pytest.fixture

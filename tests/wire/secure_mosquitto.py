@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wire_helpers import PrivateMosquitto, free_port
 
-from runtime.config import MqttConfig
+from blockmarket.core.config import MqttConfig
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 INSTALLED = "/etc/mosquitto/blockmarket/"  # where the shipped file expects its companions

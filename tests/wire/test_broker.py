@@ -7,10 +7,10 @@ import logging
 import pytest
 from wire_helpers import SHARED_PORT, Inbox, free_port, make_tick, started
 
-from runtime.broker import BrokerError, broker_answers, ensure_broker, is_loopback
-from runtime.config import MqttConfig
-from runtime.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
-from runtime.transport import MqttLink, RuntimeTransport
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.broker import BrokerError, broker_answers, ensure_broker, is_loopback
+from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
+from blockmarket.wire.transport import MqttLink, RuntimeTransport
 
 
 async def test_embedded_broker_round_trips_ticks_and_retained_status(
@@ -18,7 +18,7 @@ async def test_embedded_broker_round_trips_ticks_and_retained_status(
 ) -> None:
     cfg = MqttConfig(port=free_port(), topic_prefix=prefix, embedded_broker="auto")
     assert not await broker_answers(cfg.host, cfg.port)
-    with caplog.at_level(logging.WARNING, logger="runtime.broker"):
+    with caplog.at_level(logging.WARNING, logger="blockmarket.wire.broker"):
         broker = await ensure_broker(cfg)
     assert broker is not None
     assert any("EMBEDDED" in r.getMessage() and str(cfg.port) in r.getMessage() for r in caplog.records)

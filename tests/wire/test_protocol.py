@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from wire_helpers import make_tick
 
-from runtime.config import MqttConfig
-from runtime.protocol import (
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.protocol import (
     LENGTH_SCAN_VALUES,
     PROTOCOL_VERSION,
     DropCounter,

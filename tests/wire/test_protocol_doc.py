@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.protocol import ERROR_KINDS, Limits, MarketTick, decode_tick, encode_tick
-from runtime.transport import STATUS_QOS, WILL_QOS
+from blockmarket.wire.protocol import ERROR_KINDS, Limits, MarketTick, decode_tick, encode_tick
+from blockmarket.wire.transport import STATUS_QOS, WILL_QOS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from wire_helpers import SHARED_PORT, EchoRuntime, free_port, started, wait_until
 
-from runtime.config import Config, MqttConfig
-from runtime.protocol import RosterMessage, Topics
-from runtime.simulator import (
+from blockmarket.core.config import Config, MqttConfig
+from blockmarket.simulator.game import (
     MarketSimulator,
     SimulatorError,
     discover_roster,
     obeys_update_rule,
     roster_from_message,
 )
-from runtime.transport import MqttLink
+from blockmarket.wire.protocol import RosterMessage, Topics
+from blockmarket.wire.transport import MqttLink
 
 pytestmark = pytest.mark.mqtt
 
@@ -154,7 +154,7 @@ def test_obeys_update_rule() -> None:
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runtime.cli", "simulate", *args,
+        sys.executable, "-m", "blockmarket.cli", "simulate", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

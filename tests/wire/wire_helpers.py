@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
-from runtime.config import MqttConfig
-from runtime.protocol import (
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.protocol import (
     Limits,
     MarketTick,
     MatricesMessage,
@@ -25,7 +25,7 @@ from runtime.protocol import (
     encode_roster,
     encode_status,
 )
-from runtime.transport import MqttLink, RuntimeTransport
+from blockmarket.wire.transport import MqttLink, RuntimeTransport
 
 SHARED_HOST, SHARED_PORT = "127.0.0.1", 1883
 

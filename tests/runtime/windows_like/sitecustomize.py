@@ -1,7 +1,7 @@
 """Run this interpreter's event loops as on Windows (test_lifecycle.py puts this directory first on
 PYTHONPATH, so every process of a command loads it at start-up, child processes included).
 
-- `runtime.lifecycle.WINDOWS` is true: `lifecycle.run` takes its Windows branch (selector loop from a
+- `blockmarket.core.lifecycle.WINDOWS` is true: `lifecycle.run` takes its Windows branch (selector loop from a
   loop factory, signal wake-up socket);
 - `loop.add_signal_handler` / `remove_signal_handler` raise NotImplementedError, as both Windows event
   loops do, and say so on stderr so a test can see the `signal.signal` fallback was taken.
@@ -13,7 +13,7 @@ import asyncio
 import sys
 from typing import Any
 
-from runtime import lifecycle
+from blockmarket.core import lifecycle
 
 REFUSED = "windows-like: loop signal handlers refused"
 

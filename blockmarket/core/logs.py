@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import TextIO
 
-from runtime.config import ConfigError, LoggingConfig
+from blockmarket.core.config import ConfigError, LoggingConfig
 
 
 class StderrHandler(logging.StreamHandler[TextIO]):

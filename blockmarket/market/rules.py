@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from runtime.config import EnvironmentConfig
-from runtime.neighbours import Method, pairs_in_range
-from runtime.state import (
+from blockmarket.core.config import EnvironmentConfig
+from blockmarket.core.state import (
     FloatArray,
     IntArray,
     build_states,
@@ -34,6 +33,7 @@ from runtime.state import (
     initial_matrices,
     market_mean_matrices,
 )
+from blockmarket.market.neighbours import Method, pairs_in_range
 
 # Trade amounts are multiples of 1/64: with inventories on that grid every transfer is exact in float32
 # (for holdings below 2**18), so the market conserves items bit-for-bit.
@@ -132,8 +132,8 @@ class MarketPopulation:
         return (self.successful / np.maximum(self.attempted, 1)).astype(np.float32)
 
     def states(self, market_mean: npt.ArrayLike | None = None) -> FloatArray:
-        """The policy input X [N, D] for every agent (runtime.state.build_states); the market mean of an
-        agent is over the other agents of its own market."""
+        """The policy input X [N, D] for every agent (blockmarket.core.state.build_states); the market
+        mean of an agent is over the other agents of its own market."""
         if market_mean is None and self.markets > 1:
             n = self.num_items
             seats_first = self.matrices.reshape(self.markets, self.market_size, n, n).swapaxes(0, 1)
@@ -203,7 +203,7 @@ def trade_step(
 ) -> TradeStats:
     """Run one market step in place (inventories and counters of ``pop``) and report what happened.
 
-    ``pairs`` picks how candidate pairs are found (runtime.neighbours); every method gives the same
+    ``pairs`` picks how candidate pairs are found (blockmarket.market.neighbours); every method gives the same
     pairs in the same order, hence the same market for the same seed."""
     count, n = pop.inventory.shape
     agents = np.arange(count)

@@ -21,8 +21,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from runtime.config import MqttConfig
-from runtime.state import MATRIX_MAX, MATRIX_MIN
+from blockmarket.core.config import MqttConfig
+from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN
 
 PROTOCOL_VERSION: Final = 1
 WIRE_DTYPE: Final = "<f4"  # what the runtime sends

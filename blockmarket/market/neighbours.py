@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from runtime.state import FloatArray, IntArray
+from blockmarket.core.state import FloatArray, IntArray
 
 BoolArray = npt.NDArray[np.bool_]
 Method = Literal["auto", "grid", "dense"]

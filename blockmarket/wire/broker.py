@@ -11,7 +11,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from runtime.config import MqttConfig
+from blockmarket.core.config import MqttConfig
 
 if TYPE_CHECKING:
     from amqtt.broker import Broker

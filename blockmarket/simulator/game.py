@@ -1,7 +1,7 @@
 """Play the game server over MQTT: publish market ticks, apply the runtime's matrices, trade, report.
 
 Every tick (at simulator.tick_rate_hz) the simulator applies the newest matrices the runtime sent, runs
-one market step (runtime.market.trade_step: the same rules as training), and publishes the agents'
+one market step (blockmarket.market.rules.trade_step: the same rules as training), and publishes the agents'
 inventories and trade counters on <prefix>/market/tick. It learns which agents to play from the
 runtime's retained roster on <prefix>/runtime/roster (agent_ids, desired items), once the retained status
 on <prefix>/runtime/status says that runtime is online; without one it plays --agents N agents named
@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime import lifecycle
-from runtime.command import given, run_command
-from runtime.config import Config, MqttConfig, Overrides
-from runtime.market import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
-from runtime.protocol import (
+from blockmarket.core import lifecycle
+from blockmarket.core.command import given, run_command
+from blockmarket.core.config import Config, MqttConfig, Overrides
+from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN, initial_inventory, initial_matrices
+from blockmarket.market.rules import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
+from blockmarket.wire.protocol import (
     DropCounter,
     Limits,
     MarketTick,
@@ -58,8 +59,7 @@ from runtime.protocol import (
     message_sizes,
     payload_shortfall,
 )
-from runtime.state import MATRIX_MAX, MATRIX_MIN, initial_inventory, initial_matrices
-from runtime.transport import BrokerRefused, MqttLink
+from blockmarket.wire.transport import BrokerRefused, MqttLink
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime import lifecycle
-from runtime.agents import AgentPopulation, create_population
-from runtime.broker import BrokerError, ensure_broker
-from runtime.command import given, run_command
-from runtime.config import Config, ConfigError, NpuConfig, Overrides
-from runtime.intake import TickIntake
-from runtime.models import ModelError, ModelInfo, discover_models
-from runtime.protocol import (
+from blockmarket.core import lifecycle
+from blockmarket.core.command import given, run_command
+from blockmarket.core.config import Config, ConfigError, NpuConfig, Overrides
+from blockmarket.models.files import ModelError, ModelInfo, discover_models
+from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
+from blockmarket.wire.broker import BrokerError, ensure_broker
+from blockmarket.wire.protocol import (
     Limits,
     RosterMessage,
     Topics,
@@ -36,11 +35,12 @@ from runtime.protocol import (
     message_sizes,
     payload_shortfall,
 )
-from runtime.providers import ProviderError, qnn_available, qnn_unavailable_reason
+from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
+from runtime.agents import AgentPopulation, create_population
+from runtime.intake import TickIntake
 from runtime.reload import ModelReloader, WatchedFiles, model_watcher
 from runtime.scheduler import TickScheduler
 from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
-from runtime.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
 from runtime.workers import (
     bootstrap_population,
     checkpoints,
@@ -49,7 +49,7 @@ from runtime.workers import (
     run_in_worker,
 )
 
-log = logging.getLogger("runtime.serve")
+log = logging.getLogger("runtime.server")
 
 
 class StartupError(RuntimeError):

@@ -6,8 +6,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from runtime.config import Config, ConfigError, Overrides, read_config
-from runtime.logs import setup_logging
+from blockmarket.core.config import Config, ConfigError, Overrides, read_config
+from blockmarket.core.logs import setup_logging
 
 USAGE_ERROR = 2  # exit code of a mistake in the config file or on the command line
 

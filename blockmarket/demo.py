@@ -15,12 +15,12 @@ import subprocess
 import sys
 import time
 
-from runtime import lifecycle
-from runtime.command import run_command
-from runtime.config import Config
-from runtime.serve import STARTUP_ERRORS, RuntimeServer, add_config_arguments, config_overrides
+from blockmarket.core import lifecycle
+from blockmarket.core.command import run_command
+from blockmarket.core.config import Config
+from runtime.server import STARTUP_ERRORS, RuntimeServer, add_config_arguments, config_overrides
 
-log = logging.getLogger("runtime.demo")
+log = logging.getLogger("blockmarket.demo")
 
 SIMULATOR_START_TIMEOUT_S = 600.0  # bootstrap training + conversion on a slow machine
 EXIT_POLL_S = 0.1
@@ -41,7 +41,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def simulator_command(config: Config, args: argparse.Namespace) -> list[str]:
     """`blockmarket simulate` against the same broker and topics as the runtime of this demo."""
     mqtt = config.mqtt
-    command = [sys.executable, "-m", "runtime.cli", "simulate", "--stop-on-stdin-close"]
+    command = [sys.executable, "-m", "blockmarket.cli", "simulate", "--stop-on-stdin-close"]
     command += ["--ticks", str(args.ticks), "--host", mqtt.host, "--port", str(mqtt.port)]
     command += ["--topic-prefix", mqtt.topic_prefix]
     if args.config:

@@ -27,8 +27,8 @@ from typing import cast
 
 import aiomqtt
 
-from runtime.config import ConfigError, MqttConfig
-from runtime.protocol import DropCounter, Topics
+from blockmarket.core.config import ConfigError, MqttConfig
+from blockmarket.wire.protocol import DropCounter, Topics
 
 logger = logging.getLogger(__name__)
 

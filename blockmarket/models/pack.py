@@ -32,7 +32,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-from runtime.files import replace_file
+from blockmarket.core.files import replace_file
 
 PackForm = Literal["matmul", "conv", "matmul_int8"]
 Weights = Sequence[npt.NDArray[np.floating]]

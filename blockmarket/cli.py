@@ -13,9 +13,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("conversion.cli", "convert .pth checkpoints to validated ONNX (+ NPU variants)"),
     "train": ("training.cli", "evolutionary training on the market simulation; writes checkpoints"),
     "evaluate": ("training.evaluate", "compare trained agents with random ones on a fixed-seed market"),
-    "run": ("runtime.serve", "serve all agents over MQTT (converts what is new first)"),
-    "simulate": ("runtime.simulator", "play the game server over MQTT: publish ticks, apply matrices"),
-    "demo": ("runtime.demo", "the runtime against a live market simulation (what the quick start runs)"),
+    "run": ("runtime.server", "serve all agents over MQTT (converts what is new first)"),
+    "simulate": (
+        "blockmarket.simulator.game",
+        "play the game server over MQTT: publish ticks, apply matrices",
+    ),
+    "demo": ("blockmarket.demo", "the runtime against a live market simulation (what the quick start runs)"),
 }
 
 

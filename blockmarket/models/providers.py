@@ -30,9 +30,9 @@ from typing import Any, Literal, NamedTuple
 
 import onnxruntime as ort
 
-from runtime.config import NpuConfig
-from runtime.files import replace_file
-from runtime.models import sha256_file
+from blockmarket.core.config import NpuConfig
+from blockmarket.core.files import replace_file
+from blockmarket.models.files import sha256_file
 
 log = logging.getLogger(__name__)
 
