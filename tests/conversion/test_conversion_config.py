@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_config
 
 from blockmarket.core.config import Config, ConfigError, load_config
+from tests.support.conversion import REPO, write_config
 
 
 def test_repository_config_loads_and_matches_the_defaults() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from blockmarket.models.files import discover_models
 from runtime.agents import AgentPopulation, RosterError, create_population
-from tests.runtime.runtime_helpers import ITEMS
+from tests.support.runtime import ITEMS
 
 
 def reference_state(inventory, desired, own, others, success) -> np.ndarray:

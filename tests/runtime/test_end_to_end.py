@@ -22,7 +22,8 @@ import pytest
 from blockmarket.core.config import MqttConfig, load_config
 from blockmarket.wire.protocol import MarketTick, encode_tick
 from runtime.sessions import PACK_TOLERANCE
-from tests.runtime.runtime_helpers import (
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.runtime import (
     ITEMS,
     CpuPressure,
     GameClient,
@@ -35,7 +36,7 @@ from tests.runtime.runtime_helpers import (
     write_config,
     write_model,
 )
-from tests.wire.wire_helpers import PrivateMosquitto, wait_until
+from tests.support.wire import PrivateMosquitto, wait_until
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -306,12 +307,35 @@ async def test_shell_clients_drive_a_tick(tmp_path: Path, model_dir: Path, prefi
             tick_file = tmp_path / "tick.msgpack"
             tick_file.write_bytes(encode_tick(game.tick(1)))
         subscriber = await asyncio.create_subprocess_exec(
-            *("mosquitto_sub", "-N", "-p", "1883", "-t", f"{prefix}/agents/matrices", "-C", "1", "-W", "10"),
+            *(
+                "mosquitto_sub",
+                "-N",
+                "-h",
+                SHARED_HOST,
+                "-p",
+                str(SHARED_PORT),
+                "-t",
+                f"{prefix}/agents/matrices",
+                "-C",
+                "1",
+                "-W",
+                "10",
+            ),
             stdout=asyncio.subprocess.PIPE,
         )
         await asyncio.sleep(0.5)  # let the subscription land before the tick
         publish = await asyncio.create_subprocess_exec(
-            *("mosquitto_pub", "-p", "1883", "-t", f"{prefix}/market/tick", "-f", str(tick_file))
+            *(
+                "mosquitto_pub",
+                "-h",
+                SHARED_HOST,
+                "-p",
+                str(SHARED_PORT),
+                "-t",
+                f"{prefix}/market/tick",
+                "-f",
+                str(tick_file),
+            )
         )
         assert await publish.wait() == 0
         answer, _ = await asyncio.wait_for(subscriber.communicate(), 15)

@@ -15,8 +15,8 @@ from onnx import numpy_helper
 from blockmarket.core.state import realistic_states, state_dim
 from blockmarket.models.pack import INPUT_NAME, WEIGHT_LEVELS, PackError, build_pack, save_pack
 from runtime.sessions import PACK_TOLERANCE, PoolError
-from tests.runtime.runtime_helpers import ITEMS, trading_weights
-from tests.runtime.test_sessions import CountingFactory, make_pool, per_agent_reference
+from tests.support.pools import CountingFactory, make_pool, per_agent_reference
+from tests.support.runtime import ITEMS, trading_weights
 
 ATOL, RTOL = PACK_TOLERANCE["cpu_int8"]
 ROWS = 8

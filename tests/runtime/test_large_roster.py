@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from blockmarket.core.config import MqttConfig, load_config
 from blockmarket.simulator.game import discover_roster
 from blockmarket.wire.protocol import encode_status
 from blockmarket.wire.transport import MAX_WILL_BYTES, RuntimeTransport
-from tests.runtime.runtime_helpers import (
+from tests.support.runtime import (
     ITEMS,
     GameClient,
     check_matrices,
@@ -22,14 +23,14 @@ from tests.runtime.runtime_helpers import (
     stop_process,
     write_config,
 )
-from tests.wire.wire_helpers import wait_until
+from tests.support.wire import wait_until
 
 AGENTS = 10_000
 BEYOND = 12_000  # past the 10,000 agents the message limits were once fixed at
 
 
 def large_config(
-    tmp_path: Path, model_dir: Path, prefix: str, agents: int, **sections: dict[str, object]
+    tmp_path: Path, model_dir: Path, prefix: str, agents: int, **sections: Mapping[str, object]
 ) -> Path:
     """A config serving ``agents`` agents drawn from the three test models, without conversion."""
     return write_config(

@@ -35,7 +35,8 @@ from runtime.reload import (
 )
 from runtime.server import RuntimeServer
 from runtime.sessions import SessionPool
-from tests.runtime.runtime_helpers import (
+from tests.support.pools import CountingFactory, make_pool
+from tests.support.runtime import (
     BIG_HIDDEN,
     ITEMS,
     CpuPressure,
@@ -51,8 +52,7 @@ from tests.runtime.runtime_helpers import (
     trading_weights,
     write_model,
 )
-from tests.runtime.test_sessions import CountingFactory, make_pool
-from tests.wire.wire_helpers import wait_until
+from tests.support.wire import wait_until
 
 QUIET_S = 0.8  # no batch for this long after the last one: the watcher has reported everything
 

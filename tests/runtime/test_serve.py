@@ -20,20 +20,20 @@ from runtime.agents import create_population
 from runtime.intake import TickIntake
 from runtime.scheduler import TickScheduler
 from runtime.server import RuntimeServer
-from tests.conversion.original_format import make_network, write_original_checkpoint
-from tests.runtime.runtime_helpers import (
+from tests.support.docs import section, table_rows
+from tests.support.original_format import make_network, write_original_checkpoint
+from tests.support.runtime import (
     ITEMS,
     GameClient,
+    RecordingPublisher,
     check_matrices,
     runtime_process,
     stop_process,
     write_config,
 )
-from tests.runtime.test_scheduler import RecordingPublisher
-from tests.wire.test_protocol_doc import section, table_rows
-from tests.wire.wire_helpers import wait_until
+from tests.support.wire import wait_until
 
-PROBE = Path(__file__).with_name("serve_probe.py")
+PROBE = Path(__file__).resolve().parents[1] / "support" / "serve_probe.py"
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 

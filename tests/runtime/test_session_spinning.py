@@ -14,7 +14,7 @@ from blockmarket.core.state import realistic_states
 from blockmarket.models.providers import create_session
 from runtime.server import RuntimeServer
 from runtime.sessions import default_session_factory
-from tests.runtime.runtime_helpers import ITEMS, write_config
+from tests.support.runtime import ITEMS, write_config
 
 SPINNING = "session.intra_op.allow_spinning"
 CONFIG_YAML = Path(__file__).parents[2] / "config.yaml"

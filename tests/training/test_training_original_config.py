@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conversion.checkpoint import load_checkpoint
-from tests.runtime.runtime_helpers import REPO, python_module
+from tests.support.runtime import REPO, python_module
 from training.evolution import SUMMARY_FILE
 
 ORIGINAL = {
@@ -17,6 +17,7 @@ ORIGINAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", sorted(ORIGINAL))
 def test_the_original_config_trains_with_its_items_and_population(tmp_path: Path, version: int) -> None:
     config = REPO / "tests" / "conversion" / f"original_config_v{version}.yaml"

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
-from wire_helpers import Inbox, make_tick, started
 
 from blockmarket.core.config import MqttConfig
 from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
 from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
-from tests.runtime.runtime_helpers import (
+from tests.support.runtime import (
     ITEMS,
     GameClient,
     check_matrices,
@@ -26,6 +24,8 @@ from tests.runtime.runtime_helpers import (
     write_config,
     write_model,
 )
+from tests.support.secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
+from tests.support.wire import Inbox, make_tick, started
 
 pytestmark = pytest.mark.slow
 

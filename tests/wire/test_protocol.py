@@ -9,7 +9,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from wire_helpers import make_tick
 
 from blockmarket.core.config import MqttConfig
 from blockmarket.wire.protocol import (
@@ -34,6 +33,7 @@ from blockmarket.wire.protocol import (
     message_sizes,
     payload_shortfall,
 )
+from tests.support.wire import make_tick
 
 LIMITS = Limits(num_items=5)
 

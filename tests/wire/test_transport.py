@@ -15,16 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_helpers import (
-    SHARED_HOST,
-    SHARED_PORT,
-    Inbox,
-    PrivateMosquitto,
-    blast,
-    make_tick,
-    started,
-    wait_until,
-)
 
 from blockmarket.core.config import ConfigError, MqttConfig, dump_default_config, parse_config
 from blockmarket.wire.protocol import (
@@ -39,6 +29,8 @@ from blockmarket.wire.protocol import (
     encode_tick,
 )
 from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.wire import Inbox, PrivateMosquitto, blast, make_tick, started, wait_until
 
 pytestmark = pytest.mark.mqtt
 

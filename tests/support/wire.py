@@ -26,8 +26,7 @@ from blockmarket.wire.protocol import (
     encode_status,
 )
 from blockmarket.wire.transport import MqttLink, RuntimeTransport
-
-SHARED_HOST, SHARED_PORT = "127.0.0.1", 1883
+from tests.support.broker import SHARED_HOST
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from npu_helpers import trading_network
 
 from blockmarket.core.config import NpuConfig
 from blockmarket.models.pack import PackError, build_pack, extract_trading_weights, pack_metadata, save_pack
@@ -15,6 +14,7 @@ from conversion.networks import ValueNetwork
 from conversion.pack_validation import pack_networks, trading_weights, validate_pack
 from conversion.variants import TOLERANCES, Tolerance
 from runtime.sessions import PACK_TOLERANCE
+from tests.support.npu import trading_network
 
 CPU_EXACT = Tolerance(atol=1e-5, rtol=0.0)
 CPU_INT8 = Tolerance(*PACK_TOLERANCE["cpu_int8"])

@@ -6,11 +6,13 @@ import pytest
 
 from blockmarket.core.config import Config, NpuConfig
 from blockmarket.models.providers import qnn_available, qnn_unavailable_reason
+from tests.support.qnn import require_qnn
 
 
 @pytest.fixture
 def htp() -> None:
     """The real QNN HTP backend must be there: a missing backend fails the test instead of skipping it."""
+    require_qnn()
     if not qnn_available():
         pytest.fail(f"QNN HTP backend unavailable: {qnn_unavailable_reason()}")
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,8 @@ from blockmarket.wire.protocol import (
 )
 from blockmarket.wire.transport import MqttLink
 from runtime.agents import create_population
-from tests.wire.wire_helpers import wait_until
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.wire import wait_until
 
 ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
 REPO = Path(__file__).resolve().parents[2]
@@ -189,9 +190,10 @@ def model_metadata(
     return meta
 
 
-def write_config(path: Path, **sections: dict[str, object]) -> Path:
+def write_config(path: Path, **sections: Mapping[str, object]) -> Path:
     """A complete config file: the built-in defaults with some keys of some sections replaced."""
     data = dump_default_config()
+    data["mqtt"].update(host=SHARED_HOST, port=SHARED_PORT)  # the shared test broker unless replaced
     for section, values in sections.items():
         data[section].update(values)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -472,3 +474,23 @@ def check_matrices(matrices: np.ndarray, count: int, num_items: int) -> None:
     assert np.isfinite(matrices).all()
     assert (np.diagonal(matrices, axis1=1, axis2=2) == 1.0).all()
     assert matrices.min() >= 0.1 - 1e-7 and matrices.max() <= 10.0 + 1e-6
+
+
+class RecordingPublisher:
+    """The outbound half of a transport that keeps what it is given (a TickScheduler's publisher)."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.agent_messages: list[tuple[str, bytes]] = []
+
+    async def publish_matrices(self, payload: bytes) -> bool:
+        self.messages.append(payload)
+        return True
+
+    async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool:
+        self.agent_messages.append((agent_id, payload))
+        return True
+
+    def decoded(self) -> list[MatricesMessage]:
+        limits = Limits(max_payload_bytes=64 * 1024, num_items=len(ITEMS))
+        return [decode_matrices(p, limits) for p in self.messages]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from npu_helpers import NUM_ITEMS, trading_network
 
 from blockmarket.models.providers import DISABLE_QNN_ENV
 from conversion.checkpoint import save_checkpoint
+from tests.support.npu import NUM_ITEMS, trading_network
 
 REPO = Path(__file__).resolve().parents[2]
 

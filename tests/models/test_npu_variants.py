@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from npu_helpers import trading_network
 
 from blockmarket.core.config import Config
 from conversion.networks import spec_of
 from conversion.variants import TOLERANCES, build_variants, validate_variant
+from tests.support.npu import trading_network
 
 pytestmark = [pytest.mark.qnn, pytest.mark.usefixtures("htp")]
 

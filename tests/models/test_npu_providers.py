@@ -14,7 +14,6 @@ from typing import get_args
 import numpy as np
 import onnx
 import pytest
-from npu_helpers import trading_network
 from onnx import TensorProto, helper
 
 from blockmarket.core.config import NpuConfig
@@ -23,6 +22,7 @@ from blockmarket.models.pack import save_pack
 from blockmarket.models.providers import ProviderError, create_session
 from conversion.export import convert_to_onnx, export_static
 from conversion.pack_validation import pack_networks
+from tests.support.npu import trading_network
 
 REPO = Path(__file__).resolve().parents[2]
 QNN = "QNNExecutionProvider"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_helpers import SHARED_PORT, EchoRuntime, free_port, started, wait_until
 
 from blockmarket.core.config import Config, MqttConfig
 from blockmarket.simulator.game import (
@@ -23,6 +22,8 @@ from blockmarket.simulator.game import (
 )
 from blockmarket.wire.protocol import RosterMessage, Topics
 from blockmarket.wire.transport import MqttLink
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.wire import EchoRuntime, free_port, started, wait_until
 
 pytestmark = pytest.mark.mqtt
 
@@ -31,7 +32,9 @@ ITEMS = ["diamond", "gold", "apple", "emerald", "redstone"]
 
 def config_for(prefix: str, port: int = SHARED_PORT) -> Config:
     return Config().model_copy(
-        update={"mqtt": MqttConfig(port=port, topic_prefix=prefix, reconnect_max_backoff_s=0.5)}
+        update={
+            "mqtt": MqttConfig(host=SHARED_HOST, port=port, topic_prefix=prefix, reconnect_max_backoff_s=0.5)
+        }
     )
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the NPU tests (a uniquely named module: every test folder has its own conftest)."""
+"""Helpers for the NPU tests: seeded TradingNetworks of the size the NPU tests use."""
 
 from __future__ import annotations
 

@@ -13,9 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from wire_helpers import PrivateMosquitto, free_port
-
 from blockmarket.core.config import MqttConfig
+from tests.support.wire import PrivateMosquitto, free_port
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 INSTALLED = "/etc/mosquitto/blockmarket/"  # where the shipped file expects its companions

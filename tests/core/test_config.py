@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_load_config_logs_the_notices_once(caplog: pytest.LogCaptureFixture) -> 
     assert "shipped defaults apply to" in messages[0] and "server" in messages[1] and "socket" in messages[1]
 
 
-def write(path: Path, data: dict[str, object]) -> Path:
+def write(path: Path, data: Mapping[str, object]) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 

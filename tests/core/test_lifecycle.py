@@ -9,6 +9,7 @@ simulator and the demo against the real broker, and real signals.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -25,7 +26,8 @@ from blockmarket.core import lifecycle
 from blockmarket.core.config import MqttConfig, load_config
 from blockmarket.wire.transport import MqttLink
 from runtime.server import RuntimeServer
-from tests.runtime.runtime_helpers import (
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.runtime import (
     ITEMS,
     GameClient,
     check_matrices,
@@ -33,7 +35,7 @@ from tests.runtime.runtime_helpers import (
     stop_process,
     write_config,
 )
-from tests.wire.wire_helpers import Inbox, started, wait_until
+from tests.support.wire import Inbox, started, wait_until
 
 pytestmark = pytest.mark.mqtt
 
@@ -94,7 +96,7 @@ def refuse_loop_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_windows_runs_a_selector_loop_woken_by_signals(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
     """aiomqtt works on the loop `run` picks for Windows, and a signal wakes that loop's select()."""
 
-    class SelectorLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
+    class SelectorLoop(asyncio.SelectorEventLoop):
         """asyncio.SelectorEventLoop, recognisable."""
 
     async def main() -> tuple[type, int]:
@@ -103,7 +105,9 @@ def test_windows_runs_a_selector_loop_woken_by_signals(monkeypatch: pytest.Monke
         inbox = Inbox()
         topic = f"{prefix}/lifecycle"
         link = MqttLink(
-            MqttConfig(topic_prefix=prefix), client_id=f"{prefix}-loop", subscriptions={topic: inbox}
+            MqttConfig(host=SHARED_HOST, port=SHARED_PORT, topic_prefix=prefix),
+            client_id=f"{prefix}-loop",
+            subscriptions={topic: inbox},
         )
         task = await started(link)
         assert await link.publish(topic, b"over aiomqtt")
@@ -141,7 +145,7 @@ async def test_stop_at_eof_stops_only_within_the_block() -> None:
     for label in ("inside", "after"):
         read_fd, write_fd = os.pipe()
         try:
-            with lifecycle.stop_at_eof(read_fd, lambda label=label: stops.append(label)):
+            with lifecycle.stop_at_eof(read_fd, functools.partial(stops.append, label)):
                 os.write(write_fd, b"data is not a stop\n")
                 await asyncio.sleep(0.2)
                 assert stops == ([] if label == "inside" else ["inside"])

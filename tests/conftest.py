@@ -1,4 +1,4 @@
-"""Fixtures for the serving tests (helpers live in runtime_helpers.py)."""
+"""Fixtures for the whole suite (helpers live in tests/support/); a folder's conftest.py may override one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.runtime.runtime_helpers import BIG_HIDDEN, trading_model, trading_weights, write_model
+from blockmarket.core.config import MqttConfig
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.runtime import BIG_HIDDEN, trading_model, trading_weights, write_model
+from tests.support.wire import PrivateMosquitto
 
 
 @pytest.fixture
@@ -33,11 +36,22 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    """A unique topic prefix (tests share the broker at 127.0.0.1:1883); its retained messages are cleared."""
+    """A unique topic prefix (tests share the broker, tests/support/broker.py); its retained messages
+    are cleared."""
     value = f"bmtest-{uuid.uuid4().hex[:12]}"
     yield value
     for topic in ("runtime/status", "runtime/roster"):
-        clear = ["mosquitto_pub", "-h", "127.0.0.1", "-p", "1883", "-t", f"{value}/{topic}", "-r", "-n"]
+        clear = [
+            "mosquitto_pub",
+            "-h",
+            SHARED_HOST,
+            "-p",
+            str(SHARED_PORT),
+            "-t",
+            f"{value}/{topic}",
+            "-r",
+            "-n",
+        ]
         subprocess.run(clear, check=True, timeout=10, capture_output=True)
 
 
@@ -52,3 +66,20 @@ def root_logging() -> Iterator[logging.Logger]:
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def mqtt_cfg(prefix: str) -> MqttConfig:
+    return MqttConfig(
+        host=SHARED_HOST, port=SHARED_PORT, topic_prefix=prefix, keepalive_s=5, reconnect_max_backoff_s=0.5
+    )
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[PrivateMosquitto]:
+    broker = PrivateMosquitto(tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

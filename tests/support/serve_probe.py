@@ -1,6 +1,7 @@
 """Run the real serving path in this process, drive a few ticks through MQTT, report what was imported.
 
-Used by test_serve.py in a subprocess: `python serve_probe.py CONFIG TICKS` prints one JSON line.
+Used by tests/runtime/test_serve.py in a subprocess: `python serve_probe.py CONFIG TICKS` prints one
+JSON line.
 """
 
 from __future__ import annotations
