@@ -146,7 +146,7 @@ def write_converted(
 ) -> str:
     """Write ``stem``.onnx and its metadata as the converter does: each file whole (temp file + rename),
     the model first, so hot reload never reads half a file. Returns the model's sha256."""
-    from conversion.files import atomic_target  # no torch: conversion's package imports lazily
+    from blockmarket.core.files import atomic_target  # no torch: conversion's package imports lazily
 
     sha256 = hashlib.sha256(payload).hexdigest()
     conversion = {**metadata["conversion_info"], "onnx_sha256": sha256, "derived_from": derived_from}

@@ -25,6 +25,8 @@ array, best of several, 1 and 2 threads), next to the pack's weight bytes per ti
 distinct weights, every weight is read once per tick, so bandwidth is the physical limit.
 """
 
+# size: a benchmark script: setup, every path and the report in one file to read
+
 from __future__ import annotations
 
 import argparse
@@ -357,6 +359,7 @@ def ort_sessions(bank: WeightBank, count: int, folder: Path) -> list[ort.Inferen
     return sessions
 
 
+# size: one benchmark case, its paths timed in the order the report prints them
 def run_case(
     args: argparse.Namespace, case: str, agents: int, bank: WeightBank, folder: Path, pool: list[Any]
 ) -> dict[str, Any]:

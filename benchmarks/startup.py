@@ -45,7 +45,7 @@ from benchmarks._harness import (
 )
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 from blockmarket.core.config import Config
-from blockmarket.simulator.game import discover_roster
+from blockmarket.simulator.roster import discover_roster
 from blockmarket.wire.protocol import Limits, MarketTick, Topics, decode_matrices, encode_tick
 
 TARGET_FIRST_TICK_S = 5.0

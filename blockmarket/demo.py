@@ -18,7 +18,8 @@ import time
 from blockmarket.core import lifecycle
 from blockmarket.core.command import run_command
 from blockmarket.core.config import Config
-from runtime.server import STARTUP_ERRORS, RuntimeServer, add_config_arguments, config_overrides
+from runtime.arguments import add_config_arguments, config_overrides
+from runtime.server import STARTUP_ERRORS, RuntimeServer
 
 log = logging.getLogger("blockmarket.demo")
 

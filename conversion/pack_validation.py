@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from blockmarket.core.config import NpuConfig
-from blockmarket.models.pack import INPUT_NAME, PackError, PackForm, build_pack, pack_metadata
-from blockmarket.models.providers import Placement, create_session
+from blockmarket.core.contract import INPUT_NAME, Tolerance
+from blockmarket.models.pack import PackError, PackForm, build_pack, pack_metadata
+from blockmarket.models.placement import Placement
+from blockmarket.models.providers import create_session
 from conversion.networks import spec_of
 from conversion.validation import validation_states
-from conversion.variants import Tolerance
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 from blockmarket.core.config import ConversionConfig
+from blockmarket.core.contract import INPUT_NAME
 from blockmarket.core.state import realistic_states
-from conversion.export import INPUT_NAME
 from conversion.networks import spec_of
 
 Outputs = dict[str, npt.NDArray[np.float32]]

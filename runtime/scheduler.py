@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
+from blockmarket.core.stats import percentiles
 from blockmarket.wire.protocol import (
     DropCounter,
     MatricesMessage,
@@ -50,8 +51,8 @@ class LatencyWindow:
     def percentiles(self) -> tuple[float | None, float | None]:
         if not self._samples:
             return None, None
-        p50, p99 = np.percentile(np.fromiter(self._samples, dtype=np.float64), [50, 99])
-        return round(float(p50), 3), round(float(p99), 3)
+        p50, p99 = percentiles(self._samples)
+        return p50, p99
 
 
 class TickScheduler:

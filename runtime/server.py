@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from blockmarket.core import lifecycle
-from blockmarket.core.command import given, run_command
-from blockmarket.core.config import Config, ConfigError, NpuConfig, Overrides
+from blockmarket.core.command import run_command
+from blockmarket.core.config import Config, ConfigError, NpuConfig
 from blockmarket.models.files import ModelError, ModelInfo, discover_models
 from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from blockmarket.wire.broker import BrokerError, ensure_broker
@@ -37,10 +37,14 @@ from blockmarket.wire.protocol import (
 )
 from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
 from runtime.agents import AgentPopulation, create_population
+from runtime.arguments import add_config_arguments, config_overrides
 from runtime.intake import TickIntake
-from runtime.reload import ModelReloader, WatchedFiles, model_watcher
+from runtime.planning import PoolError
+from runtime.reload import ModelReloader
 from runtime.scheduler import TickScheduler
-from runtime.sessions import PoolError, SessionFactory, SessionPool, default_session_factory
+from runtime.sessions import SessionPool
+from runtime.units import SessionFactory, default_session_factory
+from runtime.watchers import WatchedFiles, model_watcher
 from runtime.workers import (
     bootstrap_population,
     checkpoints,
@@ -364,16 +368,6 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options `run` and `demo` share: which config, and the overrides an operator reaches for."""
-    parser.add_argument("--config", default=None, help="config file (default: ./config.yaml, else built-in)")
-    parser.add_argument("--agents", type=int, help="override runtime.num_agents")
-    parser.add_argument("--model-dir", help="override runtime.model_dir (the converted models to serve)")
-    parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level"
-    )
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument(
@@ -383,19 +377,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-reload", action="store_true", help="do not watch the model directory (runtime.hot_reload)"
-    )
-
-
-def config_overrides(args: argparse.Namespace) -> Overrides:
-    """The options `run` and `demo` share, as dotted config keys (validated with the file)."""
-    return given(
-        {
-            "runtime.num_agents": args.agents,
-            "runtime.model_dir": args.model_dir,
-            "runtime.convert_on_startup": False if getattr(args, "no_convert", False) else None,
-            "runtime.hot_reload": False if getattr(args, "no_reload", False) else None,
-            "logging.level": args.log_level,
-        }
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from blockmarket.core.config import MqttConfig
 from tests.support.broker import SHARED_HOST, SHARED_PORT
-from tests.support.runtime import BIG_HIDDEN, trading_model, trading_weights, write_model
+from tests.support.serving import BIG_HIDDEN, trading_model, trading_weights, write_model
 from tests.support.wire import PrivateMosquitto
 
 

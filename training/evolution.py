@@ -232,6 +232,7 @@ def train(
     return summary
 
 
+# size: the generation loop, read top to bottom (evaluate, log, save, breed)
 def _run(
     config: Config,
     total: int,

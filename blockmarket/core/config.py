@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from blockmarket.core.contract import OPSET, TOLERANCES
+
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 
 log = logging.getLogger(__name__)
@@ -107,12 +109,12 @@ class ConversionConfig(_Section):
     """`.pth` -> ONNX: output place, opset, NPU variants, validation tolerances."""
 
     output_dir: str | None = None  # default: <training.model_save_path>/onnx
-    opset_version: int = Field(17, ge=13)
+    opset_version: int = Field(OPSET, ge=13)
     precisions: tuple[Precision, ...] = ("fp32",)
     static_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = (1,)
     validation_samples: int = Field(256, ge=16)
-    atol: float = Field(1e-5, gt=0)
-    rtol: float = Field(1e-4, ge=0)
+    atol: float = Field(TOLERANCES["fp32"].atol, gt=0)
+    rtol: float = Field(TOLERANCES["fp32"].rtol, ge=0)
     calibration_samples: int = Field(256, ge=16)
     context_cache: bool = False
     seed: int = 0

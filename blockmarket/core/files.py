@@ -8,7 +8,10 @@ converter replaces it is enough. That is a moment, not a state, so the rename is
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WINDOWS_BUSY = (5, 32)  # ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION: the target is open elsewhere
@@ -27,3 +30,19 @@ def replace_file(source: Path, target: Path) -> None:
             if getattr(exc, "winerror", None) not in WINDOWS_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(BUSY_SLEEP_S)
+
+
+@contextmanager
+def atomic_target(path: Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp path next to ``path`` (a unique name: two writers never share one); on success it
+    replaces ``path`` in one rename (:func:`replace_file`), on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        tmp.chmod(mode)
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """Agent state vectors and the trading-matrix update rule, vectorized over a population.
 
 Shapes: N agents, n items. ``inventory`` [N, n], ``desired`` [N] (item index), ``matrices`` [N, n, n],
-``success_rate`` [N]. The state vector layout (ORIGIN.md) is, per agent, D = 2n^2 + 2n + 1 values:
+``success_rate`` [N]. The state vector layout (the original trainer's; docs/protocol.md §6.2) is, per agent,
+D = 2n^2 + 2n + 1 values:
 
     inventory / max(inventory)  | one-hot desired item | own matrix (row-major) |
     mean of the other agents' matrices (row-major) | success rate

@@ -198,6 +198,7 @@ def _on_grid(amount: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.floor(amount / QUANTUM) * QUANTUM
 
 
+# size: one market step, phase by phase in the order docs/market.md gives them
 def trade_step(
     pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig, pairs: Method = "auto"
 ) -> TradeStats:

@@ -20,7 +20,6 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 METADATA_SUFFIX = "_metadata.json"
-MATRIX_OUTPUT = "trading_matrix"
 VARIANT_KEY = "npu_optimization.variants[].onnx_path"
 
 

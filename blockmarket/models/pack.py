@@ -7,7 +7,7 @@ Two equivalent formulations of the same MLP (ReLU hidden layers, head -> softplu
 
 * ``"matmul"``: states as [N, B, D] times stacked weights [N, D, H] (3-D batched MatMul). For CPU.
 * ``"conv"``: agents as channel groups, ``Conv(kernel 1x1, group=N)`` over [1, N*D, B, 1]. For QNN HTP,
-  where the batched-MatMul form returned wrong results in fp16 and grouped Conv matched (DESIGN.md).
+  where the batched-MatMul form returned wrong results in fp16 and grouped Conv matched (docs/npu.md).
 * ``"matmul_int8"``: the matmul form with int8 weights (7-bit range, see :data:`WEIGHT_LEVELS`) and one
   fp32 scale per agent and output channel, multiplied as int8 by ONNX Runtime's ``MatMulInteger``; each
   input row is quantized to uint8 with its own scale (its peak / 255), so a row's result never depends
@@ -32,14 +32,12 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-from blockmarket.core.files import replace_file
+from blockmarket.core.contract import INPUT_NAME, MATRIX_OUTPUT, OUTPUT_FLOOR
+from blockmarket.core.files import atomic_target
 
 PackForm = Literal["matmul", "conv", "matmul_int8"]
 Weights = Sequence[npt.NDArray[np.floating]]
 
-POLICY_FLOOR = 0.1  # TradingNetwork's output is softplus(head) + 0.1
-INPUT_NAME = "state_vector"
-OUTPUT_NAME = "trading_matrix"
 OPSET = 17
 # Weights use 7 of int8's bits (-63..63, ORT's `reduce_range`). ONNX Runtime's u8s8 kernels on x86 CPUs
 # without VNNI (AVX2, AVX-512BW) multiply uint8 activations by int8 weights with VPMADDUBSW, which adds
@@ -83,8 +81,8 @@ def extract_trading_weights(
         if node.op_type == "Gemm":
             weights += _gemm_weights(path, node, consts)
     floor = [consts[name] for name in ops[-1].input if name in consts]
-    if len(floor) != 1 or not np.allclose(floor[0], POLICY_FLOOR):
-        raise PackError(f"{path}: output is not softplus(x) + {POLICY_FLOOR}")
+    if len(floor) != 1 or not np.allclose(floor[0], OUTPUT_FLOOR):
+        raise PackError(f"{path}: output is not softplus(x) + {OUTPUT_FLOOR}")
     return weights
 
 
@@ -153,7 +151,7 @@ def build_pack(
     graph.name = f"population_pack_{form}_{agents}x{batch}"
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph.input.append(helper.make_tensor_value_info(INPUT_NAME, elem, [agents * batch, in_dim]))
-    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, elem, [agents * batch, out_dim]))
+    graph.output.append(helper.make_tensor_value_info(MATRIX_OUTPUT, elem, [agents * batch, out_dim]))
     _FORMS[form](_GraphBuilder(graph, np.dtype(dtype)), weight_sets, shapes, batch)
     helper.set_model_props(
         model,
@@ -214,7 +212,7 @@ def _matmul_graph(
         bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)
         hidden = builder.node("Add", [product, builder.const(f"b{layer}", bias[:, None, :])])  # [N, 1, out]
         hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
-    builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
+    builder.reshape(hidden, (agents * batch, out_dim), output=MATRIX_OUTPUT)
 
 
 def _int8_product(
@@ -259,7 +257,7 @@ def _conv_graph(
     hidden = builder.reshape(hidden, (agents, out_dim, batch))
     if batch > 1:
         hidden = builder.node("Transpose", [hidden], perm=[0, 2, 1])  # [N, B, n^2]
-    builder.reshape(hidden, (agents * batch, out_dim), output=OUTPUT_NAME)
+    builder.reshape(hidden, (agents * batch, out_dim), output=MATRIX_OUTPUT)
 
 
 def _activation(builder: _GraphBuilder, value: str, *, last: bool) -> str:
@@ -267,7 +265,7 @@ def _activation(builder: _GraphBuilder, value: str, *, last: bool) -> str:
     if not last:
         return builder.node("Relu", [value])
     return builder.node(
-        "Add", [builder.node("Softplus", [value]), builder.const("floor", np.array(POLICY_FLOOR))]
+        "Add", [builder.node("Softplus", [value]), builder.const("floor", np.array(OUTPUT_FLOOR))]
     )
 
 
@@ -339,13 +337,10 @@ def save_pack(model: onnx.ModelProto, path: str | Path) -> Path:
     The checker reads the file rather than the in-memory proto, which it would serialize once more.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    onnx.save_model(model, str(tmp))
-    try:
-        onnx.checker.check_model(str(tmp))
-    except onnx.checker.ValidationError as exc:
-        tmp.unlink()
-        raise PackError(f"{target}: the pack is not a valid ONNX model: {exc}") from exc
-    replace_file(tmp, target)
+    with atomic_target(target) as tmp:
+        onnx.save_model(model, str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:
+            raise PackError(f"{target}: the pack is not a valid ONNX model: {exc}") from exc
     return target

@@ -26,76 +26,27 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import onnxruntime as ort
 
 from blockmarket.core.config import NpuConfig
-from blockmarket.core.files import replace_file
+from blockmarket.core.files import atomic_target
 from blockmarket.models.files import sha256_file
+from blockmarket.models.placement import (
+    CPU_EP,
+    QNN_EP,
+    Placement,
+)
 
 log = logging.getLogger(__name__)
 
-QNN_EP = "QNNExecutionProvider"
-CPU_EP = "CPUExecutionProvider"
 DISABLE_QNN_ENV = "BLOCKMARKET_DISABLE_QNN"
 CONTEXT_SUFFIX = "_ctx"
-
-ContextState = Literal["off", "loaded", "built"]
 
 
 class ProviderError(RuntimeError):
     """A model cannot run where the configuration demands (e.g. ``npu.require_npu`` without an NPU)."""
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where ONNX Runtime put a model's nodes, and why it is not (fully) on the NPU if it is not."""
-
-    model: Path
-    nodes: Mapping[str, int]  # execution provider -> number of nodes assigned to it
-    cpu_ops: tuple[str, ...] = ()  # op types of the nodes that landed on CPU (empty when all on QNN)
-    reason: str = ""  # why the model is (partly) on CPU; empty when fully on the NPU
-    context: ContextState = "off"
-    source_nodes: int | None = None  # nodes of the source model, when a context binary replaced them
-
-    @property
-    def provider(self) -> str:
-        """The EP running the model: QNN, CPU, or both joined with '+' for a split graph."""
-        return "+".join(ep for ep in (QNN_EP, CPU_EP) if self.nodes.get(ep)) or CPU_EP
-
-    @property
-    def on_npu(self) -> bool:
-        """True when every node runs on QNN (no CPU fallback at all)."""
-        return self.nodes.get(QNN_EP, 0) > 0 and sum(self.nodes.values()) == self.nodes[QNN_EP]
-
-    def describe(self) -> str:
-        """One log line: `file: EP (q/t nodes on QNN, c on CPU) [context] [reason]`."""
-        total = sum(self.nodes.values())
-        text = (
-            f"{self.model.name}: {self.provider} ({self.nodes.get(QNN_EP, 0)}/{total} nodes on QNN, "
-            f"{self.nodes.get(CPU_EP, 0)} on CPU)"
-        )
-        if self.context != "off":
-            compiled = f", {self.source_nodes} source nodes" if self.source_nodes is not None else ""
-            text += f" [context binary {self.context}{compiled}]"
-        if self.cpu_ops:
-            text += f" CPU ops: {', '.join(sorted(set(self.cpu_ops)))}"
-        if self.reason:
-            text += f" — {self.reason}"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able form for metadata files and status reports."""
-        return {
-            "model": str(self.model),
-            "provider": self.provider,
-            "on_npu": self.on_npu,
-            "nodes": dict(self.nodes),
-            "cpu_ops": sorted(set(self.cpu_ops)),
-            "reason": self.reason,
-            "context": self.context,
-        }
 
 
 @dataclass
@@ -160,17 +111,22 @@ def qnn_unavailable_reason() -> str:
     return _qnn.reason
 
 
-def qnn_provider_options(npu: NpuConfig) -> dict[str, str]:
-    """QNN EP provider options from ``config.npu`` (the keys the QNN EP documents)."""
-    import onnxruntime_qnn
-
+def qnn_config_options(npu: NpuConfig) -> dict[str, str]:
+    """The QNN HTP provider options ``config.npu`` sets (the keys the QNN EP documents); the one
+    builder, also for the generated inference example (conversion/example.py)."""
     return {
-        "backend_path": onnxruntime_qnn.get_qnn_htp_path(),
         "htp_performance_mode": npu.performance_mode,
         "enable_htp_fp16_precision": "1" if npu.fp16_precision else "0",
         "soc_model": str(npu.soc_model),
         "htp_arch": str(npu.htp_arch),
     }
+
+
+def qnn_provider_options(npu: NpuConfig) -> dict[str, str]:
+    """QNN EP provider options: the installed HTP backend library, then :func:`qnn_config_options`."""
+    import onnxruntime_qnn
+
+    return {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), **qnn_config_options(npu)}
 
 
 def dynamic_inputs(model_path: Path) -> list[str]:
@@ -418,6 +374,5 @@ class ContextCache:
 
     def record(self, fingerprint: Mapping[str, Any], nodes: int) -> None:
         """Write the sidecar last (atomically): a cache without it is never trusted."""
-        tmp = self.sidecar.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**fingerprint, "nodes": nodes}, indent=2) + "\n", encoding="utf-8")
-        replace_file(tmp, self.sidecar)
+        with atomic_target(self.sidecar) as tmp:
+            tmp.write_text(json.dumps({**fingerprint, "nodes": nodes}, indent=2) + "\n", encoding="utf-8")

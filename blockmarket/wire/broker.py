@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 from blockmarket.core.config import MqttConfig
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from amqtt.broker import Broker
 
-logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
 

@@ -32,6 +32,7 @@ from blockmarket.wire.protocol import DropCounter, Topics
 
 logger = logging.getLogger(__name__)
 
+
 # handler(payload, time.perf_counter() at receipt, retained): retained is True for a message the broker
 # replays because it was stored with the retain flag (sent on subscribing), False for a live one.
 Handler = Callable[[bytes, float, bool], None]
@@ -46,7 +47,7 @@ SHORT_SESSION_S = 2.0  # a connection the broker ends sooner than this after acc
 TAKEOVER_STREAK = 3  # ...and this many in a row, with no failed attempt between them, means a takeover
 # Retained statuses are published at QoS 0: TCP already delivers them in order on a live connection and
 # they are republished after every reconnect. At QoS 1 each periodic status stalled the next matrices
-# answer by ~40 ms (measured: the game-side p99 at 100 agents fell from 32 ms to 4.6 ms at QoS 0).
+# answer by ~40 ms, which set the game-side p99 (docs/runtime.md, "Measured").
 STATUS_QOS = 0
 WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
 MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)

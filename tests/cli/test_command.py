@@ -10,7 +10,7 @@ import pytest
 
 from blockmarket.cli import SUBCOMMANDS, main
 from blockmarket.core.logs import StderrHandler
-from tests.support.runtime import REPO, write_config
+from tests.support.serving import REPO, write_config
 
 
 @pytest.mark.parametrize("command", list(SUBCOMMANDS))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.runtime import CpuPressure, write_config
+from tests.support.serving import CpuPressure, write_config
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 

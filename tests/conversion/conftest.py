@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from blockmarket.core.config import Config, load_config
-from tests.support.conversion import TREE, Written, write_config
+from tests.support.checkpoints import TREE, Written, write_config
 from tests.support.original_format import make_network, write_original_checkpoint
 
 

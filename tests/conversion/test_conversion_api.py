@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from blockmarket.core.config import Config
-from conversion.converter import ONNXConverter, format_summary
-from conversion.files import sha256_file
-from tests.support.conversion import Written
+from blockmarket.models.files import sha256_file
+from conversion.converter import ONNXConverter
+from conversion.results import format_summary
+from tests.support.checkpoints import Written
 from tests.support.original_format import ITEMS_5, make_network, write_original_checkpoint
 
 

@@ -14,7 +14,7 @@ import torch
 
 from conversion import cli
 from conversion.validation import torch_outputs
-from tests.support.conversion import Written, one_error_line_each, run_module, write_bad_files, write_config
+from tests.support.checkpoints import Written, one_error_line_each, run_module, write_bad_files, write_config
 from tests.support.original_format import write_original_checkpoint
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from blockmarket.core.config import Config, ConfigError, load_config
-from tests.support.conversion import REPO, write_config
+from tests.support.checkpoints import REPO, write_config
 
 
 def test_repository_config_loads_and_matches_the_defaults() -> None:

@@ -15,7 +15,7 @@ from conversion.converter import ONNXConverter
 from conversion.example import EXAMPLE_NAME
 from conversion.export import export_static
 from conversion.metadata import metadata_path
-from tests.support.conversion import Written
+from tests.support.checkpoints import Written
 
 
 def run_example(

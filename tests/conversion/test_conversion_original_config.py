@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.conversion import REPO, run_module
+from tests.support.checkpoints import REPO, run_module
 from tests.support.original_format import ITEMS_5, ITEMS_8, make_network, write_original_checkpoint
 
 ITEMS_V1 = ("wood", "stone", "iron", "gold", "food")

@@ -11,7 +11,7 @@ from blockmarket.core.config import Config
 from conversion.converter import ONNXConverter
 from conversion.export import convert_to_onnx, export_static
 from conversion.validation import ValidationError, compare_outputs, validate_onnx, validation_states
-from tests.support.conversion import Written
+from tests.support.checkpoints import Written
 from tests.support.original_format import make_network
 
 

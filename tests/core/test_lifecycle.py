@@ -27,7 +27,7 @@ from blockmarket.core.config import MqttConfig, load_config
 from blockmarket.wire.transport import MqttLink
 from runtime.server import RuntimeServer
 from tests.support.broker import SHARED_HOST, SHARED_PORT
-from tests.support.runtime import (
+from tests.support.serving import (
     ITEMS,
     GameClient,
     check_matrices,

@@ -24,7 +24,7 @@ from blockmarket.models.files import (
     read_model,
     read_models,
 )
-from tests.support.runtime import ITEMS, model_metadata, trading_model, trading_weights, write_model
+from tests.support.serving import ITEMS, model_metadata, trading_model, trading_weights, write_model
 
 # How the original converter and a Windows machine stored `onnx_path`, and a path on another machine.
 STORED = {

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from blockmarket.core.config import NpuConfig
+from blockmarket.core.contract import PACK_TOLERANCE, TOLERANCES, Tolerance
 from blockmarket.models.pack import PackError, build_pack, extract_trading_weights, pack_metadata, save_pack
 from conversion.export import convert_to_onnx
 from conversion.networks import ValueNetwork
 from conversion.pack_validation import pack_networks, trading_weights, validate_pack
-from conversion.variants import TOLERANCES, Tolerance
-from runtime.sessions import PACK_TOLERANCE
 from tests.support.npu import trading_network
 
 CPU_EXACT = Tolerance(atol=1e-5, rtol=0.0)

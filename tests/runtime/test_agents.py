@@ -1,4 +1,4 @@
-"""Agents as population arrays: the vectorized tick math equals a per-agent reference of ORIGIN.md."""
+"""Agents as population arrays: the vectorized tick math equals a per-agent reference (the original's)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from blockmarket.models.files import discover_models
 from runtime.agents import AgentPopulation, RosterError, create_population
-from tests.support.runtime import ITEMS
+from tests.support.serving import ITEMS
 
 
 def reference_state(inventory, desired, own, others, success) -> np.ndarray:

@@ -20,10 +20,10 @@ import onnxruntime as ort
 import pytest
 
 from blockmarket.core.config import MqttConfig, load_config
+from blockmarket.core.contract import PACK_TOLERANCE
 from blockmarket.wire.protocol import MarketTick, encode_tick
-from runtime.sessions import PACK_TOLERANCE
 from tests.support.broker import SHARED_HOST, SHARED_PORT
-from tests.support.runtime import (
+from tests.support.serving import (
     ITEMS,
     CpuPressure,
     GameClient,

@@ -21,7 +21,7 @@ import pytest
 from benchmarks.hostile_ticks import HostilePayloads
 from blockmarket.core.config import load_config
 from blockmarket.wire.protocol import Limits, MarketTick, encode_tick
-from tests.support.runtime import (
+from tests.support.serving import (
     ITEMS,
     GameClient,
     OfflineMarket,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from blockmarket.core.config import MqttConfig, load_config
-from blockmarket.simulator.game import discover_roster
+from blockmarket.simulator.roster import discover_roster
 from blockmarket.wire.protocol import encode_status
 from blockmarket.wire.transport import MAX_WILL_BYTES, RuntimeTransport
-from tests.support.runtime import (
+from tests.support.serving import (
     ITEMS,
     GameClient,
     check_matrices,

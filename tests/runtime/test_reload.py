@@ -23,9 +23,11 @@ from blockmarket.core.config import load_config
 from blockmarket.core.state import realistic_states
 from blockmarket.models.files import METADATA_SUFFIX, discover_models, read_model, sha256_file
 from runtime.agents import create_population
-from runtime.reload import (
+from runtime.reload import ModelReloader
+from runtime.server import RuntimeServer
+from runtime.sessions import SessionPool
+from runtime.watchers import (
     Changes,
-    ModelReloader,
     ModelWatcher,
     NotifyWatcher,
     PollingWatcher,
@@ -33,10 +35,8 @@ from runtime.reload import (
     WatchedFiles,
     model_watcher,
 )
-from runtime.server import RuntimeServer
-from runtime.sessions import SessionPool
 from tests.support.pools import CountingFactory, make_pool
-from tests.support.runtime import (
+from tests.support.serving import (
     BIG_HIDDEN,
     ITEMS,
     CpuPressure,
@@ -85,7 +85,7 @@ def touch_later(path: Path) -> None:
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
-    """What the converter does (conversion/files.py): a temp file next to the target, then a rename."""
+    """What the converter does (blockmarket/core/files.py): a temp file next to the target, then a rename."""
     tmp = path.with_name(f".{path.name}.1234.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -21,7 +21,7 @@ from runtime.intake import AcceptedTick, TickIntake, TickSlot
 from runtime.scheduler import TickScheduler
 from runtime.sessions import SessionPool
 from tests.support.pools import CountingFactory
-from tests.support.runtime import (
+from tests.support.serving import (
     ITEMS,
     RecordingPublisher,
     reference_forward,

@@ -22,7 +22,7 @@ from runtime.scheduler import TickScheduler
 from runtime.server import RuntimeServer
 from tests.support.docs import section, table_rows
 from tests.support.original_format import make_network, write_original_checkpoint
-from tests.support.runtime import (
+from tests.support.serving import (
     ITEMS,
     GameClient,
     RecordingPublisher,

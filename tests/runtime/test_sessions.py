@@ -11,10 +11,11 @@ import pytest
 from blockmarket.core.state import realistic_states
 from blockmarket.models.files import discover_models, read_model
 from runtime.agents import create_population
-from runtime.sessions import PoolError, SessionPool
+from runtime.planning import PoolError
+from runtime.sessions import SessionPool
 from tests.support.pools import CountingFactory, make_pool, per_agent_reference
 from tests.support.qnn import require_qnn
-from tests.support.runtime import ITEMS, reference_forward, trading_weights, write_model
+from tests.support.serving import ITEMS, reference_forward, trading_weights, write_model
 
 
 async def test_batched_groups_match_per_agent_runs(model_dir: Path) -> None:
@@ -109,7 +110,7 @@ async def test_population_pack_runs_on_the_qnn_htp_backend(model_dir: Path) -> N
     """The real NPU path: a grouped-Conv pack compiled for HTP (simulated here), checked per agent row."""
     require_qnn()
     from blockmarket.core.config import NpuConfig
-    from runtime.sessions import default_session_factory
+    from runtime.units import default_session_factory
 
     npu = NpuConfig(context_cache=False, require_npu=True)  # any CPU-fallback node fails the test
     pool = await make_pool(
@@ -141,7 +142,7 @@ async def test_require_npu_refuses_a_group_without_a_static_variant(model_dir: P
     require_qnn()
     from blockmarket.core.config import NpuConfig
     from blockmarket.models.providers import ProviderError
-    from runtime.sessions import default_session_factory
+    from runtime.units import default_session_factory
 
     factory = default_session_factory(NpuConfig(context_cache=False, require_npu=True), 1)
     with pytest.raises(ProviderError, match="dynamic input dimensions"):

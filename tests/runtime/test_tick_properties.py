@@ -19,7 +19,7 @@ from hypothesis.extra.numpy import arrays
 from blockmarket.core.config import RuntimeConfig
 from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN
 from blockmarket.wire.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
-from tests.support.runtime import ITEMS, OfflineMarket, runaway_weights, trading_weights, write_model
+from tests.support.serving import ITEMS, OfflineMarket, runaway_weights, trading_weights, write_model
 
 AGENTS = 6
 N = len(ITEMS)

@@ -13,13 +13,8 @@ import numpy as np
 import pytest
 
 from blockmarket.core.config import Config, MqttConfig
-from blockmarket.simulator.game import (
-    MarketSimulator,
-    SimulatorError,
-    discover_roster,
-    obeys_update_rule,
-    roster_from_message,
-)
+from blockmarket.simulator.roster import SimulatorError, discover_roster, roster_from_message
+from blockmarket.simulator.simulation import MarketSimulator, obeys_update_rule
 from blockmarket.wire.protocol import RosterMessage, Topics
 from blockmarket.wire.transport import MqttLink
 from tests.support.broker import SHARED_HOST, SHARED_PORT

@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from tests.support.original_format import ITEMS_5, ITEMS_8, make_network, write_original_checkpoint
-from tests.support.runtime import python_module
+from tests.support.serving import python_module
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from blockmarket.models.files import discover_models
 from runtime.agents import create_population
 from runtime.sessions import SessionPool
-from tests.support.runtime import ITEMS
+from tests.support.serving import ITEMS
 
 
 class CountingFactory:

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from blockmarket.core.config import MqttConfig, RuntimeConfig, dump_default_config, load_config
 from blockmarket.core.state import state_dim
 from blockmarket.models.files import discover_models
-from blockmarket.simulator.game import same_runtime
+from blockmarket.simulator.roster import same_runtime
 from blockmarket.wire.protocol import (
     Limits,
     MarketTick,

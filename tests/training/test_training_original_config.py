@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conversion.checkpoint import load_checkpoint
-from tests.support.runtime import REPO, python_module
+from tests.support.serving import REPO, python_module
 from training.evolution import SUMMARY_FILE
 
 ORIGINAL = {

@@ -14,7 +14,8 @@ import pytest
 from blockmarket.core.config import MqttConfig
 from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
 from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
-from tests.support.runtime import (
+from tests.support.secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
+from tests.support.serving import (
     ITEMS,
     GameClient,
     check_matrices,
@@ -24,7 +25,6 @@ from tests.support.runtime import (
     write_config,
     write_model,
 )
-from tests.support.secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
 from tests.support.wire import Inbox, make_tick, started
 
 pytestmark = pytest.mark.slow
