@@ -21,6 +21,7 @@ from blockmarket.core.config import NpuConfig
 from blockmarket.core.contract import MATRIX_OUTPUT, PACK_TOLERANCE, VALIDATION_SEED, ModelContract
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
+from blockmarket.models.packcheck import row_errors
 from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
 
 log = logging.getLogger(__name__)
@@ -165,14 +166,15 @@ class UnitBuilder:
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
         """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances)."""
         on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
-        atol, rtol = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
+        tolerance = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
         keys = np.asarray(unit.row_keys)
         for key, info in unit.models.items():
             rows = np.flatnonzero(keys == key)
             alone = ort.InferenceSession(str(info.onnx_path), providers=["CPUExecutionProvider"])
             reference = alone.run(None, {alone.get_inputs()[0].name: states[rows]})[0]
-            error = np.abs(out[rows] - reference)
-            if (error > atol + rtol * np.abs(reference)).any():
+            error, excess = row_errors(out[rows], reference, tolerance)
+            atol, rtol = tolerance
+            if (excess > 0).any():
                 raise PoolError(
                     f"{unit.model_path}: pack rows of {info.onnx_path.name} differ from the model run alone "
                     f"(max abs error {float(error.max()):.3g} > atol {atol} + rtol {rtol})"
