@@ -247,25 +247,6 @@ def _coerce(data: Any) -> Any:
     return data
 
 
-def _relax_numbers(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept `5` for a float field (strict mode would refuse it) without accepting "5"."""
-    out: dict[str, Any] = {}
-    for name, section in data.items():
-        fields = SECTIONS[name].model_fields
-        if not isinstance(section, dict):
-            out[name] = section  # pydantic names what is wrong with it
-            continue
-        out[name] = {
-            key: float(value)
-            if "float" in str(fields[key].annotation)
-            and isinstance(value, int)
-            and not isinstance(value, bool)
-            else value
-            for key, value in section.items()
-        }
-    return out
-
-
 def _unknown(where: str, name: str, known: Iterable[str], what: str) -> str:
     typed = name.rpartition(".")[2]
     close = [k for k in known if k.startswith(typed) or typed.startswith(k)]
@@ -342,7 +323,7 @@ def parse_config(data: object, source: str = "<config>", overrides: Overrides | 
     if problems:
         raise ConfigError("\n".join(problems))
     try:
-        config = Config.model_validate(_relax_numbers(_coerce(sections)))
+        config = Config.model_validate(_coerce(sections))  # strict pydantic accepts 5 for a float, not "5"
     except ValidationError as exc:
         raise ConfigError("\n".join(_error_line(e, source, overrides) for e in exc.errors())) from None
     notices: list[Notice] = []
