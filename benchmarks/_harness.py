@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from benchmarks._report import REPO_ROOT
 from blockmarket.core.config import Config, load_config
+from blockmarket.core.files import atomic_target
 from blockmarket.models.files import METADATA_SUFFIX
 from blockmarket.wire.protocol import Limits, ProtocolError, Topics, decode_status
 
@@ -146,7 +147,6 @@ def write_converted(
 ) -> str:
     """Write ``stem``.onnx and its metadata as the converter does: each file whole (temp file + rename),
     the model first, so hot reload never reads half a file. Returns the model's sha256."""
-    from blockmarket.core.files import atomic_target  # no torch: conversion's package imports lazily
 
     sha256 = hashlib.sha256(payload).hexdigest()
     conversion = {**metadata["conversion_info"], "onnx_sha256": sha256, "derived_from": derived_from}

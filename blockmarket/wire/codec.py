@@ -40,7 +40,7 @@ def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return out
 
 
-def _unpack(
+def unpack(
     payload: bytes, limits: Limits, kind: str, required: frozenset[str], optional: frozenset[str] | None
 ) -> dict[str, Any]:
     """Size check, bounded unpack, version and key check (``optional`` None: any other keys allowed)."""
@@ -143,7 +143,7 @@ def _declared_over_limit(payload: bytes, limits: Limits) -> str | None:
     return None
 
 
-def _int(data: Mapping[str, Any], key: str, maximum: int) -> int:
+def int_field(data: Mapping[str, Any], key: str, maximum: int) -> int:
     value = data[key]
     if type(value) is not int:
         raise ProtocolError("schema", f"{key} must be an integer, got {type(value).__name__}")
@@ -152,7 +152,7 @@ def _int(data: Mapping[str, Any], key: str, maximum: int) -> int:
     return value
 
 
-def _float(data: Mapping[str, Any], key: str, maximum: float = math.inf) -> float:
+def float_field(data: Mapping[str, Any], key: str, maximum: float = math.inf) -> float:
     value = data[key]
     if type(value) is not float and type(value) is not int:
         raise ProtocolError("schema", f"{key} must be a number, got {type(value).__name__}")
@@ -163,14 +163,14 @@ def _float(data: Mapping[str, Any], key: str, maximum: float = math.inf) -> floa
     return float(value)
 
 
-def _str(data: Mapping[str, Any], key: str) -> str:
+def str_field(data: Mapping[str, Any], key: str) -> str:
     value = data[key]
     if not isinstance(value, str) or not value:
         raise ProtocolError("schema", f"{key} must be a non-empty string, got {value!r}")
     return value
 
 
-def _strings(data: Mapping[str, Any], key: str, count: int | None = None) -> tuple[str, ...]:
+def strings_field(data: Mapping[str, Any], key: str, count: int | None = None) -> tuple[str, ...]:
     """A non-empty array of strings (of ``count`` entries when given)."""
     values = data[key]
     if not isinstance(values, list) or not values or set(map(type, values)) != {str}:
@@ -180,8 +180,8 @@ def _strings(data: Mapping[str, Any], key: str, count: int | None = None) -> tup
     return tuple(values)
 
 
-def _agent_ids(data: Mapping[str, Any], key: str = "agent_ids") -> tuple[str, ...]:
-    ids = _strings(data, key)
+def agent_ids_field(data: Mapping[str, Any], key: str = "agent_ids") -> tuple[str, ...]:
+    ids = strings_field(data, key)
     unique = set(ids)
     if "" in unique:
         raise ProtocolError("schema", f"{key} has an empty string")
@@ -194,10 +194,12 @@ def _agent_ids(data: Mapping[str, Any], key: str = "agent_ids") -> tuple[str, ..
     return ids
 
 
-def _array(data: Mapping[str, Any], key: str, shape: tuple[int | None, ...], limits: Limits) -> FloatArray:
+def array_field(
+    data: Mapping[str, Any], key: str, shape: tuple[int | None, ...], limits: Limits
+) -> FloatArray:
     """A wire array as float32 (a read-only view of the payload for "<f4"); None in ``shape`` = item axis.
 
-    Finiteness and ranges are the caller's: :func:`_within` checks them in two reductions.
+    Finiteness and ranges are the caller's: :func:`check_within` checks them in two reductions.
     """
     value = data[key]
     if type(value) is not dict or len(value) != 3 or not {"dtype", "shape", "data"}.issuperset(value):
@@ -229,7 +231,7 @@ def _array(data: Mapping[str, Any], key: str, shape: tuple[int | None, ...], lim
         return values.astype(np.float32)
 
 
-def _within(key: str, values: FloatArray, low: float, high: float) -> None:
+def check_within(key: str, values: FloatArray, low: float, high: float) -> None:
     """Every value finite and in [low, high] (NaN fails both reductions, so one fast path covers all)."""
     if values.size == 0 or (values.min() >= low and values.max() <= high):
         return
@@ -241,14 +243,14 @@ def _within(key: str, values: FloatArray, low: float, high: float) -> None:
     )
 
 
-def _item_count(*arrays: FloatArray) -> None:
+def check_item_count(*arrays: FloatArray) -> None:
     """All item axes of one message must agree."""
     sizes = {a.shape[-1] for a in arrays}
     if len(sizes) > 1:
         raise ProtocolError("shape", f"item axes disagree: {sorted(sizes)}")
 
 
-def _market_rates(rates: FloatArray) -> None:
+def check_market_rates(rates: FloatArray) -> None:
     """Market rates lie in the matrix range [0.1, 10], or are all zeros ("no market data")."""
     if not (rates.min() == 0.0 and rates.max() == 0.0):
-        _within("market_mean", rates, MATRIX_MIN, MATRIX_MAX)
+        check_within("market_mean", rates, MATRIX_MIN, MATRIX_MAX)

@@ -22,16 +22,16 @@ import numpy as np
 
 from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN
 from blockmarket.wire.codec import (
-    _agent_ids,
-    _array,
-    _float,
-    _int,
-    _item_count,
-    _market_rates,
-    _str,
-    _strings,
-    _unpack,
-    _within,
+    agent_ids_field,
+    array_field,
+    check_item_count,
+    check_market_rates,
+    check_within,
+    float_field,
+    int_field,
+    str_field,
+    strings_field,
+    unpack,
 )
 from blockmarket.wire.limits import (
     ACCEPTED_DTYPES,
@@ -99,28 +99,28 @@ _TICK_OPTIONAL = frozenset({"market_mean"})
 
 def decode_tick(payload: bytes, limits: Limits) -> MarketTick:
     """Parse and check a tick from the game server; raises :class:`ProtocolError`."""
-    data = _unpack(payload, limits, "tick", _TICK_REQUIRED, _TICK_OPTIONAL)
-    ids = _agent_ids(data)
+    data = unpack(payload, limits, "tick", _TICK_REQUIRED, _TICK_OPTIONAL)
+    ids = agent_ids_field(data)
     count = len(ids)
-    inventory = _array(data, "inventory", (count, None), limits)
-    successful = _array(data, "successful", (count,), limits)
-    attempted = _array(data, "attempted", (count,), limits)
+    inventory = array_field(data, "inventory", (count, None), limits)
+    successful = array_field(data, "successful", (count,), limits)
+    attempted = array_field(data, "attempted", (count,), limits)
     market_mean = None
     if data.get("market_mean") is not None:
-        market_mean = _array(data, "market_mean", (None, None), limits)
-        _item_count(inventory, market_mean, market_mean.T)
+        market_mean = array_field(data, "market_mean", (None, None), limits)
+        check_item_count(inventory, market_mean, market_mean.T)
     for name, values in (("inventory", inventory), ("successful", successful), ("attempted", attempted)):
-        _within(name, values, 0.0, limits.max_count)
+        check_within(name, values, 0.0, limits.max_count)
     if market_mean is not None:
-        _market_rates(market_mean)
+        check_market_rates(market_mean)
     if (successful > attempted).any():
         rows = np.flatnonzero(successful > attempted)
         raise ProtocolError(
             "range", f"successful > attempted for {len(rows)} agent(s), e.g. {ids[rows[0]]!r}"
         )
     return MarketTick(
-        tick=_int(data, "tick", limits.max_tick),
-        sent_at=_float(data, "sent_at", limits.max_time_s),
+        tick=int_field(data, "tick", limits.max_tick),
+        sent_at=float_field(data, "sent_at", limits.max_time_s),
         agent_ids=ids,
         inventory=inventory,
         successful=successful,
@@ -142,18 +142,18 @@ def _versions(data: Mapping[str, Any]) -> dict[str, str]:
 
 def decode_matrices(payload: bytes, limits: Limits) -> MatricesMessage:
     """Parse and check the runtime's answer (game-server side); raises :class:`ProtocolError`."""
-    data = _unpack(payload, limits, "matrices", _MATRICES_REQUIRED, _MATRICES_OPTIONAL)
-    ids = _agent_ids(data)
-    matrices = _array(data, "matrices", (len(ids), None, None), limits)
-    _item_count(matrices, matrices.transpose(0, 2, 1))
-    _within("matrices", matrices, -math.inf, math.inf)
+    data = unpack(payload, limits, "matrices", _MATRICES_REQUIRED, _MATRICES_OPTIONAL)
+    ids = agent_ids_field(data)
+    matrices = array_field(data, "matrices", (len(ids), None, None), limits)
+    check_item_count(matrices, matrices.transpose(0, 2, 1))
+    check_within("matrices", matrices, -math.inf, math.inf)
     return MatricesMessage(
-        tick=_int(data, "tick", limits.max_tick),
-        sent_at=_float(data, "sent_at"),
-        served_at=_float(data, "served_at"),
+        tick=int_field(data, "tick", limits.max_tick),
+        sent_at=float_field(data, "sent_at"),
+        served_at=float_field(data, "served_at"),
         agent_ids=ids,
         matrices=matrices,
-        latency_ms=_float(data, "latency_ms"),
+        latency_ms=float_field(data, "latency_ms"),
         model_versions=_versions(data),
     )
 
@@ -163,14 +163,14 @@ _AGENT_MATRIX_KEYS = frozenset({"tick", "served_at", "agent_id", "matrix"})
 
 def decode_agent_matrix(payload: bytes, limits: Limits) -> AgentMatrix:
     """Parse one per-agent matrix message; raises :class:`ProtocolError`."""
-    data = _unpack(payload, limits, "agent_matrix", _AGENT_MATRIX_KEYS, frozenset())
-    matrix = _array(data, "matrix", (None, None), limits)
-    _item_count(matrix, matrix.T)
-    _within("matrix", matrix, -math.inf, math.inf)
+    data = unpack(payload, limits, "agent_matrix", _AGENT_MATRIX_KEYS, frozenset())
+    matrix = array_field(data, "matrix", (None, None), limits)
+    check_item_count(matrix, matrix.T)
+    check_within("matrix", matrix, -math.inf, math.inf)
     return AgentMatrix(
-        tick=_int(data, "tick", limits.max_tick),
-        served_at=_float(data, "served_at"),
-        agent_id=_str(data, "agent_id"),
+        tick=int_field(data, "tick", limits.max_tick),
+        served_at=float_field(data, "served_at"),
+        agent_id=str_field(data, "agent_id"),
         matrix=matrix,
     )
 
@@ -182,7 +182,7 @@ def _wordy(limits: Limits) -> Limits:
 
 def decode_status(payload: bytes, limits: Limits) -> dict[str, Any]:
     """Parse the runtime status (without ``v``/``type``); ``state`` is required, other keys are open."""
-    data = _unpack(payload, _wordy(limits), "status", frozenset({"state"}), None)
+    data = unpack(payload, _wordy(limits), "status", frozenset({"state"}), None)
     if data["state"] not in ("online", "offline"):
         raise ProtocolError("schema", f"status state {data['state']!r} is not 'online' or 'offline'")
     return {k: v for k, v in data.items() if k not in ("v", "type")}
@@ -206,22 +206,22 @@ _ROSTER_KEYS = frozenset(
 def decode_roster(payload: bytes, limits: Limits) -> RosterMessage:
     """Parse the runtime's roster (game-server side); raises :class:`ProtocolError`."""
     wordy = _wordy(limits)
-    data = _unpack(payload, wordy, "roster", _ROSTER_KEYS, frozenset())
-    ids = _agent_ids(data)
-    items = _strings(data, "items")
-    desired = _strings(data, "desired", len(ids))
-    models = _strings(data, "models", len(ids))
+    data = unpack(payload, wordy, "roster", _ROSTER_KEYS, frozenset())
+    ids = agent_ids_field(data)
+    items = strings_field(data, "items")
+    desired = strings_field(data, "desired", len(ids))
+    models = strings_field(data, "models", len(ids))
     versions = _versions(data)
     if unknown := sorted(set(desired) - set(items)):
         raise ProtocolError("schema", f"desired items {unknown[:5]} are not in items {list(items)}")
     if unknown := sorted(set(models) - set(versions)):
         raise ProtocolError("schema", f"models {unknown[:5]} have no entry in model_versions")
-    matrices = _array(data, "initial_matrices", (len(ids), len(items), len(items)), wordy)
-    _within("initial_matrices", matrices, MATRIX_MIN, MATRIX_MAX)
+    matrices = array_field(data, "initial_matrices", (len(ids), len(items), len(items)), wordy)
+    check_within("initial_matrices", matrices, MATRIX_MIN, MATRIX_MAX)
     return RosterMessage(
-        client_id=_str(data, "client_id"),
-        started_at=_float(data, "started_at"),
-        pool_generation=_int(data, "pool_generation", limits.max_tick),
+        client_id=str_field(data, "client_id"),
+        started_at=float_field(data, "started_at"),
+        pool_generation=int_field(data, "pool_generation", limits.max_tick),
         items=items,
         agent_ids=ids,
         desired=desired,
