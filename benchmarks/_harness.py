@@ -32,9 +32,10 @@ import yaml
 from onnx import numpy_helper
 
 from benchmarks._report import REPO_ROOT
-from runtime.config import Config, load_config
-from runtime.models import METADATA_SUFFIX
-from runtime.protocol import Limits, ProtocolError, Topics, decode_status
+from blockmarket.core.config import Config, load_config
+from blockmarket.core.files import atomic_target
+from blockmarket.models.files import METADATA_SUFFIX
+from blockmarket.wire.protocol import Limits, ProtocolError, Topics, decode_status
 
 STATUS_LIMITS = Limits(max_payload_bytes=64 * 1024 * 1024)
 # Where a run keeps its files and topics: set per run, not settings that change how it serves
@@ -76,9 +77,9 @@ def write_checkpoints(folder: Path, count: int, items: tuple[str, ...], hidden: 
     """``count`` random TradingNetwork agents in the original trainer's checkpoint format."""
     import torch
 
+    from blockmarket.core.state import initial_matrices, state_dim
     from conversion.checkpoint import save_checkpoint
     from conversion.networks import TradingNetwork
-    from runtime.state import initial_matrices, state_dim
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -146,7 +147,6 @@ def write_converted(
 ) -> str:
     """Write ``stem``.onnx and its metadata as the converter does: each file whole (temp file + rename),
     the model first, so hot reload never reads half a file. Returns the model's sha256."""
-    from conversion.files import atomic_target  # no torch: conversion's package imports lazily
 
     sha256 = hashlib.sha256(payload).hexdigest()
     conversion = {**metadata["conversion_info"], "onnx_sha256": sha256, "derived_from": derived_from}

@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from blockmarket.core.files import atomic_target
+from blockmarket.core.stats import percentiles
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("numpy", "onnxruntime-qnn", "onnx", "torch", "aiomqtt", "msgpack", "watchfiles")
@@ -119,9 +122,10 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     if not seconds:
         raise ValueError("no samples to summarise")
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p99 = percentiles(ms, digits=4)
     return {
-        "p50_ms": round(float(np.percentile(ms, 50)), 4),
-        "p99_ms": round(float(np.percentile(ms, 99)), 4),
+        "p50_ms": p50,
+        "p99_ms": p99,
         "mean_ms": round(float(ms.mean()), 4),
         "max_ms": round(float(ms.max()), 4),
         "samples": len(ms),
@@ -181,9 +185,8 @@ def write_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     machine = {**machine, "load_average_1m_end": round(os.getloadavg()[0], 2)}
     document = {"benchmark": benchmark, "machine": machine, "settings": settings, "results": results}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     flags = " ".join(flag for flag, present in machine.get("cpu_flags", {}).items() if present) or "unknown"
     print(f"\nmachine: {machine['cpu']}, {machine['logical_cores']} logical cores, CPU flags: {flags}")
     print(f"wrote {path}")

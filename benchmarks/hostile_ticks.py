@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from runtime.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
+from blockmarket.wire.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
 
 Tick = dict[str, Any]
 UNPRINTABLE = ("\n", "\r\n", "\x00", "\x1b[31m", "\x7f", "\u202e", "\u2028", "\x85")

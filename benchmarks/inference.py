@@ -25,6 +25,8 @@ array, best of several, 1 and 2 threads), next to the pack's weight bytes per ti
 distinct weights, every weight is read once per tick, so bandwidth is the physical limit.
 """
 
+# size: a benchmark script: setup, every path and the report in one file to read
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +57,7 @@ from benchmarks._report import (
     time_calls,
     write_results,
 )
-from conversion.export import convert_to_onnx
-from conversion.networks import TradingNetwork
-from runtime.pack import build_pack, save_pack
-from runtime.state import (
+from blockmarket.core.state import (
     MATRIX_MAX,
     MATRIX_MIN,
     apply_update,
@@ -68,6 +67,9 @@ from runtime.state import (
     realistic_states,
     state_dim,
 )
+from blockmarket.models.pack import build_pack, save_pack
+from conversion.export import convert_to_onnx
+from conversion.networks import TradingNetwork
 
 FloatArray = npt.NDArray[np.float32]
 PATHS = ("original", "ort_per_agent", "ours")
@@ -357,6 +359,7 @@ def ort_sessions(bank: WeightBank, count: int, folder: Path) -> list[ort.Inferen
     return sessions
 
 
+# size: one benchmark case, its paths timed in the order the report prints them
 def run_case(
     args: argparse.Namespace, case: str, agents: int, bank: WeightBank, folder: Path, pool: list[Any]
 ) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 ONNX Runtime picks its int8 kernels by instruction set (AVX2, AVX-512, VNNI, ARM64 dot product), and
 their arithmetic differs: without VNNI, x86 adds pairs of uint8 x int8 products in a saturating int16.
 Run this on any machine to see the error of the int8 pack (``runtime.cpu_pack_precision: auto``) against
-the tolerance the runtime enforces (``runtime.sessions.PACK_TOLERANCE["cpu_int8"]``); the CPU flags are in
-the printed machine line and the JSON.
+the tolerance the runtime enforces (``blockmarket.core.contract.PACK_TOLERANCE["cpu_int8"]``); the CPU
+flags are in the printed machine line and the JSON.
 
 Populations: ``--populations`` sets of ``--agents`` distinct networks with PyTorch's default nn.Linear
 initialisation, heads scaled x1/x4/x8/x12 in turn (outputs up to ~7, like trained policies), on
@@ -23,9 +23,9 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
-from runtime.pack import INPUT_NAME, WEIGHT_LEVELS, build_pack
-from runtime.sessions import PACK_TOLERANCE
-from runtime.state import realistic_states, state_dim
+from blockmarket.core.contract import INPUT_NAME, PACK_TOLERANCE
+from blockmarket.core.state import realistic_states, state_dim
+from blockmarket.models.pack import WEIGHT_LEVELS, build_pack
 
 HEAD_SCALES = (1.0, 4.0, 8.0, 12.0)
 

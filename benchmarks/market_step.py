@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
-from runtime.config import Config, EnvironmentConfig
-from runtime.market import MarketPopulation, trade_step
-from runtime.neighbours import DENSE_MAX_AGENTS, Method, pairs_in_range
+from blockmarket.core.config import Config, EnvironmentConfig
+from blockmarket.core.stats import percentiles
+from blockmarket.market.neighbours import DENSE_MAX_AGENTS, Method, pairs_in_range
+from blockmarket.market.rules import MarketPopulation, trade_step
 
 METHODS: tuple[Method, ...] = ("dense", "grid", "auto")
 HEADERS = [
@@ -100,7 +101,7 @@ def time_case(case: Case, env: EnvironmentConfig, steps: int, dense_max: int, se
     for method in METHODS:
         ms = np.asarray(times.get(method, []), dtype=np.float64) * 1e3
         result[f"{method}_p50_ms"] = round(float(np.median(ms)), 3) if ms.size else None
-        result[f"{method}_p99_ms"] = round(float(np.percentile(ms, 99)), 3) if ms.size else None
+        result[f"{method}_p99_ms"] = percentiles(ms, (99,))[0] if ms.size else None
     dense, auto = result["dense_p50_ms"], result["auto_p50_ms"]
     result["speedup"] = round(dense / auto, 1) if dense else None
     return result

@@ -24,6 +24,8 @@ kind, every reload applied, or RSS growth >= --max-rss-growth (default 5 %). On 
 serves on the CPU EP (the QNN HTP backend is a simulator).
 """
 
+# size: a benchmark script: the soak run, its checks and its report in one file to read
+
 from __future__ import annotations
 
 import argparse
@@ -65,9 +67,9 @@ from benchmarks._harness import (
 )
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 from benchmarks.hostile_ticks import HostilePayloads
-from runtime.config import Config
-from runtime.models import METADATA_SUFFIX
-from runtime.protocol import (
+from blockmarket.core.config import Config
+from blockmarket.models.files import METADATA_SUFFIX
+from blockmarket.wire.protocol import (
     Limits,
     MarketTick,
     ProtocolError,
@@ -78,7 +80,7 @@ from runtime.protocol import (
     decode_status,
     encode_tick,
 )
-from runtime.sessions import PACK_DIR
+from runtime.units import PACK_DIR
 
 BUCKETS = ("ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors", "ticks_in_flight")
 RETAINED_SHARE = 1 / 8  # of the hostile messages, published with the retain flag

@@ -44,9 +44,9 @@ from benchmarks._harness import (
     write_config,
 )
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
-from runtime.config import Config
-from runtime.protocol import Limits, MarketTick, Topics, decode_matrices, encode_tick
-from runtime.simulator import discover_roster
+from blockmarket.core.config import Config
+from blockmarket.simulator.roster import discover_roster
+from blockmarket.wire.protocol import Limits, MarketTick, Topics, decode_matrices, encode_tick
 
 TARGET_FIRST_TICK_S = 5.0
 RETRY_TICK_S = 0.05  # republish the first tick this often until it is answered (subscription races)

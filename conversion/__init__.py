@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "ONNXConverter": "conversion.converter",
-    "ConversionResult": "conversion.converter",
+    "ConversionResult": "conversion.results",
     "convert_to_onnx": "conversion.export",
     "export_static": "conversion.export",
     "ValidationReport": "conversion.validation",

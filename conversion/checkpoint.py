@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from blockmarket.core.files import atomic_target
 from conversion.container import UnsafeContainer, check_container
-from conversion.files import atomic_target
 
 T = TypeVar("T")
 

@@ -26,8 +26,8 @@ import argparse
 from pathlib import Path
 from typing import get_args
 
-from runtime.command import given, run_command, usage_error
-from runtime.config import Config, Overrides, Precision
+from blockmarket.core.command import given, run_command, usage_error
+from blockmarket.core.config import Config, Overrides, Precision
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +131,8 @@ def convert_command(config: Config, args: argparse.Namespace) -> int:
     if not model_path.is_dir():
         return usage_error("convert", f"--model-path {model_path}: no such directory")
 
-    from conversion.converter import ONNXConverter, format_summary  # imports torch: only when converting
+    from conversion.converter import ONNXConverter  # imports torch: only when converting
+    from conversion.results import format_summary
 
     converter = ONNXConverter(
         config, model_path=model_path, output_dir=args.output_dir, pattern=args.pattern, force=args.force

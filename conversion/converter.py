@@ -22,51 +22,28 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from blockmarket.core.config import Config
+from blockmarket.core.files import replace_file
+from blockmarket.models.files import VARIANT_KEY, ModelError, model_file, sha256_file
 from conversion.checkpoint import AgentCheckpoint, CheckpointError, load_checkpoint, require_regular_file
 from conversion.discovery import discover
 from conversion.example import write_inference_example
 from conversion.export import DynamicAxes, ExportedModel, convert_to_onnx
-from conversion.files import sha256_file
 from conversion.metadata import build_metadata, metadata_path, read_metadata, write_json_atomic
 from conversion.networks import ArchitectureError, NetworkSpec, load_network, spec_of
+from conversion.results import ConversionResult
 from conversion.validation import ValidationError, ValidationReport, validate_onnx
-from runtime.config import Config
-from runtime.files import replace_file
-from runtime.models import VARIANT_KEY, ModelError, model_file
 
 LOG = logging.getLogger(__name__)
 
-Status = Literal["converted", "skipped", "validated", "failed"]
 USER_ERRORS = (CheckpointError, ArchitectureError, ValidationError)
-
-
-@dataclass
-class ConversionResult:
-    """The outcome for one checkpoint (what the summary table and the runtime read)."""
-
-    source: Path
-    name: str
-    status: Status
-    architecture: str | None = None
-    num_items: int | None = None
-    onnx_path: Path | None = None
-    metadata_path: Path | None = None
-    max_abs_error: float | None = None
-    seconds: float = 0.0
-    error: str | None = None
-    variants: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "failed"
 
 
 def _first_line(source: Path, exc: Exception) -> str:
@@ -226,8 +203,8 @@ class ONNXConverter:
         require_regular_file(source)
         try:
             source_sha = sha256_file(source)
-        except OSError as exc:
-            raise CheckpointError(f"{source}: cannot read ({exc.strerror})") from None
+        except ModelError as exc:  # sha256_file's OSError, named
+            raise CheckpointError(str(exc)) from None
         previous = self._current_metadata(onnx_path, source_sha)
         if previous is not None:
             info = previous["model_info"]
@@ -379,33 +356,3 @@ class ONNXConverter:
         path = write_inference_example(self.output_dir, self.config.npu)
         LOG.info("inference example: %s", path)
         return path
-
-
-def format_summary(results: list[ConversionResult]) -> str:
-    """The end-of-run table: name, architecture, n, status, max abs error, time; then the failures."""
-    header = ("name", "architecture", "n", "status", "max abs err", "time")
-    rows = [
-        (
-            r.name,
-            r.architecture or "-",
-            str(r.num_items or "-"),
-            r.status,
-            "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}",
-            f"{r.seconds:.2f}s",
-        )
-        for r in results
-    ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    counts = Counter(r.status for r in results)
-    total = sum(r.seconds for r in results)
-    lines.append(
-        ", ".join(f"{counts[s]} {s}" for s in ("converted", "skipped", "validated", "failed") if counts[s])
-    )
-    lines[-1] = f"{lines[-1] or 'nothing to do'} in {total:.1f} s"
-    lines += [f"FAILED {r.error}" for r in results if r.error]
-    return "\n".join(lines)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conversion.files import atomic_target
-from runtime.config import NpuConfig
+from blockmarket.core.config import NpuConfig
+from blockmarket.core.files import atomic_target
+from blockmarket.models.providers import qnn_config_options
 
 EXAMPLE_NAME = "npu_inference_example.py"
 
@@ -165,18 +166,10 @@ if __name__ == "__main__":
 '''
 
 
-def qnn_provider_options(npu: NpuConfig) -> dict[str, str]:
-    """The QNN HTP provider options the config asks for (backend_path is added where QNN is installed)."""
-    options = {"htp_performance_mode": npu.performance_mode, "soc_model": str(npu.soc_model)}
-    options["htp_arch"] = str(npu.htp_arch)
-    if npu.fp16_precision:
-        options["enable_htp_fp16_precision"] = "1"
-    return options
-
-
 def render_example(npu: NpuConfig) -> str:
     """The script's text for this configuration."""
-    return _TEMPLATE.replace("__QNN_OPTIONS__", repr(qnn_provider_options(npu)))
+    # the runtime's options (backend_path is added by the script where QNN is installed)
+    return _TEMPLATE.replace("__QNN_OPTIONS__", repr(qnn_config_options(npu)))
 
 
 def write_inference_example(output_dir: Path, npu: NpuConfig) -> Path:

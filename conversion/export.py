@@ -17,10 +17,10 @@ import onnx
 import torch
 from torch import nn
 
-from conversion.files import atomic_target
+from blockmarket.core.contract import INPUT_NAME, OPSET
+from blockmarket.core.files import atomic_target
 from conversion.networks import spec_of
 
-INPUT_NAME = "state_vector"
 BATCH_AXIS = "batch"
 
 DynamicAxes = Mapping[str, Mapping[int, str]]
@@ -53,7 +53,7 @@ def written_opset(model: onnx.ModelProto) -> int:
 def convert_to_onnx(
     model: nn.Module,
     path: str | Path,
-    opset_version: int = 17,
+    opset_version: int = OPSET,
     dynamic_axes: DynamicAxes | bool = True,
     batch_size: int = 1,
 ) -> ExportedModel:
@@ -90,7 +90,7 @@ def convert_to_onnx(
 
 
 def export_static(
-    model: nn.Module, path: str | Path, batch_size: int, opset_version: int = 17
+    model: nn.Module, path: str | Path, batch_size: int, opset_version: int = OPSET
 ) -> ExportedModel:
     """Export with a fixed batch size: the shape QNN HTP needs to place every node on the NPU."""
     if batch_size < 1:

@@ -18,9 +18,10 @@ import onnx
 import onnxruntime
 import torch
 
+from blockmarket.core.files import atomic_target
+from blockmarket.models.files import sha256_file
 from conversion.checkpoint import AgentCheckpoint
 from conversion.export import ExportedModel
-from conversion.files import atomic_target, sha256_file
 from conversion.networks import NetworkSpec
 from conversion.validation import ValidationReport
 

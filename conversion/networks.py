@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from runtime.state import items_from_state_dim, state_dim
-
-MATRIX_FLOOR = 0.1  # the policy output is softplus(head) + 0.1, so every rate is > 0.1
+from blockmarket.core.contract import CONTRACTS, OUTPUT_FLOOR
+from blockmarket.core.state import items_from_state_dim, state_dim
 
 
 class TradingNetwork(nn.Module):
@@ -35,7 +34,7 @@ class TradingNetwork(nn.Module):
         self.trading_matrix_head = nn.Linear(hidden_dim, num_items * num_items)
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return functional.softplus(self.trading_matrix_head(self.shared(state))) + MATRIX_FLOOR
+        return functional.softplus(self.trading_matrix_head(self.shared(state))) + OUTPUT_FLOOR
 
 
 class ValueNetwork(nn.Module):
@@ -74,7 +73,7 @@ class ActorCriticNetwork(nn.Module):
 
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.shared(state)
-        return functional.softplus(self.actor(features)) + MATRIX_FLOOR, self.critic(features)
+        return functional.softplus(self.actor(features)) + OUTPUT_FLOOR, self.critic(features)
 
 
 @dataclass(frozen=True)
@@ -92,16 +91,20 @@ class Architecture:
 
     @property
     def produces_matrix(self) -> bool:
-        return "trading_matrix" in self.output_names
+        return CONTRACTS[self.name].trades
+
+
+def _outputs(name: str) -> tuple[str, ...]:
+    return CONTRACTS[name].output_names
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
-        Architecture("TradingNetwork", TradingNetwork, "shared.0.weight", ("trading_matrix",)),
-        Architecture("ValueNetwork", ValueNetwork, "value_network.0.weight", ("state_value",)),
+        Architecture("TradingNetwork", TradingNetwork, "shared.0.weight", _outputs("TradingNetwork")),
+        Architecture("ValueNetwork", ValueNetwork, "value_network.0.weight", _outputs("ValueNetwork")),
         Architecture(
-            "ActorCriticNetwork", ActorCriticNetwork, "shared.0.weight", ("trading_matrix", "state_value")
+            "ActorCriticNetwork", ActorCriticNetwork, "shared.0.weight", _outputs("ActorCriticNetwork")
         ),
     )
 }

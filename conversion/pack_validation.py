@@ -18,12 +18,14 @@ import onnx
 import torch
 from torch import nn
 
+from blockmarket.core.config import NpuConfig
+from blockmarket.core.contract import INPUT_NAME, Tolerance
+from blockmarket.models.pack import PackError, PackForm, build_pack, pack_metadata
+from blockmarket.models.packcheck import row_errors
+from blockmarket.models.placement import Placement
+from blockmarket.models.providers import create_session
 from conversion.networks import spec_of
 from conversion.validation import validation_states
-from conversion.variants import Tolerance
-from runtime.config import NpuConfig
-from runtime.pack import INPUT_NAME, PackError, PackForm, build_pack, pack_metadata
-from runtime.providers import Placement, create_session
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,8 @@ def validate_pack(
         reference = np.stack(
             [net.eval()(torch.from_numpy(x)).numpy() for net, x in zip(networks, per_agent, strict=True)]
         )
-    diff = np.abs(actual.astype(np.float64) - reference)
-    diff[~np.isfinite(diff)] = np.inf
-    excess = (diff - (tolerance.atol + tolerance.rtol * np.abs(reference))).max(axis=(1, 2))
+    diff, excesses = row_errors(actual, reference, tolerance)
+    excess = excesses.max(axis=(1, 2))
     return PackReport(
         agents=agents,
         rows_per_agent=rounds * batch,

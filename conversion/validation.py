@@ -2,8 +2,8 @@
 
 A model passes when ``onnx.checker`` accepts it and, for every output element,
 ``|actual - reference| <= atol + rtol * |reference|`` on at least ``validation_samples`` states from
-:func:`runtime.state.realistic_states` (edge cases included). ``compare_outputs`` is precision-agnostic
-so NPU variants (fp16, QDQ) reuse it with their own tolerances.
+:func:`blockmarket.core.state.realistic_states` (edge cases included). ``compare_outputs`` is
+precision-agnostic so NPU variants (fp16, QDQ) reuse it with their own tolerances.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from conversion.export import INPUT_NAME
+from blockmarket.core.config import ConversionConfig
+from blockmarket.core.contract import INPUT_NAME
+from blockmarket.core.state import realistic_states
 from conversion.networks import spec_of
-from runtime.config import ConversionConfig
-from runtime.state import realistic_states
 
 Outputs = dict[str, npt.NDArray[np.float32]]
 

@@ -11,8 +11,8 @@
 
 Every variant is run on the HTP backend with ``session.disable_cpu_ep_fallback=1`` and compared with
 PyTorch fp32 on the validation states (a different seed from calibration). Tolerances are per precision
-(:data:`TOLERANCES`, docs/npu.md explains them); the metadata entry records errors, tolerance, verdict
-and where ONNX Runtime placed the nodes.
+(:data:`blockmarket.core.contract.TOLERANCES`, docs/npu.md explains them); the metadata entry records
+errors, tolerance, verdict and where ONNX Runtime placed the nodes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,39 +35,21 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
-from conversion.export import INPUT_NAME, export_static, written_opset
-from conversion.files import atomic_target
+from blockmarket.core.config import Config, NpuConfig
+from blockmarket.core.contract import INPUT_NAME, MATRIX_OUTPUT, TOLERANCES
+from blockmarket.core.files import atomic_target
+from blockmarket.core.state import apply_update, realistic_states
+from blockmarket.market.rules import MarketPopulation, trade_step
+from blockmarket.models.placement import CPU_EP
+from blockmarket.models.providers import ContextCache, ProviderError, create_session
+from conversion.export import export_static, written_opset
 from conversion.networks import NetworkSpec
 from conversion.validation import compare_outputs, session_outputs, torch_outputs, validation_states
-from runtime.config import Config, NpuConfig
-from runtime.market import MarketPopulation, trade_step
-from runtime.providers import CPU_EP, ContextCache, ProviderError, create_session
-from runtime.state import apply_update, realistic_states
 
 log = logging.getLogger(__name__)
 
 States = npt.NDArray[np.float32]
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Pass when ``|npu - torch| <= atol + rtol * |torch|`` element-wise (allclose semantics)."""
-
-    atol: float
-    rtol: float
-
-
-# Measured on the simulated HTP (v73), TradingNetworks n=5 H=128, 5 seeds x head scaled x1/x4/x8/x12 (outputs
-# up to ~0.5-1.2 untrained, up to ~7 like a trained policy), 256 validation states: worst of
-# error / (atol + rtol*|ref|) was 0.35 fp16, 0.52 int8, 0.66 int16 (max abs errors 0.018, 0.10, 0.047).
-# Float Softplus on HTP is an approximation (~0.017 abs worst, measured alone): it dominates fp16 and
-# keeps int16 (Softplus evaluated in float inside HTP) near fp16. An output error d moves a rate by
-# only alpha*d per tick.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp16": Tolerance(atol=3e-2, rtol=2e-2),
-    "int16": Tolerance(atol=5e-2, rtol=2e-2),
-    "int8": Tolerance(atol=1e-1, rtol=5e-2),
-}
 
 # (activation type, weight type) of the QDQ precisions.
 QDQ_TYPES: dict[str, tuple[QuantType, QuantType]] = {
@@ -114,7 +95,7 @@ def calibration_states(model: nn.Module, spec: NetworkSpec, config: Config, coun
             states = pop.states()
             rollout.append(states)
             if spec.architecture.produces_matrix:  # a ValueNetwork's market keeps its initial rates
-                proposals = torch_outputs(model, states)["trading_matrix"]
+                proposals = torch_outputs(model, states)[MATRIX_OUTPUT]
                 apply_update(pop.matrices, proposals, config.learning.matrix_update_rate)
             trade_step(pop, rng, env)
     market = np.concatenate(rollout)[: count // 2]

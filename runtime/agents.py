@@ -13,8 +13,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from runtime.models import ModelInfo
-from runtime.state import (
+from blockmarket.core.state import (
     FloatArray,
     IntArray,
     apply_update,
@@ -23,6 +22,7 @@ from runtime.state import (
     initial_matrices,
     refused_proposals,
 )
+from blockmarket.models.files import ModelInfo
 
 Assignment = Literal["round_robin", "one_per_checkpoint"]
 
@@ -183,7 +183,7 @@ class AgentPopulation:
         """Apply the update rule to the ticked agents' matrices, behind the output guard.
 
         Returns their new matrices [M, n, n] and the population rows whose proposal the guard refused
-        (runtime.state.refused_proposals): those agents keep their previous matrix.
+        (blockmarket.core.state.refused_proposals): those agents keep their previous matrix.
         """
         whole = len(rows) == len(self) and np.array_equal(rows, np.arange(len(self)))
         ticked = proposals if whole else proposals[rows]

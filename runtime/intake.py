@@ -15,9 +15,9 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from blockmarket.core.state import IntArray
+from blockmarket.wire.protocol import DropCounter, Limits, MarketTick, ProtocolError, decode_tick
 from runtime.agents import AgentPopulation, RosterError
-from runtime.protocol import DropCounter, Limits, MarketTick, ProtocolError, decode_tick
-from runtime.state import IntArray
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.intake import AcceptedTick, TickIntake
-from runtime.protocol import (
+from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
+from blockmarket.core.stats import percentiles
+from blockmarket.wire.protocol import (
     DropCounter,
     MatricesMessage,
     encode_agent_matrices,
     encode_matrices,
 )
+from runtime.intake import AcceptedTick, TickIntake
 from runtime.sessions import PoolGeneration, SessionPool
-from runtime.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ LATENCY_WINDOW = 1024  # ticks in the sliding latency window
 
 
 class Publisher(Protocol):
-    """The outbound half of the transport (runtime.transport.RuntimeTransport satisfies it)."""
+    """The outbound half of the transport (blockmarket.wire.transport.RuntimeTransport satisfies it)."""
 
     async def publish_matrices(self, payload: bytes) -> bool: ...
 
@@ -50,8 +51,8 @@ class LatencyWindow:
     def percentiles(self) -> tuple[float | None, float | None]:
         if not self._samples:
             return None, None
-        p50, p99 = np.percentile(np.fromiter(self._samples, dtype=np.float64), [50, 99])
-        return round(float(p50), 3), round(float(p99), 3)
+        p50, p99 = percentiles(self._samples)
+        return p50, p99
 
 
 class TickScheduler:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from runtime.config import Config
-from runtime.logs import setup_logging
-from runtime.models import METADATA_SUFFIX
+from blockmarket.core.config import Config
+from blockmarket.core.logs import setup_logging
+from blockmarket.models.files import METADATA_SUFFIX
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.command import given, run_command
-from runtime.config import Config, Overrides
+from blockmarket.core.command import given, run_command
+from blockmarket.core.config import Config, Overrides
 
 
 def at_least(minimum: int) -> type[int]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.config import EnvironmentConfig
-from runtime.market import MarketPopulation, fitness, trade_step
-from runtime.state import FloatArray, apply_update
+from blockmarket.core.config import EnvironmentConfig
+from blockmarket.core.state import FloatArray, apply_update
+from blockmarket.market.rules import MarketPopulation, fitness, trade_step
 from training.policy import PolicyPopulation
 
 

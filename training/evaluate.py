@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.command import run_command, usage_error
-from runtime.config import Config
+from blockmarket.core.command import run_command, usage_error
+from blockmarket.core.config import Config
 from training.cli import at_least
 
 if TYPE_CHECKING:
@@ -82,9 +82,9 @@ def evaluate(
     """Play the trained checkpoints and random networks on identical fixed-seed markets."""
     import torch
 
+    from blockmarket.market.rules import MarketPopulation
     from conversion.checkpoint import load_checkpoint
     from conversion.networks import ArchitectureError, TradingNetwork, load_network
-    from runtime.market import MarketPopulation
     from training.episode import play
     from training.policy import PolicyPopulation, single_threaded
 

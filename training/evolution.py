@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from blockmarket.core.config import Config
+from blockmarket.core.state import FloatArray, IntArray, apply_update, initial_matrices, state_dim
+from blockmarket.market.rules import MarketPopulation
 from conversion.checkpoint import save_checkpoint
 from conversion.metadata import write_json_atomic
 from conversion.networks import TradingNetwork
-from runtime.config import Config
-from runtime.market import MarketPopulation
-from runtime.state import FloatArray, IntArray, apply_update, initial_matrices, state_dim
 from training.episode import MarketResults, play
 from training.policy import PolicyPopulation, single_threaded
 
@@ -232,6 +232,7 @@ def train(
     return summary
 
 
+# size: the generation loop, read top to bottom (evaluate, log, save, breed)
 def _run(
     config: Config,
     total: int,

@@ -16,8 +16,9 @@ import numpy.typing as npt
 import torch
 from torch.nn import functional
 
-from conversion.networks import MATRIX_FLOOR, TradingNetwork
-from runtime.state import state_dim
+from blockmarket.core.contract import OUTPUT_FLOOR
+from blockmarket.core.state import state_dim
+from conversion.networks import TradingNetwork
 
 # TradingNetwork's Linear layers in forward order: ReLU after all but the head, softplus + floor after it.
 HIDDEN_LAYERS = ("shared.0", "shared.2", "shared.4")
@@ -108,7 +109,7 @@ class PolicyPopulation:
         hidden = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
         for layer in HIDDEN_LAYERS:
             hidden = functional.relu(self._linear(layer, hidden))
-        out = functional.softplus(self._linear(HEAD, hidden)) + MATRIX_FLOOR
+        out = functional.softplus(self._linear(HEAD, hidden)) + OUTPUT_FLOOR
         count, batch = states.shape[:2]
         return out.numpy().reshape(count, batch, self.num_items, self.num_items)
 

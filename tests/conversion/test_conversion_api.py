@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Written
-from original_format import ITEMS_5, make_network, write_original_checkpoint
 
-from conversion.converter import ONNXConverter, format_summary
-from conversion.files import sha256_file
-from runtime.config import Config
+from blockmarket.core.config import Config
+from blockmarket.models.files import sha256_file
+from conversion.converter import ONNXConverter
+from conversion.results import format_summary
+from tests.support.checkpoints import Written
+from tests.support.original_format import ITEMS_5, make_network, write_original_checkpoint
 
 
 def test_convert_single_model_returns_a_full_result_and_true_metadata(

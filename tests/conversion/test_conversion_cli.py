@@ -11,11 +11,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import Written, one_error_line_each, run_module, write_bad_files, write_config
-from original_format import write_original_checkpoint
 
 from conversion import cli
 from conversion.validation import torch_outputs
+from tests.support.checkpoints import Written, one_error_line_each, run_module, write_bad_files, write_config
+from tests.support.original_format import write_original_checkpoint
 
 
 def run_cli(*argv: str) -> int:

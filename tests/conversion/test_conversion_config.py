@@ -1,13 +1,13 @@
-"""runtime.config as the convert command meets it: every error names the key and the file."""
+"""blockmarket.core.config as the convert command meets it: every error names the key and the file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_config
 
-from runtime.config import Config, ConfigError, load_config
+from blockmarket.core.config import Config, ConfigError, load_config
+from tests.support.checkpoints import REPO, write_config
 
 
 def test_repository_config_loads_and_matches_the_defaults() -> None:

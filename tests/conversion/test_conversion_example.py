@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Written
 
+from blockmarket.core.config import Config
 from conversion.converter import ONNXConverter
 from conversion.example import EXAMPLE_NAME
 from conversion.export import export_static
 from conversion.metadata import metadata_path
-from runtime.config import Config
+from tests.support.checkpoints import Written
 
 
 def run_example(

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from original_format import make_network
 
+from blockmarket.core.state import realistic_states, state_dim
 from conversion.export import convert_to_onnx, export_static
 from conversion.networks import ARCHITECTURES
 from conversion.validation import torch_outputs
-from runtime.state import realistic_states, state_dim
+from tests.support.original_format import make_network
 
 
 def dims(value_info: onnx.ValueInfoProto) -> list[int | str]:

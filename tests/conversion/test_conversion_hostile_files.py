@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line_each, run_module
-from original_format import ITEMS_5, make_network, write_original_checkpoint
 
+from blockmarket.core.config import Config
 from conversion import converter as converter_module
 from conversion.checkpoint import CheckpointError, load_checkpoint
 from conversion.container import MAX_CHECKPOINT_BYTES
-from conversion.converter import ConversionResult, ONNXConverter
+from conversion.converter import ONNXConverter
 from conversion.discovery import discover
-from runtime.config import Config
+from conversion.results import ConversionResult
+from tests.support.checkpoints import one_error_line_each, run_module
+from tests.support.original_format import ITEMS_5, make_network, write_original_checkpoint
 
 GIB3 = 3 * 2**30
 

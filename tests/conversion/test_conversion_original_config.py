@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import REPO, run_module
-from original_format import ITEMS_5, ITEMS_8, make_network, write_original_checkpoint
+import pytest
+
+from tests.support.checkpoints import REPO, run_module
+from tests.support.original_format import ITEMS_5, ITEMS_8, make_network, write_original_checkpoint
 
 ITEMS_V1 = ("wood", "stone", "iron", "gold", "food")
 ORIGINAL_CONFIG = {
@@ -20,6 +22,7 @@ def items_written(onnx_dir: Path, name: str) -> list[str]:
     return list(meta["model_info"]["items_list"])
 
 
+@pytest.mark.slow
 def test_the_first_original_config_converts_checkpoints_and_says_what_it_filled_in(tmp_path: Path) -> None:
     """Version 1 trades wood..food: a checkpoint with those items converts quietly; one trained on other
     items (five, or eight) converts with a warning naming both lists, and its metadata keeps its own."""
@@ -44,6 +47,7 @@ def test_the_first_original_config_converts_checkpoints_and_says_what_it_filled_
     assert "3 converted" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_last_original_config_converts_a_checkpoint_of_its_items(tmp_path: Path) -> None:
     models = tmp_path / "models" / "trading_agents"
     network = make_network("TradingNetwork", len(ITEMS_5), seed=3)

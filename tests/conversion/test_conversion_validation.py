@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Written
-from original_format import make_network
 
+from blockmarket.core.config import Config
 from conversion.converter import ONNXConverter
 from conversion.export import convert_to_onnx, export_static
 from conversion.validation import ValidationError, compare_outputs, validate_onnx, validation_states
-from runtime.config import Config
+from tests.support.checkpoints import Written
+from tests.support.original_format import make_network
 
 
 def test_compare_outputs_reports_errors_and_verdict() -> None:

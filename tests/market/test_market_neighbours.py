@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.config import Config
-from runtime.market import MarketPopulation, trade_step
-from runtime.neighbours import CandidatePairs, Method, pairs_in_range
+from blockmarket.core.config import Config
+from blockmarket.market.neighbours import CandidatePairs, Method, pairs_in_range
+from blockmarket.market.rules import MarketPopulation, trade_step
 
 
 def brute_force(

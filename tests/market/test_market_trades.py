@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.config import Config
-from runtime.market import QUANTUM, MarketPopulation, fitness, trade_step
-from runtime.state import apply_update
+from blockmarket.core.config import Config
+from blockmarket.core.state import apply_update
+from blockmarket.market.rules import QUANTUM, MarketPopulation, fitness, trade_step
 
 DIAMOND, GOLD, APPLE = 0, 1, 2
 ENV = Config().environment

@@ -1,4 +1,4 @@
-"""Agents as population arrays: the vectorized tick math equals a per-agent reference of ORIGIN.md."""
+"""Agents as population arrays: the vectorized tick math equals a per-agent reference (the original's)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blockmarket.models.files import discover_models
 from runtime.agents import AgentPopulation, RosterError, create_population
-from runtime.models import discover_models
-from tests.runtime.runtime_helpers import ITEMS
+from tests.support.serving import ITEMS
 
 
 def reference_state(inventory, desired, own, others, success) -> np.ndarray:

@@ -19,10 +19,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.config import MqttConfig, load_config
-from runtime.protocol import MarketTick, encode_tick
-from runtime.sessions import PACK_TOLERANCE
-from tests.runtime.runtime_helpers import (
+from blockmarket.core.config import MqttConfig, load_config
+from blockmarket.core.contract import PACK_TOLERANCE
+from blockmarket.wire.protocol import MarketTick, encode_tick
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.serving import (
     ITEMS,
     CpuPressure,
     GameClient,
@@ -35,7 +36,7 @@ from tests.runtime.runtime_helpers import (
     write_config,
     write_model,
 )
-from tests.wire.wire_helpers import PrivateMosquitto, wait_until
+from tests.support.wire import PrivateMosquitto, wait_until
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -91,7 +92,7 @@ async def test_128_agents_200_ticks_with_the_simulator(
             assert status["agents"] == AGENTS and recorder.roster is not None
             assert len(recorder.roster.model_versions) == 12
             simulate = [
-                *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+                *(sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(config_path)),
                 *("--ticks", str(TICKS), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
             ]
             with CpuPressure() as pressure:
@@ -306,12 +307,35 @@ async def test_shell_clients_drive_a_tick(tmp_path: Path, model_dir: Path, prefi
             tick_file = tmp_path / "tick.msgpack"
             tick_file.write_bytes(encode_tick(game.tick(1)))
         subscriber = await asyncio.create_subprocess_exec(
-            *("mosquitto_sub", "-N", "-p", "1883", "-t", f"{prefix}/agents/matrices", "-C", "1", "-W", "10"),
+            *(
+                "mosquitto_sub",
+                "-N",
+                "-h",
+                SHARED_HOST,
+                "-p",
+                str(SHARED_PORT),
+                "-t",
+                f"{prefix}/agents/matrices",
+                "-C",
+                "1",
+                "-W",
+                "10",
+            ),
             stdout=asyncio.subprocess.PIPE,
         )
         await asyncio.sleep(0.5)  # let the subscription land before the tick
         publish = await asyncio.create_subprocess_exec(
-            *("mosquitto_pub", "-p", "1883", "-t", f"{prefix}/market/tick", "-f", str(tick_file))
+            *(
+                "mosquitto_pub",
+                "-h",
+                SHARED_HOST,
+                "-p",
+                str(SHARED_PORT),
+                "-t",
+                f"{prefix}/market/tick",
+                "-f",
+                str(tick_file),
+            )
         )
         assert await publish.wait() == 0
         answer, _ = await asyncio.wait_for(subscriber.communicate(), 15)

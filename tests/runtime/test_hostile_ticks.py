@@ -12,15 +12,16 @@ import asyncio
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.hostile_ticks import HostilePayloads
-from runtime.config import load_config
-from runtime.protocol import Limits, MarketTick, encode_tick
-from tests.runtime.runtime_helpers import (
+from blockmarket.core.config import load_config
+from blockmarket.wire.protocol import Limits, MarketTick, encode_tick
+from tests.support.serving import (
     ITEMS,
     GameClient,
     OfflineMarket,
@@ -28,7 +29,7 @@ from tests.runtime.runtime_helpers import (
     running,
     serving_config,
 )
-from tests.wire.wire_helpers import PrivateMosquitto, blast, wait_until
+from tests.support.wire import PrivateMosquitto, blast, wait_until
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -39,7 +40,7 @@ FLOOD = 20_000
 GARBAGE_EVERY = 4  # one garbage message after every 4th tick of the flood
 SEED = 20_261_201
 RUNTIME = {"num_agents": AGENTS, "status_interval_s": 0.3}
-MQTT = {"max_payload_bytes": 65_536}
+MQTT: dict[str, object] = {"max_payload_bytes": 65_536}
 BUCKETS = ("ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors", "ticks_in_flight")
 
 
@@ -59,7 +60,7 @@ def drop_log_lines(log: str) -> Counter[str]:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> PrivateMosquitto:
+def broker(tmp_path: Path) -> Iterator[PrivateMosquitto]:
     broker = PrivateMosquitto(tmp_path, settings=("max_queued_messages 0",))
     broker.start()
     yield broker

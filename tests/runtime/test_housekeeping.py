@@ -12,14 +12,15 @@ import numpy as np
 import psutil
 import pytest
 
-from runtime import housekeeping, sessions
+from blockmarket.core.config import NpuConfig
+from blockmarket.core.state import realistic_states
+from blockmarket.models.files import discover_models, read_model
+from runtime import housekeeping, sessions, units
 from runtime.agents import create_population
-from runtime.config import NpuConfig
 from runtime.housekeeping import prune_packs, release_free_memory
-from runtime.models import discover_models, read_model
-from runtime.sessions import SessionPool, default_session_factory
-from runtime.state import realistic_states
-from tests.runtime.runtime_helpers import ITEMS, trading_weights, write_model
+from runtime.sessions import SessionPool
+from runtime.units import default_session_factory
+from tests.support.serving import ITEMS, trading_weights, write_model
 
 HOUR = 3600.0
 
@@ -89,7 +90,7 @@ async def test_hot_reloads_leave_only_the_served_packs_on_disk(
             assert np.isfinite(await pool.infer(states)).all()
         for _ in range(100):  # the clean-up runs after the swap, off the loop
             await asyncio.sleep(0.05)
-            on_disk = sorted((model_dir / sessions.PACK_DIR).glob("*pack-*"))
+            on_disk = sorted((model_dir / units.PACK_DIR).glob("*pack-*"))
             if len(on_disk) == 1:
                 break
         assert on_disk == [unit.model_path for unit in pool.current.units]

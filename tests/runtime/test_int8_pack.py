@@ -12,11 +12,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from runtime.pack import INPUT_NAME, WEIGHT_LEVELS, PackError, build_pack, save_pack
-from runtime.sessions import PACK_TOLERANCE, PoolError
-from runtime.state import realistic_states, state_dim
-from tests.runtime.runtime_helpers import ITEMS, trading_weights
-from tests.runtime.test_sessions import CountingFactory, make_pool, per_agent_reference
+from blockmarket.core.contract import INPUT_NAME, PACK_TOLERANCE
+from blockmarket.core.state import realistic_states, state_dim
+from blockmarket.models.pack import WEIGHT_LEVELS, PackError, build_pack, save_pack
+from runtime.planning import PoolError
+from tests.support.pools import CountingFactory, make_pool, per_agent_reference
+from tests.support.serving import ITEMS, trading_weights
 
 ATOL, RTOL = PACK_TOLERANCE["cpu_int8"]
 ROWS = 8

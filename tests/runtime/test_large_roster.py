@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from runtime.config import MqttConfig, load_config
-from runtime.protocol import encode_status
-from runtime.simulator import discover_roster
-from runtime.transport import MAX_WILL_BYTES, RuntimeTransport
-from tests.runtime.runtime_helpers import (
+from blockmarket.core.config import MqttConfig, load_config
+from blockmarket.simulator.roster import discover_roster
+from blockmarket.wire.protocol import encode_status
+from blockmarket.wire.transport import MAX_WILL_BYTES, RuntimeTransport
+from tests.support.serving import (
     ITEMS,
     GameClient,
     check_matrices,
@@ -22,14 +23,14 @@ from tests.runtime.runtime_helpers import (
     stop_process,
     write_config,
 )
-from tests.wire.wire_helpers import wait_until
+from tests.support.wire import wait_until
 
 AGENTS = 10_000
 BEYOND = 12_000  # past the 10,000 agents the message limits were once fixed at
 
 
 def large_config(
-    tmp_path: Path, model_dir: Path, prefix: str, agents: int, **sections: dict[str, object]
+    tmp_path: Path, model_dir: Path, prefix: str, agents: int, **sections: Mapping[str, object]
 ) -> Path:
     """A config serving ``agents`` agents drawn from the three test models, without conversion."""
     return write_config(
@@ -97,7 +98,7 @@ async def test_twelve_thousand_agents_every_tick_served_to_the_simulator(
             assert (await game.online(120))["agents"] == BEYOND
         summary_path = tmp_path / "sim.json"
         simulate = ["simulate", "--config", str(config_path), "--ticks", "5", "--wait", "30", "--quiet"]
-        done = python_module("runtime.cli", *simulate, "--json", str(summary_path))
+        done = python_module("blockmarket.cli", *simulate, "--json", str(summary_path))
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads(summary_path.read_text())
         assert summary["agents"] == BEYOND and summary["ticks_sent"] == 5

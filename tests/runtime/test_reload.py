@@ -19,12 +19,15 @@ import numpy as np
 import onnx
 import pytest
 
+from blockmarket.core.config import load_config
+from blockmarket.core.state import realistic_states
+from blockmarket.models.files import METADATA_SUFFIX, discover_models, read_model, sha256_file
 from runtime.agents import create_population
-from runtime.config import load_config
-from runtime.models import METADATA_SUFFIX, discover_models, read_model, sha256_file
-from runtime.reload import (
+from runtime.reload import ModelReloader
+from runtime.server import RuntimeServer
+from runtime.sessions import SessionPool
+from runtime.watchers import (
     Changes,
-    ModelReloader,
     ModelWatcher,
     NotifyWatcher,
     PollingWatcher,
@@ -32,10 +35,8 @@ from runtime.reload import (
     WatchedFiles,
     model_watcher,
 )
-from runtime.serve import RuntimeServer
-from runtime.sessions import SessionPool
-from runtime.state import realistic_states
-from tests.runtime.runtime_helpers import (
+from tests.support.pools import CountingFactory, make_pool
+from tests.support.serving import (
     BIG_HIDDEN,
     ITEMS,
     CpuPressure,
@@ -51,8 +52,7 @@ from tests.runtime.runtime_helpers import (
     trading_weights,
     write_model,
 )
-from tests.runtime.test_sessions import CountingFactory, make_pool
-from tests.wire.wire_helpers import wait_until
+from tests.support.wire import wait_until
 
 QUIET_S = 0.8  # no batch for this long after the last one: the watcher has reported everything
 
@@ -85,7 +85,7 @@ def touch_later(path: Path) -> None:
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
-    """What the converter does (conversion/files.py): a temp file next to the target, then a rename."""
+    """What the converter does (blockmarket/core/files.py): a temp file next to the target, then a rename."""
     tmp = path.with_name(f".{path.name}.1234.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -376,7 +376,7 @@ async def test_a_reload_during_simulated_ticks_misses_no_tick(
             old = game.roster.model_versions["m1"]
             await wait_until(lambda: "(OS notifications)" in log_path.read_text(), 10, "the watcher to start")
             simulate = [
-                *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+                *(sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(config_path)),
                 *("--ticks", str(TICKS), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
             ]
             with CpuPressure() as pressure:
@@ -407,7 +407,7 @@ async def test_a_reload_during_simulated_ticks_misses_no_tick(
 def simulate_command(config_path: Path, summary_path: Path, ticks: int = TICKS) -> list[str]:
     """`blockmarket simulate` at RATE_HZ for ``ticks`` ticks, its summary written to ``summary_path``."""
     return [
-        *(sys.executable, "-m", "runtime.cli", "simulate", "--config", str(config_path)),
+        *(sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(config_path)),
         *("--ticks", str(ticks), "--rate", str(RATE_HZ), "--json", str(summary_path), "--quiet"),
     ]
 

@@ -11,44 +11,28 @@ import msgpack
 import numpy as np
 import pytest
 
+from blockmarket.core.config import MqttConfig
+from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN, apply_update, build_states
+from blockmarket.models.files import discover_models, read_model
+from blockmarket.wire.protocol import Limits, MarketTick, encode_tick
 from runtime import intake as intake_module
 from runtime.agents import Assignment, create_population, new_agents
-from runtime.config import MqttConfig
 from runtime.intake import AcceptedTick, TickIntake, TickSlot
-from runtime.models import discover_models, read_model
-from runtime.protocol import Limits, MarketTick, decode_matrices, encode_tick
 from runtime.scheduler import TickScheduler
 from runtime.sessions import SessionPool
-from runtime.state import MATRIX_MAX, MATRIX_MIN, apply_update, build_states
-from tests.runtime.runtime_helpers import (
+from tests.support.pools import CountingFactory
+from tests.support.serving import (
     ITEMS,
+    RecordingPublisher,
     reference_forward,
     runaway_weights,
     trading_weights,
     write_model,
 )
-from tests.runtime.test_sessions import CountingFactory
 
 ALPHA = 0.04
 LIMITS = Limits(max_payload_bytes=64 * 1024, num_items=len(ITEMS))
 BUCKETS = ("ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors", "ticks_in_flight")
-
-
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-        self.agent_messages: list[tuple[str, bytes]] = []
-
-    async def publish_matrices(self, payload: bytes) -> bool:
-        self.messages.append(payload)
-        return True
-
-    async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool:
-        self.agent_messages.append((agent_id, payload))
-        return True
-
-    def decoded(self) -> list:
-        return [decode_matrices(p, LIMITS) for p in self.messages]
 
 
 def make_tick(number: int, agent_ids: tuple[str, ...], seed: int = 0, market_mean=None) -> MarketTick:

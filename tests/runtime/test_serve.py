@@ -13,27 +13,27 @@ import msgpack
 import numpy as np
 import pytest
 
+from blockmarket.core.config import load_config
+from blockmarket.models.files import discover_models
+from blockmarket.wire.protocol import Limits, encode_roster, encode_status
 from runtime.agents import create_population
-from runtime.config import load_config
 from runtime.intake import TickIntake
-from runtime.models import discover_models
-from runtime.protocol import Limits, encode_roster, encode_status
 from runtime.scheduler import TickScheduler
-from runtime.serve import RuntimeServer
-from tests.conversion.original_format import make_network, write_original_checkpoint
-from tests.runtime.runtime_helpers import (
+from runtime.server import RuntimeServer
+from tests.support.docs import section, table_rows
+from tests.support.original_format import make_network, write_original_checkpoint
+from tests.support.serving import (
     ITEMS,
     GameClient,
+    RecordingPublisher,
     check_matrices,
     runtime_process,
     stop_process,
     write_config,
 )
-from tests.runtime.test_scheduler import RecordingPublisher
-from tests.wire.test_protocol_doc import section, table_rows
-from tests.wire.wire_helpers import wait_until
+from tests.support.wire import wait_until
 
-PROBE = Path(__file__).with_name("serve_probe.py")
+PROBE = Path(__file__).resolve().parents[1] / "support" / "serve_probe.py"
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -123,9 +123,9 @@ async def test_run_answers_ticks_and_goes_offline_on_sigterm(
 
 def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """npu.require_npu must stop a start where QNN cannot be used, never fall back to CPU quietly."""
-    from runtime import serve
-    from runtime.config import NpuConfig
-    from runtime.providers import ProviderError
+    from blockmarket.core.config import NpuConfig
+    from blockmarket.models.providers import ProviderError
+    from runtime import server as serve
 
     monkeypatch.setattr(serve, "qnn_available", lambda: False)
     monkeypatch.setattr(serve, "qnn_unavailable_reason", lambda: "onnxruntime_qnn is not importable")

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.config import Config, NpuConfig, load_config
-from runtime.providers import create_session
-from runtime.serve import RuntimeServer
-from runtime.sessions import default_session_factory
-from runtime.state import realistic_states
-from tests.runtime.runtime_helpers import ITEMS, write_config
+from blockmarket.core.config import Config, NpuConfig, load_config
+from blockmarket.core.state import realistic_states
+from blockmarket.models.providers import create_session
+from runtime.server import RuntimeServer
+from runtime.units import default_session_factory
+from tests.support.serving import ITEMS, write_config
 
 SPINNING = "session.intra_op.allow_spinning"
 CONFIG_YAML = Path(__file__).parents[2] / "config.yaml"

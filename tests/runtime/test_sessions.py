@@ -6,64 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
+from blockmarket.core.state import realistic_states
+from blockmarket.models.files import discover_models, read_model
 from runtime.agents import create_population
-from runtime.models import discover_models, read_model
-from runtime.sessions import PoolError, SessionPool
-from runtime.state import realistic_states
-from tests.runtime.runtime_helpers import ITEMS, reference_forward, trading_weights, write_model
-
-
-class CountingFactory:
-    """Plain CPU sessions whose run() calls are counted per model file."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        self.created: list[Path] = []
-
-    def __call__(self, path: Path, prefer_npu: bool) -> tuple[Any, str]:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.created.append(path)
-        counts, name = self.calls, path.name
-
-        class Counted:
-            def get_inputs(self) -> Any:
-                return session.get_inputs()
-
-            def get_outputs(self) -> Any:
-                return session.get_outputs()
-
-            def run(self, *args: Any) -> Any:
-                counts[name] = counts.get(name, 0) + 1
-                return session.run(*args)
-
-        return Counted(), "CPUExecutionProvider"
-
-
-def per_agent_reference(model_dir: Path, keys: tuple[str, ...], states: np.ndarray) -> np.ndarray:
-    """What the original did: one session.run per agent on its own model."""
-    sessions = {k: ort.InferenceSession(str(model_dir / f"{k}.onnx")) for k in set(keys)}
-    return np.concatenate(
-        [sessions[k].run(None, {"state_vector": states[i : i + 1]})[0] for i, k in enumerate(keys)]
-    )
-
-
-async def make_pool(model_dir: Path, agents: int, max_sessions: int, **kwargs: Any) -> SessionPool:
-    models, _ = discover_models(model_dir, ITEMS)
-    pop = create_population(models, ITEMS, num_agents=agents, assignment="round_robin", seed=3)
-    factory = kwargs.pop("factory", CountingFactory())
-    pool = SessionPool(
-        pop,
-        {m.key: m for m in models},
-        factory=factory,
-        max_sessions=max_sessions,
-        model_dir=model_dir,
-        **kwargs,
-    )
-    await pool.start()
-    return pool
+from runtime.planning import PoolError
+from runtime.sessions import SessionPool
+from tests.support.pools import CountingFactory, make_pool, per_agent_reference
+from tests.support.qnn import require_qnn
+from tests.support.serving import ITEMS, reference_forward, trading_weights, write_model
 
 
 async def test_batched_groups_match_per_agent_runs(model_dir: Path) -> None:
@@ -156,9 +108,9 @@ async def test_missing_model_for_assigned_agents_is_refused(model_dir: Path) -> 
 @pytest.mark.qnn
 async def test_population_pack_runs_on_the_qnn_htp_backend(model_dir: Path) -> None:
     """The real NPU path: a grouped-Conv pack compiled for HTP (simulated here), checked per agent row."""
-    pytest.importorskip("onnxruntime_qnn")
-    from runtime.config import NpuConfig
-    from runtime.sessions import default_session_factory
+    require_qnn()
+    from blockmarket.core.config import NpuConfig
+    from runtime.units import default_session_factory
 
     npu = NpuConfig(context_cache=False, require_npu=True)  # any CPU-fallback node fails the test
     pool = await make_pool(
@@ -187,10 +139,10 @@ async def test_a_pack_that_disagrees_with_its_models_is_refused(model_dir: Path)
 
 @pytest.mark.qnn
 async def test_require_npu_refuses_a_group_without_a_static_variant(model_dir: Path) -> None:
-    pytest.importorskip("onnxruntime_qnn")
-    from runtime.config import NpuConfig
-    from runtime.providers import ProviderError
-    from runtime.sessions import default_session_factory
+    require_qnn()
+    from blockmarket.core.config import NpuConfig
+    from blockmarket.models.providers import ProviderError
+    from runtime.units import default_session_factory
 
     factory = default_session_factory(NpuConfig(context_cache=False, require_npu=True), 1)
     with pytest.raises(ProviderError, match="dynamic input dimensions"):

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from runtime.config import RuntimeConfig
-from runtime.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
-from runtime.state import MATRIX_MAX, MATRIX_MIN
-from tests.runtime.runtime_helpers import ITEMS, OfflineMarket, runaway_weights, trading_weights, write_model
+from blockmarket.core.config import RuntimeConfig
+from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN
+from blockmarket.wire.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
+from tests.support.serving import ITEMS, OfflineMarket, runaway_weights, trading_weights, write_model
 
 AGENTS = 6
 N = len(ITEMS)

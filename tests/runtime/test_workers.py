@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.config import load_config
+from blockmarket.core.config import load_config
 from runtime.workers import conversion_pending
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runtime.config import Config, dump_default_config, parse_config
+from blockmarket.core.config import Config, dump_default_config, parse_config
 
 
 def small_config_data(output: Path, **training: Any) -> dict[str, Any]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from blockmarket.core.config import Config
 from conversion.checkpoint import save_checkpoint
 from conversion.networks import TradingNetwork
-from runtime.config import Config
 from training import evaluate as evaluate_cli
 from training.evaluate import evaluate
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
+from blockmarket.core.state import realistic_states
 from conversion.networks import TradingNetwork
-from runtime.state import realistic_states
 from training.policy import PolicyPopulation
 
 

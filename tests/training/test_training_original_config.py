@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conversion.checkpoint import load_checkpoint
-from tests.runtime.runtime_helpers import REPO, python_module
+from tests.support.serving import REPO, python_module
 from training.evolution import SUMMARY_FILE
 
 ORIGINAL = {
@@ -17,11 +17,12 @@ ORIGINAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", sorted(ORIGINAL))
 def test_the_original_config_trains_with_its_items_and_population(tmp_path: Path, version: int) -> None:
     config = REPO / "tests" / "conversion" / f"original_config_v{version}.yaml"
     command = ["train", "--config", str(config), "--generations", "1", "--seed", "0", "--no-progress"]
-    done = python_module("runtime.cli", *command, cwd=tmp_path)
+    done = python_module("blockmarket.cli", *command, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     output = tmp_path / "models" / "trading_agents"  # the original's training.model_save_path
     summary = json.loads((output / SUMMARY_FILE).read_text())

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from blockmarket.core.config import Config
 from conversion.checkpoint import ORIGINAL_KEYS, load_checkpoint
 from conversion.networks import TradingNetwork, load_network
-from runtime.config import Config
 from training import cli
 from training.evolution import SUMMARY_FILE, Evolution, train
 

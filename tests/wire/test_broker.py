@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-from wire_helpers import SHARED_PORT, Inbox, free_port, make_tick, started
 
-from runtime.broker import BrokerError, broker_answers, ensure_broker, is_loopback
-from runtime.config import MqttConfig
-from runtime.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
-from runtime.transport import MqttLink, RuntimeTransport
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.broker import BrokerError, broker_answers, ensure_broker, is_loopback
+from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
+from blockmarket.wire.transport import MqttLink, RuntimeTransport
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.wire import Inbox, free_port, make_tick, started
 
 
 async def test_embedded_broker_round_trips_ticks_and_retained_status(
@@ -18,7 +19,7 @@ async def test_embedded_broker_round_trips_ticks_and_retained_status(
 ) -> None:
     cfg = MqttConfig(port=free_port(), topic_prefix=prefix, embedded_broker="auto")
     assert not await broker_answers(cfg.host, cfg.port)
-    with caplog.at_level(logging.WARNING, logger="runtime.broker"):
+    with caplog.at_level(logging.WARNING, logger="blockmarket.wire.broker"):
         broker = await ensure_broker(cfg)
     assert broker is not None
     assert any("EMBEDDED" in r.getMessage() and str(cfg.port) in r.getMessage() for r in caplog.records)
@@ -44,7 +45,7 @@ async def test_embedded_broker_round_trips_ticks_and_retained_status(
 
 @pytest.mark.mqtt
 async def test_no_embedded_broker_when_one_answers_or_when_forbidden() -> None:
-    assert await ensure_broker(MqttConfig(port=SHARED_PORT, embedded_broker="auto")) is None
+    assert await ensure_broker(MqttConfig(host=SHARED_HOST, port=SHARED_PORT, embedded_broker="auto")) is None
     assert await ensure_broker(MqttConfig(port=free_port(), embedded_broker="never")) is None
 
 
@@ -60,4 +61,4 @@ async def test_never_embeds_off_loopback() -> None:
 @pytest.mark.mqtt
 async def test_always_on_a_taken_port_is_a_clear_error() -> None:
     with pytest.raises(BrokerError, match="embedded_broker: never"):
-        await ensure_broker(MqttConfig(port=SHARED_PORT, embedded_broker="always"))
+        await ensure_broker(MqttConfig(host=SHARED_HOST, port=SHARED_PORT, embedded_broker="always"))

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
-from wire_helpers import Inbox, make_tick, started
 
-from runtime.config import MqttConfig
-from runtime.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
-from runtime.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
-from tests.runtime.runtime_helpers import (
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
+from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
+from tests.support.secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
+from tests.support.serving import (
     ITEMS,
     GameClient,
     check_matrices,
@@ -26,6 +25,7 @@ from tests.runtime.runtime_helpers import (
     write_config,
     write_model,
 )
+from tests.support.wire import Inbox, make_tick, started
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ async def test_a_wrong_password_ends_run_and_simulate_after_max_auth_failures_wi
 
     monkeypatch.setenv(GAME_PASSWORD_ENV, "not-the-password-either")
     game = write_config(tmp_path / "game.yaml", mqtt=secure.mqtt(GAME_USER, GAME_PASSWORD_ENV).model_dump())
-    simulate = [sys.executable, "-m", "runtime.cli", "simulate", "--config", str(game), "--ticks", "5"]
+    simulate = [sys.executable, "-m", "blockmarket.cli", "simulate", "--config", str(game), "--ticks", "5"]
     done = await asyncio.to_thread(subprocess.run, simulate, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr[-3000:]
     assert f"refused user '{GAME_USER}' 3 times in a row ([code:135] Not authorized)" in done.stderr
@@ -185,7 +185,7 @@ def test_a_user_without_its_password_variable_is_a_startup_error(
     expected = f"mqtt.username is '{RUNTIME_USER}' but ${RUNTIME_PASSWORD_ENV} (named by mqtt.password_env)"
     for command, code in (("run", 1), ("simulate", 2)):
         done = subprocess.run(
-            [sys.executable, "-m", "runtime.cli", command, "--config", str(config)],
+            [sys.executable, "-m", "blockmarket.cli", command, "--config", str(config)],
             capture_output=True,
             text=True,
             timeout=60,

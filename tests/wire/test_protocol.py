@@ -9,10 +9,9 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from wire_helpers import make_tick
 
-from runtime.config import MqttConfig
-from runtime.protocol import (
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.protocol import (
     LENGTH_SCAN_VALUES,
     PROTOCOL_VERSION,
     DropCounter,
@@ -34,6 +33,7 @@ from runtime.protocol import (
     message_sizes,
     payload_shortfall,
 )
+from tests.support.wire import make_tick
 
 LIMITS = Limits(num_items=5)
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-from runtime.protocol import ERROR_KINDS, Limits, MarketTick, decode_tick, encode_tick
-from runtime.transport import STATUS_QOS, WILL_QOS
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+from blockmarket.wire.protocol import ERROR_KINDS, Limits, MarketTick, decode_tick, encode_tick
+from blockmarket.wire.transport import STATUS_QOS, WILL_QOS
+from tests.support.docs import DOC, section, table_rows
 
 
 def documented_payload() -> bytes:
@@ -39,25 +37,6 @@ def test_worked_example_matches_the_encoder() -> None:
     assert len(payload) == 249
     assert documented_payload() == payload
     assert decode_tick(documented_payload(), Limits(num_items=5)).inventory[1, 3] == 11.0
-
-
-def section(number: str) -> str:
-    """The text of one numbered section of docs/protocol.md (up to the next section of that level)."""
-    text = DOC.read_text(encoding="utf-8")
-    start = text.index(f"\n## {number}. ")
-    return text[start : text.index("\n## ", start + 1)]
-
-
-def table_rows(text: str) -> list[list[str]]:
-    """The cells of every markdown table row in ``text``, header and rule rows left out."""
-    rows = [
-        [cell.strip() for cell in line.split("|")[1:-1]]
-        for line in text.splitlines()
-        if line.startswith("| ")
-    ]
-    return [
-        row for row in rows if not set("".join(row)) <= {"-", " "} and row[0] not in ("Topic", "Check", "Key")
-    ]
 
 
 def test_section_7_names_every_refusal_kind_the_runtime_counts() -> None:

@@ -15,19 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from wire_helpers import (
-    SHARED_HOST,
-    SHARED_PORT,
-    Inbox,
-    PrivateMosquitto,
-    blast,
-    make_tick,
-    started,
-    wait_until,
-)
 
-from runtime.config import ConfigError, MqttConfig, dump_default_config, parse_config
-from runtime.protocol import (
+from blockmarket.core.config import ConfigError, MqttConfig, dump_default_config, parse_config
+from blockmarket.wire.protocol import (
     Limits,
     MatricesMessage,
     Topics,
@@ -38,7 +28,9 @@ from runtime.protocol import (
     encode_status,
     encode_tick,
 )
-from runtime.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
+from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
+from tests.support.broker import SHARED_HOST, SHARED_PORT
+from tests.support.wire import Inbox, PrivateMosquitto, blast, make_tick, started, wait_until
 
 pytestmark = pytest.mark.mqtt
 
@@ -115,9 +107,9 @@ async def test_close_leaves_a_retained_offline_status_and_publish_then_fails(mqt
 KILLED_RUNTIME = textwrap.dedent(
     """
     import asyncio, sys
-    from runtime.config import ConfigError, MqttConfig
-    from runtime.protocol import encode_status
-    from runtime.transport import RuntimeTransport
+    from blockmarket.core.config import ConfigError, MqttConfig
+    from blockmarket.wire.protocol import encode_status
+    from blockmarket.wire.transport import RuntimeTransport
 
     async def main() -> None:
         cfg = MqttConfig(topic_prefix=sys.argv[1], keepalive_s=5)

@@ -1,0 +1,1 @@
+"""BlockMarket's shared layers and the `blockmarket` command (see docs/architecture.md)."""

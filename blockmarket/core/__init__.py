@@ -1,0 +1,1 @@
+"""The base layer: config, logging, the command prologue, files, state vectors, process lifecycle."""

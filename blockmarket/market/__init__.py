@@ -1,0 +1,1 @@
+"""The game's rules: trades, fitness, candidate pairs (numpy only)."""

@@ -1,0 +1,167 @@
+"""Who is in trading range of whom: the candidate pairs of a market step, at a cost that follows the
+number of pairs in range rather than N².
+
+A uniform grid (cell side = max distance / CELLS_PER_DISTANCE) sorts agents by (market, row, column);
+each requester's possible targets then lie in 2k+1 contiguous runs of that order (one per nearby row,
+k = CELLS_PER_DISTANCE), which are expanded into pairs with repeat/cumsum and filtered by exact
+distance. Markets of at most DENSE_MAX_AGENTS agents use the dense per-market mask instead (cheaper
+there). Both produce the *same* arrays in the same order, so the method never changes a seeded market.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from blockmarket.core.state import FloatArray, IntArray
+
+BoolArray = npt.NDArray[np.bool_]
+Method = Literal["auto", "grid", "dense"]
+
+CELLS_PER_DISTANCE = 3  # k: cells of side d/k, runs of 2k+1 cells: scans ((2k+1)/k)² d² around each agent
+DENSE_MAX_AGENTS = 96  # per market, at or below which the dense mask is faster (benchmarks/market_step.py)
+_MAX_CELLS_PER_AXIS = 1 << 20  # keeps the (market, row, column) key far inside int64 for any spread
+_CELL_SLACK = 1.0 + 1e-4  # cells a hair wider than d/k: float32 distance rounding never skips a cell
+
+
+@dataclass(frozen=True)
+class CandidatePairs:
+    """Ordered pairs (r, t) of distinct agents of one market within the distance limit, as *ranks*:
+    positions in the grid order (market, row, column, index), ``order[rank]`` being the agent.
+
+    Requester-major: all pairs of one requester are consecutive; requester ranks ascend, and so do
+    target ranks within a requester. Ranks, not agent indices, because the per-pair work downstream is
+    cheaper on tables permuted once into grid order (N rows) than on K gathers through ``order``.
+    """
+
+    order: IntArray  # [N] agent at each rank
+    requester_rank: IntArray  # [K]
+    target_rank: IntArray  # [K]
+    squared_distance: FloatArray  # [K] float32, as compared with the limit
+
+    @property
+    def requester(self) -> IntArray:
+        """Requester agent indices [K]."""
+        return self.order[self.requester_rank]
+
+    @property
+    def target(self) -> IntArray:
+        """Target agent indices [K]."""
+        return self.order[self.target_rank]
+
+
+def pairs_in_range(
+    positions: FloatArray,
+    market_size: int,
+    max_distance: float,
+    requesters: BoolArray | None = None,
+    method: Method = "auto",
+) -> CandidatePairs:
+    """Every pair (r, t), r != t, of the same market (consecutive blocks of ``market_size``) with
+    |p_r - p_t| <= ``max_distance`` (float32, inclusive), for the requesters r where ``requesters``
+    is True (default: all)."""
+    pos = np.asarray(positions, dtype=np.float32)
+    count = pos.shape[0]
+    if pos.shape != (count, 2) or count == 0:
+        raise ValueError(f"positions must have shape [N, 2] with N >= 1; got {pos.shape}")
+    if market_size < 1 or count % market_size:
+        raise ValueError(f"{count} agents do not split into markets of {market_size}")
+    if not np.isfinite(pos).all():
+        bad = np.flatnonzero(~np.isfinite(pos).all(axis=1))
+        raise ValueError(f"agent positions must be finite; rows {bad[:5].tolist()} are not")
+    if not max_distance > 0:
+        raise ValueError(f"max_distance must be positive; got {max_distance}")
+    active = np.ones(count, dtype=bool) if requesters is None else np.asarray(requesters, dtype=bool)
+    if active.shape != (count,):
+        raise ValueError(f"requesters mask of shape {active.shape} for {count} agents")
+    grid = _Grid.build(pos, market_size, max_distance)
+    use_dense = method == "dense" or (method == "auto" and market_size <= DENSE_MAX_AGENTS)
+    ranks_r, ranks_t, itself = (grid.dense_pairs if use_dense else grid.run_pairs)(active[grid.order])
+    sx, sy = grid.sorted_xy
+    d2 = sx[ranks_t]  # in place from here: fresh K-sized arrays cost page faults, not just copies
+    d2 -= sx[ranks_r]
+    d2 *= d2
+    dy = sy[ranks_t]
+    dy -= sy[ranks_r]
+    dy *= dy
+    d2 += dy
+    d2[itself] = np.inf  # O(requesters), not a comparison per candidate
+    keep = np.flatnonzero(d2 <= grid.limit2)
+    return CandidatePairs(grid.order, ranks_r[keep], ranks_t[keep], d2[keep])
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Agents sorted by (market, row, column): ``order[rank]`` = agent, ``keys`` ascending."""
+
+    order: IntArray  # [N] agent at each rank
+    keys: IntArray  # [N] sorted cell keys
+    row: IntArray  # [N] cell row per rank
+    column: IntArray  # [N] cell column per rank
+    market: IntArray  # [N] market per rank
+    rows: int
+    columns: int
+    reach: int  # cells to scan on each side
+    market_size: int
+    sorted_xy: tuple[FloatArray, FloatArray]  # float32 x, y per rank
+    limit2: np.float32
+
+    @classmethod
+    def build(cls, pos: FloatArray, market_size: int, max_distance: float) -> _Grid:
+        low = pos.min(axis=0).astype(np.float64)
+        extent = float((pos.max(axis=0) - low).max())
+        side = max(max_distance / CELLS_PER_DISTANCE * _CELL_SLACK, extent / _MAX_CELLS_PER_AXIS)
+        cells = np.floor((pos - low) / side).astype(np.int64)
+        columns, rows = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+        market = np.arange(pos.shape[0], dtype=np.int64) // market_size
+        key = (market * rows + cells[:, 1]) * columns + cells[:, 0]
+        order = np.argsort(key, kind="stable")
+        spos = pos[order]
+        return cls(
+            order=order,
+            keys=key[order],
+            row=cells[order, 1],
+            column=cells[order, 0],
+            market=market[order],
+            rows=rows,
+            columns=columns,
+            reach=int(np.ceil(max_distance / side)),
+            market_size=market_size,
+            sorted_xy=(np.ascontiguousarray(spos[:, 0]), np.ascontiguousarray(spos[:, 1])),
+            limit2=np.float32(max_distance) ** 2,
+        )
+
+    def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
+        """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
+        requester (one contiguous run of ranks per nearby row, expanded without a Python loop), and
+        where each requester meets itself."""
+        ranks = np.flatnonzero(active)
+        offsets = np.arange(-self.reach, self.reach + 1)
+        row = self.row[ranks, None] + offsets  # [R, 2k+1]
+        base = (self.market[ranks, None] * self.rows + row) * self.columns
+        first = base + np.maximum(self.column[ranks, None] - self.reach, 0)
+        last = base + np.minimum(self.column[ranks, None] + self.reach, self.columns - 1)
+        start = np.searchsorted(self.keys, first, side="left")
+        stop = np.searchsorted(self.keys, last, side="right")
+        length = np.where((row >= 0) & (row < self.rows), stop - start, 0)
+        ends = np.cumsum(length.ravel())
+        # target rank = start of its run + its position within the run (int64 throughout: numpy
+        # converts any other index type to intp on every gather, which costs more than it saves)
+        shift = np.repeat(start.ravel() - (ends - length.ravel()), length.ravel())
+        targets = np.arange(shift.size) + shift
+        requesters = np.repeat(ranks, length.sum(axis=1))
+        own_run = (ends - length.ravel()).reshape(length.shape)[:, self.reach]
+        return requesters, targets, own_run + (ranks - start[:, self.reach])
+
+    def dense_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
+        """(requester rank, target rank) of every pair within a market, for active requesters (the
+        N²/E mask, in the same order as :meth:`run_pairs` after the distance filter), and where each
+        requester meets itself."""
+        size = self.market_size
+        mask = np.broadcast_to(active.reshape(-1, size, 1), (active.size // size, size, size))
+        block, seat_r, seat_t = np.nonzero(mask)
+        seat = np.flatnonzero(active) % size
+        return block * size + seat_r, block * size + seat_t, np.arange(seat.size) * size + seat

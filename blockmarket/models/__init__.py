@@ -1,0 +1,1 @@
+"""The ONNX Runtime / QNN toolkit: converted model files, providers, population packs."""

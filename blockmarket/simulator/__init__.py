@@ -1,0 +1,1 @@
+"""The market side: the game server that publishes ticks and applies matrices."""

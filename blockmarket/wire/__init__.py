@@ -1,0 +1,1 @@
+"""The wire: the msgpack protocol, the MQTT transport, the embedded broker."""

@@ -1,0 +1,349 @@
+"""MQTT connections that survive broker restarts (aiomqtt): reconnect with backoff, resubscribe, re-retain.
+
+:class:`MqttLink` is one connection with a fixed set of subscriptions. It never gives up on an outage, so
+the agent state held by its owner outlives it, and it retries at least every
+``mqtt.reconnect_max_backoff_s`` so serving resumes soon after the broker is back. It gives up
+(:class:`BrokerRefused`) only when retrying cannot help: the broker keeps refusing our credentials, or
+another client with our client id keeps taking the connection over. Inbound messages go to their
+handler the moment paho reads them (:class:`DeliveringQueue`): no queue inside the process can drop one
+unseen. :class:`RuntimeTransport` is the runtime's link (tick topic in; matrices, per-agent matrices,
+retained status and roster out; last will "offline"). The simulator builds its own :class:`MqttLink` for
+the game-server side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import cast
+
+import aiomqtt
+
+from blockmarket.core.config import ConfigError, MqttConfig
+from blockmarket.wire.protocol import DropCounter, Topics
+
+logger = logging.getLogger(__name__)
+
+
+# handler(payload, time.perf_counter() at receipt, retained): retained is True for a message the broker
+# replays because it was stored with the retain flag (sent on subscribing), False for a live one.
+Handler = Callable[[bytes, float, bool], None]
+
+INITIAL_BACKOFF_S = 0.2
+# CONNACK reason codes refusing our credentials: bad user name or password, not authorized (paho gives
+# MQTT 3.1.1's codes 4 and 5 these MQTT 5 numbers).
+AUTH_REFUSALS = frozenset({134, 135})
+# A client id in use elsewhere: each reconnect takes the connection over from the other client, so the
+# broker closes ours again right after accepting it (MQTT 3.1.1 and Mosquitto 2.0 give no reason for it).
+SHORT_SESSION_S = 2.0  # a connection the broker ends sooner than this after accepting it is suspect...
+TAKEOVER_STREAK = 3  # ...and this many in a row, with no failed attempt between them, means a takeover
+# Retained statuses are published at QoS 0: TCP already delivers them in order on a live connection and
+# they are republished after every reconnect. At QoS 1 each periodic status stalled the next matrices
+# answer by ~40 ms, which set the game-side p99 (docs/runtime.md, "Measured").
+STATUS_QOS = 0
+WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
+MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)
+
+
+class BrokerRefused(RuntimeError):
+    """The broker will not keep this client connected and retrying cannot change that (the message says
+    what to change): its credentials, or another client connected with the same client id."""
+
+
+def runtime_client_id(cfg: MqttConfig) -> str:
+    """The runtime's MQTT client id: ``mqtt.client_id`` or one per process (named in its status and will)."""
+    return cfg.client_id or f"blockmarket-runtime-{os.getpid()}"
+
+
+def client_options(cfg: MqttConfig) -> dict[str, object]:
+    """aiomqtt.Client keyword arguments for auth and TLS (the password comes from ``cfg.password_env``).
+
+    A user without a password in the environment, or a missing CA file, is a :class:`ConfigError` now
+    rather than refused connections later.
+    """
+    # TCP_NODELAY: ticks and answers are latency-bound single writes; Nagle's algorithm may hold a write
+    # that follows an unacknowledged one until the peer's delayed ACK (up to 40 ms on Linux).
+    options: dict[str, object] = {
+        "keepalive": cfg.keepalive_s,
+        "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    }
+    if cfg.username:
+        password = os.environ.get(cfg.password_env)
+        if password is None:
+            raise ConfigError(
+                f"mqtt.username is {cfg.username!r} but ${cfg.password_env} (named by mqtt.password_env) is "
+                "not set: export the user's password in it, or set mqtt.username: null for a broker that "
+                "takes anonymous clients"
+            )
+        options.update(username=cfg.username, password=password)
+    if cfg.tls:
+        if cfg.ca_file is not None and not Path(cfg.ca_file).is_file():
+            raise ConfigError(f"mqtt.ca_file: {cfg.ca_file}: no such file (the CA bundle for TLS)")
+        options["tls_params"] = aiomqtt.TLSParameters(ca_certs=cfg.ca_file)
+    return options
+
+
+def _refuses_credentials(exc: aiomqtt.MqttError) -> bool:
+    """Whether ``exc`` is the broker's CONNACK refusing our user name or password."""
+    code = getattr(getattr(exc, "rc", None), "value", None)
+    return isinstance(exc, aiomqtt.MqttCodeError) and code in AUTH_REFUSALS
+
+
+class DeliveringQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's inbound queue, replaced: every message is handed on the moment paho reads it.
+
+    aiomqtt's own queue is emptied by its iterator one message per several loop iterations, and when full
+    it discards each further message with a log line of its own. This one never holds a message, so
+    nothing waits or is lost inside the process: a reader that falls behind pushes back on TCP, and the
+    broker's queue for this client is what fills (docs/protocol.md §8).
+    """
+
+    def __init__(self, deliver: Callable[[aiomqtt.Message], None], maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._deliver = deliver
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        self._deliver(item)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class MqttLink:
+    """One MQTT connection kept alive by :meth:`run` until :meth:`disconnect`; publishes fail fast while down.
+
+    ``subscriptions`` maps exact topics to handlers called as ``handler(payload, perf_counter_at_receipt,
+    retained)`` on the event loop as each message is read; they must be cheap and should not raise (an
+    exception is counted and logged, and the next message is delivered as usual). Retained publishes are
+    remembered and published again after every reconnect (a restarted broker has forgotten them, or fired
+    our will).
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        client_id: str,
+        subscriptions: Mapping[str, Handler],
+        will: aiomqtt.Will | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.connected = asyncio.Event()
+        self.connections = 0  # successful connects (1 + reconnects)
+        self.unsent = DropCounter(logger, what=f"outbound message from {client_id}")
+        self.unhandled = DropCounter(logger, what=f"inbound message to {client_id}")
+        self._subscriptions = dict(subscriptions)
+        self._will = will
+        self._options = client_options(cfg)
+        self._client: aiomqtt.Client | None = None
+        self._retained: dict[str, bytes] = {}
+        self._stopping = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._finished.set()
+        self._accepted_at: float | None = None  # when the broker accepted the current attempt (CONNACK)
+        self._auth_refusals = 0  # attempts refused for credentials since the last accepted one
+        self._short_sessions = 0  # accepted connections in a row that the broker ended right away
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    async def run(self) -> None:
+        """Connect, subscribe and dispatch messages; on a connection loss back off and start over.
+
+        Raises :class:`BrokerRefused` when the broker keeps refusing our credentials
+        (``mqtt.max_auth_failures`` times) or another client keeps taking our client id over.
+        """
+        self._stopping.clear()
+        self._finished.clear()
+        backoff = INITIAL_BACKOFF_S
+        try:
+            while not self._stopping.is_set():
+                self._accepted_at = None
+                try:
+                    await self._session()
+                except aiomqtt.MqttError as exc:
+                    if self._stopping.is_set():
+                        break
+                    if _cancelling():  # aiomqtt's disconnect on the way out raised over our cancellation
+                        raise asyncio.CancelledError from exc
+                    lived_s = None if self._accepted_at is None else time.monotonic() - self._accepted_at
+                    refused = self._lasting_refusal(exc, lived_s)
+                    if refused is not None:
+                        raise refused from exc
+                    if lived_s is not None:  # the broker had accepted us: a fresh outage starts from scratch
+                        backoff, state = INITIAL_BACKOFF_S, "lost the connection to"
+                    else:
+                        state = "was refused by" if _refuses_credentials(exc) else "cannot reach"
+                    delay = backoff * random.uniform(0.8, 1.2)
+                    logger.warning(
+                        "%s %s MQTT broker at %s (%s); retrying in %.1f s",
+                        self.client_id, state, self.address, exc, delay,
+                    )  # fmt: skip
+                    backoff = min(backoff * 2, self.cfg.reconnect_max_backoff_s)
+                    with contextlib.suppress(TimeoutError):  # a timeout is the normal end of the pause
+                        await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        finally:
+            self._client = None
+            self.connected.clear()
+            self._finished.set()
+
+    def _lasting_refusal(self, exc: aiomqtt.MqttError, lived_s: float | None) -> BrokerRefused | None:
+        """Count this failed attempt; the refusal it completes (retrying cannot help), if any.
+
+        ``lived_s``: how long the broker had kept the connection after accepting it (None: not accepted).
+        """
+        if lived_s is None:
+            self._short_sessions = 0  # an outage between two connections: not a takeover
+            if not _refuses_credentials(exc):
+                return None
+            self._auth_refusals += 1
+            if self._auth_refusals < self.cfg.max_auth_failures:
+                return None
+            who = f"user {self.cfg.username!r}" if self.cfg.username else "an anonymous client"
+            return BrokerRefused(
+                f"the MQTT broker at {self.address} refused {who} {self._auth_refusals} times in a row "
+                f"({exc}): check mqtt.username and the password in "
+                f"${self.cfg.password_env} (mqtt.password_env); mqtt.max_auth_failures sets how many "
+                "refusals end the command"
+            )
+        self._auth_refusals = 0
+        self._short_sessions = self._short_sessions + 1 if lived_s < SHORT_SESSION_S else 0
+        if self._short_sessions < TAKEOVER_STREAK:
+            return None
+        return BrokerRefused(
+            f"the MQTT broker at {self.address} closed our connection within {SHORT_SESSION_S:g} s of "
+            f"accepting it {self._short_sessions} times in a row: most likely another client is using "
+            f"client id {self.client_id!r} (two clients with one id take the connection from each other at "
+            "every reconnect; if not, the broker's log says why it closes ours). Stopped instead of "
+            "reconnecting for ever: give each runtime its own mqtt.client_id "
+            "(null: blockmarket-runtime-<pid>)"
+        )
+
+    async def _session(self) -> None:
+        """One connection: subscribe, re-publish retained messages, dispatch until lost or closing."""
+        async with aiomqtt.Client(
+            self.cfg.host,
+            self.cfg.port,
+            identifier=self.client_id,
+            will=self._will,
+            queue_type=cast(type[asyncio.Queue[aiomqtt.Message]], partial(DeliveringQueue, self._deliver)),
+            **self._options,  # type: ignore[arg-type]
+        ) as client:
+            self._accepted_at = time.monotonic()
+            for topic in self._subscriptions:
+                await client.subscribe(topic, qos=self.cfg.qos)
+            self.connections += 1
+            self._client = client
+            self.connected.set()
+            for topic in list(self._retained):  # read at call time: a concurrent newer publish stays last
+                await client.publish(topic, self._retained[topic], qos=STATUS_QOS, retain=True)
+            logger.info(
+                "%s %s MQTT broker at %s; subscribed to %s",
+                self.client_id, "connected to" if self.connections == 1 else "reconnected to", self.address,
+                ", ".join(self._subscriptions) or "nothing",
+            )  # fmt: skip
+            receiving = asyncio.create_task(self._until_disconnected(client))
+            stopping = asyncio.create_task(self._stopping.wait())
+            try:
+                await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._client = None
+                self.connected.clear()
+                receiving.cancel()
+                stopping.cancel()
+            if receiving.done() and not receiving.cancelled():
+                receiving.result()  # re-raises the MqttError that ended the session
+
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Raise aiomqtt's MqttError when the connection ends (messages never reach its iterator)."""
+        await anext(client.messages)
+
+    def _deliver(self, message: aiomqtt.Message) -> None:
+        """DeliveringQueue's callback, inside paho's read: hand the message to its topic's handler."""
+        handler = self._subscriptions.get(message.topic.value)
+        if handler is None:
+            return
+        try:
+            handler(message.payload, time.perf_counter(), bool(message.retain))
+        except Exception as exc:  # raised into paho it would end the connection: counted and logged instead
+            self.unhandled.record("handler_error", f"{message.topic.value}: {exc!r}", exc_info=exc)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish now, or return False (counted) when not connected; retained messages survive reconnects."""
+        if retain:
+            self._retained[topic] = payload
+        client = self._client
+        if client is None:
+            self.unsent.record("not_connected", f"{topic}: no connection to {self.address}")
+            return False
+        try:
+            await client.publish(topic, payload, qos=STATUS_QOS if retain else self.cfg.qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            self.unsent.record("publish_failed", f"{topic}: {exc}")
+            return False
+        return True
+
+    async def disconnect(self, final: tuple[str, bytes] | None = None, timeout_s: float = 5.0) -> None:
+        """Publish ``final`` (topic, payload; retained) if connected, then disconnect cleanly (no will)."""
+        if final is not None:
+            await self.publish(*final, retain=True)
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(self._finished.wait(), timeout=timeout_s)
+        except TimeoutError:
+            logger.warning("%s: MQTT connection did not close within %.1f s", self.client_id, timeout_s)
+
+
+class RuntimeTransport(MqttLink):
+    """The runtime's MQTT side: ticks in, one matrices message per tick out, retained status + last will."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        on_tick: Handler,
+        will_payload: bytes,
+        client_id: str | None = None,
+    ) -> None:
+        self.topics = Topics(cfg.topic_prefix)
+        if len(will_payload) > MAX_WILL_BYTES:  # refused here, not as a struct.error inside every connect
+            raise ValueError(
+                f"the last will for {self.topics.status} is {len(will_payload)} bytes, "
+                f"MQTT allows {MAX_WILL_BYTES}: keep it to the state and the process's identity"
+            )
+        super().__init__(
+            cfg,
+            client_id=client_id or runtime_client_id(cfg),
+            subscriptions={self.topics.tick: on_tick},
+            will=aiomqtt.Will(self.topics.status, will_payload, qos=WILL_QOS, retain=True),
+        )
+
+    async def publish_matrices(self, payload: bytes) -> bool:
+        return await self.publish(self.topics.matrices, payload)
+
+    async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool:
+        return await self.publish(self.topics.agent_matrix(agent_id), payload)
+
+    async def publish_status(self, payload: bytes) -> bool:
+        """Retained: a client that subscribes later learns at once whether the runtime is online."""
+        return await self.publish(self.topics.status, payload, retain=True)
+
+    async def publish_roster(self, payload: bytes) -> bool:
+        """Retained: a client that subscribes later (the simulator) reads the agents from it."""
+        return await self.publish(self.topics.roster, payload, retain=True)
+
+    async def close(self, final_status: bytes | None = None, timeout_s: float = 5.0) -> None:
+        """Publish the final (offline) status, retained, then disconnect cleanly."""
+        await self.disconnect(None if final_status is None else (self.topics.status, final_status), timeout_s)

@@ -1,0 +1,393 @@
+"""Serve every agent over MQTT: one batched answer with all trading matrices per market tick.
+
+Lifecycle, top to bottom: load and validate the config (and the MQTT credentials and TLS files it
+names); convert new `.pth` checkpoints in a worker process (with no checkpoints and no models at all,
+first train a small population, announced); build the agent population and the session pool; use the
+configured MQTT broker (or start an embedded one on loopback when none answers); serve ticks, publish a
+retained status and hot-reload converted models until SIGINT/SIGTERM (Ctrl-C/Ctrl-Break on Windows; a
+second one forces the exit); then publish the "offline" status and exit 0. This process never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from blockmarket.core import lifecycle
+from blockmarket.core.command import run_command
+from blockmarket.core.config import Config, ConfigError, NpuConfig
+from blockmarket.models.files import ModelError, ModelInfo, discover_models
+from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
+from blockmarket.wire.broker import BrokerError, ensure_broker
+from blockmarket.wire.protocol import (
+    Limits,
+    RosterMessage,
+    Topics,
+    encode_roster,
+    encode_status,
+    message_sizes,
+    payload_shortfall,
+)
+from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
+from runtime.agents import AgentPopulation, create_population
+from runtime.arguments import add_config_arguments, config_overrides
+from runtime.intake import TickIntake
+from runtime.planning import PoolError
+from runtime.reload import ModelReloader
+from runtime.scheduler import TickScheduler
+from runtime.sessions import SessionPool
+from runtime.units import SessionFactory, default_session_factory
+from runtime.watchers import WatchedFiles, model_watcher
+from runtime.workers import (
+    bootstrap_population,
+    checkpoints,
+    conversion_pending,
+    convert_checkpoints,
+    run_in_worker,
+)
+
+log = logging.getLogger("runtime.server")
+
+
+class StartupError(RuntimeError):
+    """The runtime cannot start serving (the message says what is missing and what to do)."""
+
+
+STATUS_GROWTH_BYTES = 1024  # the status's counters and figures grow while serving
+
+# What stops a start with a one-line message instead of a traceback (each names the file or setting).
+STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError, ConfigError)
+
+
+def serve_on_npu(npu: NpuConfig) -> bool:
+    """Whether packs and static-batch variants go to the QNN HTP backend.
+
+    On x86_64 that backend is a CPU simulator (numerically the NPU, but ~100x slower than ONNX Runtime's
+    CPU kernels), so there the runtime serves on CPU unless npu.require_npu asks for the HTP path anyway.
+    """
+    if npu.require_npu and not (npu.enabled and qnn_available()):
+        reason = "npu.enabled is false" if not npu.enabled else qnn_unavailable_reason()
+        raise ProviderError(f"npu.require_npu is true but the NPU cannot be used: {reason}")
+    if not npu.enabled or not qnn_available():
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64") and not npu.require_npu:
+        log.warning(
+            "the QNN HTP backend on %s is a simulator: serving on CPU (npu.require_npu: true serves on it)",
+            platform.machine(),
+        )
+        return False
+    return True
+
+
+class RuntimeServer:
+    """One serving process: population + session pool + scheduler + MQTT transport, with a clean stop."""
+
+    def __init__(
+        self, config: Config, *, session_factory: SessionFactory | None = None, handle_signals: bool = True
+    ) -> None:
+        self.config = config
+        self.session_factory = session_factory
+        self.handle_signals = handle_signals
+        self.ready = asyncio.Event()  # set once the pool serves and the broker connection is up
+        self.started_at = time.time()
+        self.client_id = runtime_client_id(config.mqtt)
+        self.population: AgentPopulation | None = None
+        self.pool: SessionPool | None = None
+        self.scheduler: TickScheduler | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to shut down (signal handlers and the demo call this)."""
+        self._stop.set()
+
+    async def serve(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        mqtt = self.config.mqtt
+        client_options(mqtt)  # first: MQTT credentials and TLS files are checked now, not after conversion
+        await self.prepare_models()
+        population, pool = await self.build_pool()
+        self._check_message_sizes(population, pool)
+        broker = await ensure_broker(mqtt)
+        limits = Limits.from_config(mqtt, num_agents=len(population), num_items=population.num_items)
+        intake = TickIntake(population, limits, Topics(mqtt.topic_prefix).tick)
+        will = encode_status(self.last_will())
+        transport = RuntimeTransport(
+            mqtt, on_tick=intake.receive, will_payload=will, client_id=self.client_id
+        )
+        scheduler = TickScheduler(
+            pool,
+            transport,
+            intake,
+            alpha=self.config.learning.matrix_update_rate,
+            per_agent_topics=mqtt.per_agent_topics,
+        )
+        self.scheduler = scheduler
+        reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
+        if reloader is not None:  # watching before the status says online: no model written after is missed
+            await reloader.start()
+        connection = asyncio.create_task(transport.run(), name="mqtt")
+        serving = [
+            asyncio.create_task(scheduler.run(), name="scheduler"),
+            asyncio.create_task(self.report_status(transport), name="status"),
+            asyncio.create_task(self._announce_ready(transport), name="ready"),
+        ]
+        if reloader is not None:
+            serving.append(asyncio.create_task(reloader.run(), name="reload"))
+        with lifecycle.stop_on_signals(self.stop) if self.handle_signals else contextlib.nullcontext():
+            try:
+                return await self._until_stopped([connection, *serving])
+            finally:
+                await _cancel(serving)  # no tick is served after this: the offline status is final
+                await transport.close(final_status=encode_status(self.status("offline")))
+                await _cancel([connection])
+                if broker is not None:
+                    await broker.stop()
+                pool.close()
+                log.info("runtime stopped: %s", self._summary())
+
+    async def prepare_models(self) -> None:
+        """Convert what is new (worker process); bootstrap a population when there is nothing at all."""
+        cfg = self.config
+        if not cfg.runtime.convert_on_startup:
+            return
+        if not checkpoints(cfg) and not (await self.discover())[0]:
+            log.warning(
+                "no checkpoints under %s and no models in %s: BOOTSTRAPPING a population first "
+                "(training %d generations in a worker process)",
+                cfg.training.model_save_path,
+                cfg.model_dir,
+                cfg.runtime.bootstrap_generations,
+            )
+            await run_in_worker(bootstrap_population, cfg, cfg.runtime.bootstrap_generations)
+        if conversion_pending(cfg):
+            await self.convert()
+
+    async def convert(self) -> None:
+        """Convert new or changed checkpoints in a worker process (torch stays out of this one)."""
+        log.info(
+            "converting new checkpoints under %s in a worker process", self.config.training.model_save_path
+        )
+        try:
+            summary = await run_in_worker(convert_checkpoints, self.config)
+        except ModuleNotFoundError as exc:  # a serving-only install has no torch/onnx export stack
+            raise StartupError(
+                f"converting checkpoints needs the '{exc.name}' package: pip install 'blockmarket[convert]', "
+                "or set runtime.convert_on_startup: false to serve the converted models only"
+            ) from exc
+        for line in summary.failed:
+            log.error("conversion failed: %s", line)
+        log.info(
+            "conversion: %d converted, %d unchanged, %d failed",
+            summary.converted,
+            summary.skipped,
+            len(summary.failed),
+        )
+
+    async def build_pool(self) -> tuple[AgentPopulation, SessionPool]:
+        """The agents and their sessions, created and validated off the event loop."""
+        cfg = self.config
+        models, problems = await self.discover()
+        for problem in problems:
+            log.warning("model skipped: %s", problem)
+        if not models:
+            raise StartupError(
+                f"no servable models in {cfg.model_dir}: run `blockmarket convert` (or `blockmarket train`) "
+                "first, or set runtime.convert_on_startup: true"
+            )
+        population = create_population(
+            models,
+            cfg.environment.items_list,
+            num_agents=cfg.runtime.num_agents,
+            assignment=cfg.runtime.assignment,
+            seed=cfg.runtime.seed,
+        )
+        use_npu = serve_on_npu(cfg.npu)
+        pool = SessionPool(
+            population,
+            {m.key: m for m in models},
+            factory=self.session_factory
+            or default_session_factory(cfg.npu, cfg.runtime.intra_op_threads, cfg.runtime.allow_spinning),
+            max_sessions=cfg.runtime.max_sessions,
+            model_dir=cfg.model_dir,
+            use_npu=use_npu,
+            cpu_pack_precision=cfg.runtime.cpu_pack_precision,
+        )
+        await pool.start()
+        log.info(
+            "serving %d agents (%s) with %d models in %d session(s) on %s",
+            len(population),
+            cfg.runtime.assignment,
+            len(models),
+            len(pool.current.units),
+            ", ".join(pool.current.providers),
+        )
+        self.population, self.pool = population, pool
+        return population, pool
+
+    async def discover(self) -> tuple[list[ModelInfo], list[str]]:
+        """The servable models, read and hashed on a thread (a large repository takes seconds)."""
+        cfg = self.config
+        return await asyncio.to_thread(discover_models, cfg.model_dir, cfg.environment.items_list)
+
+    def reloader(self, pool: SessionPool) -> ModelReloader:
+        cfg = self.config
+        converts = cfg.runtime.convert_on_startup
+        files = WatchedFiles(
+            cfg.model_dir, Path(cfg.training.model_save_path) if converts else None, cfg.onnx_dir
+        )
+        return ModelReloader(
+            pool,
+            model_watcher(files, cfg.runtime.reload_watcher, cfg.runtime.reload_poll_s),
+            convert=self.convert if converts else None,
+            add_new_agents=cfg.runtime.assignment == "one_per_checkpoint",
+            seed=cfg.runtime.seed,
+        )
+
+    def last_will(self) -> dict[str, Any]:
+        """The MQTT last will: which process went offline, not the roster (a will is at most 65,535 bytes)."""
+        return {
+            "state": "offline",
+            "pid": os.getpid(),
+            "client_id": self.client_id,
+            "started_at": self.started_at,
+        }
+
+    def status(self, state: str) -> dict[str, Any]:
+        """The retained status: identity, heartbeat, what a client needs to check answers, serving figures.
+
+        Its size does not grow with the agents (the roster has its own topic): a heartbeat stays cheap.
+        """
+        pop, pool = self.population, self.pool
+        status: dict[str, Any] = {
+            **self.last_will(),
+            "state": state,
+            "published_at": time.time(),
+            "status_interval_s": self.config.runtime.status_interval_s,
+            "alpha": self.config.learning.matrix_update_rate,
+        }
+        if pop is not None and pool is not None:
+            status.update(agents=len(pop), items=list(pop.items), eps=pool.current.providers)
+        if self.scheduler is not None:
+            status.update(self.scheduler.stats(), limits=self.scheduler.intake.limits.announce())
+        return status
+
+    def _check_message_sizes(self, population: AgentPopulation, pool: SessionPool) -> None:
+        """Every message this roster needs must fit mqtt.max_payload_bytes: this runtime refuses a bigger
+        tick, and game servers using this config refuse a bigger answer, status or roster."""
+        cfg = self.config
+        sizes = message_sizes(population.agent_ids, population.num_items, pool.current.versions)
+        sizes["status"] = len(encode_status(self.status("online"))) + STATUS_GROWTH_BYTES
+        sizes["roster"] = len(encode_roster(self.roster()))
+        shortfall = payload_shortfall(sizes, cfg.mqtt.max_payload_bytes)
+        if shortfall is not None:
+            fewer = (
+                f"fewer models in {cfg.model_dir} (runtime.assignment: one_per_checkpoint)"
+                if cfg.runtime.assignment == "one_per_checkpoint"
+                else "a smaller runtime.num_agents"
+            )
+            raise StartupError(f"{len(population)} agents: {shortfall}, or serve {fewer}")
+
+    def roster(self) -> RosterMessage:
+        """Who is served: ids, desired items, model and version per agent, starting matrices."""
+        pop, pool = self.population, self.pool
+        if pop is None or pool is None:
+            raise RuntimeError("the roster exists once the pool is built")
+        return RosterMessage(
+            client_id=self.client_id,
+            started_at=self.started_at,
+            pool_generation=pool.current.number,
+            items=pop.items,
+            agent_ids=pop.agent_ids,
+            desired=tuple(pop.desired_items),
+            models=pop.model_keys,
+            model_versions=pool.current.versions,
+            initial_matrices=pop.initial_matrices,
+        )
+
+    async def report_status(self, transport: RuntimeTransport) -> None:
+        """Publish the retained roster (again whenever the pool generation changes) and the retained
+        status, once connected and every runtime.status_interval_s, with a log line."""
+        await transport.connected.wait()
+        announced = -1
+        while True:
+            if self.pool is not None and self.pool.current.number != announced:
+                announced = self.pool.current.number
+                await transport.publish_roster(encode_roster(self.roster()))
+            await transport.publish_status(encode_status(self.status("online")))
+            await asyncio.sleep(self.config.runtime.status_interval_s)
+            log.info("%s", self._summary())
+
+    def _summary(self) -> str:
+        if self.scheduler is None:
+            return "not serving"
+        s = self.scheduler.stats()
+        return (
+            f"{len(self.scheduler.population)} agents: {s['ticks_received']} ticks received, "
+            f"{s['ticks_served']} served, {s['ticks_skipped']} skipped, dropped {s['dropped'] or 0}, "
+            f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
+            f"{s['guarded_outputs']} outputs guarded, pool generation {s['pool_generation']}"
+        )
+
+    async def _announce_ready(self, transport: RuntimeTransport) -> None:
+        await transport.connected.wait()
+        self.ready.set()
+
+    async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> int:
+        """Wait for stop(); a serving task that dies is logged and ends the process with code 1.
+
+        A broker that refuses us for good (credentials, our client id in use) is one error line.
+        """
+        stop = asyncio.create_task(self._stop.wait())
+        pending: set[asyncio.Future[Any]] = {stop, *tasks}
+        try:
+            while not stop.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {stop}:
+                    error = None if task.cancelled() else task.exception()
+                    if isinstance(error, BrokerRefused):
+                        log.error("%s", error)
+                        return 1
+                    if error is not None:
+                        log.error("%s task failed", task.get_name(), exc_info=error)  # type: ignore[attr-defined]
+                        return 1
+            return 0
+        finally:
+            stop.cancel()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="serve the existing models only (runtime.convert_on_startup)",
+    )
+    parser.add_argument(
+        "--no-reload", action="store_true", help="do not watch the model directory (runtime.hot_reload)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_command("run", args.config, serve_command, config_overrides(args))
+
+
+def serve_command(config: Config) -> int:
+    """`blockmarket run` with its config loaded: serve until stopped; 1 when startup fails."""
+    try:
+        return lifecycle.run(RuntimeServer(config).serve())
+    except STARTUP_ERRORS as exc:
+        log.error("%s", exc)
+        return 1

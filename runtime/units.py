@@ -1,0 +1,253 @@
+"""Inference units: one live session and the population rows it answers for, built from a plan and
+validated before it can serve (realistic states; a pack row by row against its models run alone)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from blockmarket.core.config import NpuConfig
+from blockmarket.core.contract import MATRIX_OUTPUT, PACK_TOLERANCE, VALIDATION_SEED, ModelContract
+from blockmarket.core.state import FloatArray, IntArray
+from blockmarket.models.files import ModelInfo, sha256_file
+from blockmarket.models.packcheck import row_errors
+from runtime.housekeeping import touch
+from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
+
+log = logging.getLogger(__name__)
+
+PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks at top-level files
+
+# (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
+SessionFactory = Callable[[Path, bool], tuple[Any, str]]
+PackPrecision = Literal["fp32", "int8"]  # the weights a pack stores
+PackChoice = Literal["auto", "fp32", "int8"]  # runtime.cpu_pack_precision: auto = int8 where it validates
+
+
+def default_session_factory(
+    npu: NpuConfig, intra_op_threads: int, allow_spinning: bool = False
+) -> SessionFactory:
+    """Serving sessions from blockmarket.models.providers: the QNN HTP NPU when the model can run
+    there, else CPU."""
+    from blockmarket.models.providers import create_session
+
+    def make(path: Path, prefer_npu: bool) -> tuple[Any, str]:
+        session, placement = create_session(
+            path,
+            npu,
+            prefer_npu=prefer_npu,
+            intra_op_threads=intra_op_threads,
+            allow_spinning=allow_spinning,
+        )
+        return session, placement.provider
+
+    return make
+
+
+@dataclass(frozen=True)
+class InferenceUnit:
+    """One live session and the population rows it answers for (a model group or a pack)."""
+
+    name: str
+    rows: IntArray  # ascending population rows, in the session's input row order
+    row_keys: tuple[str, ...]  # the model key of each of those rows
+    models: Mapping[str, ModelInfo]  # model key -> the version this unit was built from
+    session: Any
+    provider: str
+    model_path: Path
+    batch_size: int | None  # static batch of the session's input; None = dynamic
+    slots: IntArray | None = None  # input row of each agent row in a static batch (None: the first M)
+    pack_weights: PackPrecision | None = None  # a pack's stored weights (int8: runtime.cpu_pack_precision)
+    input_name: str = field(init=False)
+    output_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        outputs = [o.name for o in self.session.get_outputs()]
+        object.__setattr__(self, "input_name", self.session.get_inputs()[0].name)
+        object.__setattr__(self, "output_name", MATRIX_OUTPUT if MATRIX_OUTPUT in outputs else outputs[0])
+
+    def run(self, states: FloatArray) -> FloatArray:
+        """Proposed matrices [M, n^2] for the unit's M agents' states [M, D]; called off the loop thread."""
+        if self.batch_size is None or (self.slots is None and self.batch_size == len(states)):
+            return np.asarray(self.session.run([self.output_name], {self.input_name: states})[0])
+        slots = np.arange(len(states)) if self.slots is None else self.slots
+        padded = np.zeros((self.batch_size, states.shape[1]), dtype=np.float32)
+        padded[slots] = states
+        return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[slots]
+
+
+class UnitBuilder:
+    """Builds one unit per plan (blocking: run it in an executor), validated before it can serve; packs
+    are written by a spawned worker process and cached under the model directory (PACK_DIR)."""
+
+    def __init__(
+        self,
+        factory: SessionFactory,
+        num_items: int,
+        model_dir: Path,
+        use_npu: bool = False,
+        cpu_pack_precision: PackChoice = "auto",
+    ) -> None:
+        self.factory = factory
+        self.num_items = num_items
+        self.model_dir = model_dir
+        self.use_npu = use_npu
+        self.cpu_pack_precision = cpu_pack_precision
+        self._builder: ProcessPoolExecutor | None = None
+        self._builder_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the pack builder process (started on first use)."""
+        with self._builder_lock:
+            if self._builder is not None:
+                self._builder.shutdown(wait=True, cancel_futures=True)
+                self._builder = None
+
+    def build(self, plan: UnitPlan) -> InferenceUnit:
+        """Create and warm one session (blocking: run it in an executor), validated before it can serve.
+
+        A CPU pack under ``cpu_pack_precision: auto`` is tried with int8 weights first; a pack that fails
+        the per-agent check on this CPU's kernels is served with fp32 weights instead (logged).
+        """
+        if not isinstance(plan, PackPlan):
+            path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
+            return self._validated_unit(plan, path, prefer_npu, None, None)
+        slots, per_model = pack_slots(plan)
+        if self.use_npu:  # NPU packs: the fp32 conv form
+            return self._validated_unit(plan, self._pack_file(plan, per_model, "fp32"), True, slots, "fp32")
+        if self.cpu_pack_precision != "auto":
+            weights = self.cpu_pack_precision
+            return self._validated_unit(
+                plan, self._pack_file(plan, per_model, weights), False, slots, weights
+            )
+        try:
+            return self._validated_unit(plan, self._pack_file(plan, per_model, "int8"), False, slots, "int8")
+        except PoolError as exc:
+            log.warning(
+                "%s; serving %s with fp32 pack weights instead (runtime.cpu_pack_precision: auto)",
+                exc,
+                plan.name,
+            )
+            return self._validated_unit(plan, self._pack_file(plan, per_model, "fp32"), False, slots, "fp32")
+
+    def _validated_unit(
+        self,
+        plan: UnitPlan,
+        path: Path,
+        prefer_npu: bool,
+        slots: IntArray | None,
+        weights: PackPrecision | None,
+    ) -> InferenceUnit:
+        session, provider = self.factory(path, prefer_npu)
+        for info in plan.models.values():
+            if path == info.onnx_path:  # the session read the file: was it still this version?
+                _check_version(info)
+        static = _static_batch(session)
+        if static is not None and static < len(plan.rows):
+            raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
+        unit = InferenceUnit(
+            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots, weights
+        )
+        states, out = validate_unit(unit, self.num_items)
+        if isinstance(plan, PackPlan):
+            self._check_pack(unit, states, out)
+        return unit
+
+    def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
+        """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances)."""
+        on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
+        tolerance = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
+        keys = np.asarray(unit.row_keys)
+        for key, info in unit.models.items():
+            rows = np.flatnonzero(keys == key)
+            alone = ort.InferenceSession(str(info.onnx_path), providers=["CPUExecutionProvider"])
+            reference = alone.run(None, {alone.get_inputs()[0].name: states[rows]})[0]
+            error, excess = row_errors(out[rows], reference, tolerance)
+            atol, rtol = tolerance
+            if (excess > 0).any():
+                raise PoolError(
+                    f"{unit.model_path}: pack rows of {info.onnx_path.name} differ from the model run alone "
+                    f"(max abs error {float(error.max()):.3g} > atol {atol} + rtol {rtol})"
+                )
+
+    def _model_file(self, info: ModelInfo, agents: int) -> tuple[Path, bool]:
+        """An NPU variant whose static batch holds the whole group (one call per tick), else the fp32 model.
+
+        Without a fitting variant the fp32 model still asks for the NPU when serving there, so that
+        blockmarket.models.providers explains why it lands on CPU (or refuses, with npu.require_npu).
+        """
+        fitting = [v for v in info.variants if v.batch_size >= agents and v.path.is_file()]
+        if self.use_npu and fitting:
+            best = min(fitting, key=lambda v: v.batch_size)
+            return best.path, True
+        return info.onnx_path, self.use_npu
+
+    def _pack_file(self, plan: PackPlan, per_model: int, precision: PackPrecision) -> Path:
+        """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions
+        (content hashes, so a replaced model never reuses a pack of its old weights)."""
+        from blockmarket.models.pack import PackForm, write_pack
+
+        form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
+        versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
+        digest = hashlib.sha256("|".join([form, str(per_model), *versions]).encode()).hexdigest()[:16]
+        path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
+        if path.is_file():
+            touch(path)
+        else:
+            sources = [(info.onnx_path, info.version) for info in plan.models.values()]
+            builder = self._pack_builder()
+            try:
+                builder.submit(write_pack, sources, path, form, per_model).result()
+            except BrokenProcessPool:
+                with self._builder_lock:
+                    self._builder = None  # the next pack gets a new worker
+                raise PoolError(f"{path}: the pack builder process died (out of memory?)") from None
+        return path
+
+    def _pack_builder(self) -> ProcessPoolExecutor:
+        """The worker process that builds packs (started on first use, spawned: nothing is forked)."""
+        with self._builder_lock:
+            if self._builder is None:
+                self._builder = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            return self._builder
+
+
+def _check_version(info: ModelInfo) -> None:
+    """Refuse a model file replaced since its version was read: it must not serve under that label."""
+    found = sha256_file(info.onnx_path)[: len(info.version)]
+    if found != info.version:
+        raise PoolError(
+            f"{info.onnx_path}: its content (sha256 {found}) is no longer version {info.version}; "
+            "the change is reloaded as such"
+        )
+
+
+def _static_batch(session: Any) -> int | None:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def validate_unit(unit: InferenceUnit, num_items: int) -> tuple[FloatArray, FloatArray]:
+    """Refuse a unit whose outputs on realistic states have the wrong shape or are not finite and > 0."""
+    count = len(unit.rows)
+    states = ModelContract.states(count, num_items, VALIDATION_SEED)
+    out = unit.run(states)
+    want = (count, num_items * num_items)
+    if out.shape != want:
+        raise PoolError(f"{unit.model_path}: output shape {out.shape}, expected {want}")
+    if not np.isfinite(out).all():
+        raise PoolError(f"{unit.model_path}: non-finite outputs on realistic states")
+    if (out <= 0).any():
+        raise PoolError(f"{unit.model_path}: non-positive exchange rates on realistic states")
+    return states, out
