@@ -155,8 +155,17 @@ class MqttConfig(_Section):
     max_auth_failures: int = Field(3, ge=1)  # credentials refused this many times in a row: the command exits
 
 
+class HttpConfig(_Section):
+    """The serving process's HTTP endpoints: /metrics (Prometheus), /healthz and /readyz (docs/runtime.md)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only; 0.0.0.0 exposes it
+    port: int = Field(9640, ge=0, le=65535)  # 0: an ephemeral port (logged)
+    max_loop_lag_s: float = Field(5.0, gt=0)  # /healthz fails when the event loop has not run this long
+
+
 class RuntimeConfig(_Section):
-    """The serving process: agents, session pool, reporting, hot reload."""
+    """The serving process: agents, session pool, reporting, hot reload, HTTP endpoints."""
 
     num_agents: int = Field(128, ge=1)
     assignment: Literal["round_robin", "one_per_checkpoint"] = "round_robin"
@@ -174,6 +183,7 @@ class RuntimeConfig(_Section):
     reload_poll_s: float = Field(2.0, gt=0)  # the polling watcher's interval
     status_interval_s: float = Field(5.0, gt=0)
     seed: int = 0
+    http: HttpConfig = HttpConfig()
 
 
 class SimulatorConfig(_Section):
@@ -247,20 +257,23 @@ def _coerce(data: Any) -> Any:
 
 def _relax_numbers(data: dict[str, Any]) -> dict[str, Any]:
     """Accept `5` for a float field (strict mode would refuse it) without accepting "5"."""
+    return {
+        name: _relaxed(SECTIONS[name], section) if isinstance(section, dict) else section
+        for name, section in data.items()
+    }  # a section that is no mapping: pydantic names what is wrong with it
+
+
+def _relaxed(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """One section (or nested table such as runtime.http) with ints given for float fields as floats."""
     out: dict[str, Any] = {}
-    for name, section in data.items():
-        fields = SECTIONS[name].model_fields
-        if not isinstance(section, dict):
-            out[name] = section  # pydantic names what is wrong with it
-            continue
-        out[name] = {
-            key: float(value)
-            if "float" in str(fields[key].annotation)
-            and isinstance(value, int)
-            and not isinstance(value, bool)
-            else value
-            for key, value in section.items()
-        }
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        annotation = field.annotation if field is not None else None  # unknown: pydantic refuses it
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            value = _relaxed(annotation, value)
+        elif "float" in str(annotation) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        out[key] = value
     return out
 
 

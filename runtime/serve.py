@@ -25,7 +25,9 @@ from runtime.agents import AgentPopulation, create_population
 from runtime.broker import BrokerError, ensure_broker
 from runtime.command import given, run_command
 from runtime.config import Config, ConfigError, NpuConfig, Overrides
+from runtime.http import Telemetry
 from runtime.intake import TickIntake
+from runtime.metrics import DEFAULT_MARKET
 from runtime.models import ModelError, ModelInfo, discover_models
 from runtime.protocol import (
     Limits,
@@ -97,6 +99,8 @@ class RuntimeServer:
         self.population: AgentPopulation | None = None
         self.pool: SessionPool | None = None
         self.scheduler: TickScheduler | None = None
+        self.transport: RuntimeTransport | None = None
+        self.telemetry = Telemetry(config.runtime.http, DEFAULT_MARKET)  # /metrics, /healthz, /readyz
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -104,7 +108,23 @@ class RuntimeServer:
         self._stop.set()
 
     async def serve(self) -> int:
-        """Run until stopped; returns the process exit code."""
+        """Run until stopped; returns the process exit code. The HTTP endpoints answer throughout."""
+        async with self.telemetry.serving(self.not_ready):
+            return await self._serve()
+
+    def not_ready(self) -> str | None:
+        """Why /readyz says 503 (None: ready). Called from the HTTP thread: reads flags only."""
+        if self._stop.is_set():
+            return "stopping"
+        if self.pool is None:
+            return "starting: converting models or building and validating the session pool"
+        if self.transport is None:
+            return "starting: connecting to the MQTT broker"
+        if not self.transport.connected.is_set():
+            return f"not connected to the MQTT broker at {self.transport.address}"
+        return None
+
+    async def _serve(self) -> int:
         mqtt = self.config.mqtt
         client_options(mqtt)  # first: MQTT credentials and TLS files are checked now, not after conversion
         await self.prepare_models()
@@ -126,6 +146,8 @@ class RuntimeServer:
         )
         self.scheduler = scheduler
         reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
+        self.transport = transport
+        self.telemetry.attach(scheduler, transport, reloader)
         if reloader is not None:  # watching before the status says online: no model written after is missed
             await reloader.start()
         connection = asyncio.create_task(transport.run(), name="mqtt")
