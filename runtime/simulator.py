@@ -43,6 +43,7 @@ from runtime import lifecycle
 from runtime.command import given, run_command
 from runtime.config import Config, MqttConfig, Overrides
 from runtime.market import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
+from runtime.market_view import ViewPublisher
 from runtime.protocol import (
     DropCounter,
     Limits,
@@ -161,6 +162,7 @@ class MarketSimulator:
         )
         self._rng = rng
         self._start_inventory = self.population.inventory.copy()
+        self.view = ViewPublisher(config, self.population, self._start_inventory)  # for the dashboard
         self._limits = Limits.from_config(config.mqtt, num_agents=max(count, 1), num_items=n)
         shortfall = payload_shortfall(message_sizes(agent_ids, n), config.mqtt.max_payload_bytes)
         if shortfall is not None:
@@ -235,6 +237,7 @@ class MarketSimulator:
         """Apply the newest answer, then one market step."""
         self._apply_newest()
         stats = trade_step(self.population, self._rng, self.config.environment)
+        self.view.record(stats)
         self.trades += stats.trades
         self.volume += stats.volume
         return stats
@@ -281,6 +284,7 @@ class MarketSimulator:
                 if tick:  # in a thread: answers keep being received (and timed) during a long step
                     await asyncio.to_thread(self.step)
                 await self._publish(link, tick)
+                await self.view.publish_due(link, tick, self.summary)
                 tick += 1
                 now = time.perf_counter()
                 if on_report is not None and now >= next_report:
