@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("runtime.serve", "serve all agents over MQTT (converts what is new first)"),
     "simulate": ("runtime.simulator", "play the game server over MQTT: publish ticks, apply matrices"),
     "demo": ("runtime.demo", "the runtime against a live market simulation (what the quick start runs)"),
+    "dashboard": ("blockmarket.dashboard.cli", "watch the market live in a browser (MQTT + /metrics)"),
 }
 
 

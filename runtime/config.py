@@ -194,6 +194,15 @@ class SimulatorConfig(_Section):
     seed: int = 0
 
 
+class DashboardConfig(_Section):
+    """`blockmarket dashboard`: where its page listens, and which runtime /metrics it scrapes."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8650, ge=0, le=65535)  # 0: an ephemeral port (printed)
+    metrics_url: str | None = None  # default: runtime.http's /metrics on this machine (when enabled)
+    scrape_interval_s: float = Field(1.0, gt=0)
+
+
 class Config(_Section):
     """The whole `config.yaml`."""
 
@@ -207,6 +216,7 @@ class Config(_Section):
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     @property
     def onnx_dir(self) -> Path:

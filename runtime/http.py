@@ -51,6 +51,23 @@ class LoopHeartbeat:
             await asyncio.sleep(interval_s)
 
 
+class SmallHandler(BaseHTTPRequestHandler):
+    """Whole responses with a length, never cached; requests logged at DEBUG (not on stderr)."""
+
+    server_version = "blockmarket"
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
 class ProbeServer:
     """/metrics, /healthz and /readyz on a daemon thread; ``not_ready`` gives the reason or None."""
 
@@ -101,9 +118,7 @@ class ProbeServer:
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         probes = self
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "blockmarket"
-
+        class Handler(SmallHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -113,17 +128,6 @@ class ProbeServer:
                     self._send(code, json.dumps(body).encode() + b"\n", "application/json")
                 else:
                     self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("%s %s", self.address_string(), format % args)
 
         return Handler
 

@@ -193,6 +193,7 @@ def write_config(path: Path, **sections: dict[str, object]) -> Path:
     """A complete config file: the built-in defaults with some keys of some sections replaced."""
     data = dump_default_config()
     data["runtime"]["http"]["port"] = 0  # tests run side by side: an ephemeral port each, unless given
+    data["dashboard"]["port"] = 0
     for section, values in sections.items():
         data[section].update(values)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")

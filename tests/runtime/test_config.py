@@ -12,7 +12,7 @@ from runtime.config import Config, ConfigError, dump_default_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = {version: REPO / "tests" / "conversion" / f"original_config_v{version}.yaml" for version in (1, 8)}
-NEW_SECTIONS = "sections conversion, npu, mqtt, runtime, simulator"
+NEW_SECTIONS = "sections conversion, npu, mqtt, runtime, simulator, dashboard"
 NEW_TRAINING_KEYS = (
     "keys training.fresh_agent_fraction, training.matrix_mutation_std, training.top_k_saved, "
     "training.seed, training.convert_after_training, training.markets_per_generation"
