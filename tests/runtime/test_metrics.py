@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -19,7 +20,7 @@ from runtime.config import ConfigError, NpuConfig, load_config, parse_config
 from runtime.metrics import STAGES
 from runtime.serve import RuntimeServer
 from runtime.sessions import default_session_factory
-from tests.runtime.runtime_helpers import ITEMS, GameClient, serving_config
+from tests.runtime.runtime_helpers import ITEMS, REPO, GameClient, serving_config
 from tests.wire.wire_helpers import PrivateMosquitto, wait_until
 
 pytestmark = pytest.mark.mqtt
@@ -246,3 +247,40 @@ def test_runtime_http_settings_are_validated() -> None:
         parse_config({"runtime": {"http": {"prot": 1}}})
     with pytest.raises(ConfigError, match=r"runtime\.http\.enabled"):
         parse_config({"runtime": {"http": {"enabled": "yes"}}})
+
+
+def grafana_metric_names() -> set[str]:
+    """Every metric name the shipped Grafana dashboard's PromQL uses (panels and variables)."""
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [
+        variable["definition"] for variable in dashboard["templating"]["list"] if "definition" in variable
+    ]
+    functions = {"histogram_quantile", "sum", "by", "rate", "increase", "label_values", "le", "market"}
+    names = {name for query in queries for name in re.findall(r"[a-z_]+(?=[{(\[ ,)])|[a-z_]+$", query)}
+    return {name for name in names if name not in functions and ("_" in name)}
+
+
+async def test_every_metric_of_the_grafana_dashboard_is_exported(
+    tmp_path: Path, model_dir: Path, prefix: str
+) -> None:
+    names = grafana_metric_names()
+    assert {"blockmarket_tick_seconds_bucket", "process_resident_memory_bytes"} <= names
+    config = load_config(serving_config(tmp_path, model_dir, prefix, num_agents=3))
+    server = RuntimeServer(config, handle_signals=False)
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with GameClient(config.mqtt, len(ITEMS)) as game:
+            await game.online()
+            for number in range(3):
+                await game.send(game.tick(number))
+                await game.answer(number)
+            await game.send_raw(b"\xc1")  # a dropped kind: ticks_dropped_total has a series
+            await wait_until(
+                lambda: game.status.get("ticks_received") == 4, 10, "the dropped message counted"
+            )
+            exported = {name for name, _ in await scrape(server)}
+    finally:
+        server.stop()
+        await serving
+    assert names <= exported, sorted(names - exported)
