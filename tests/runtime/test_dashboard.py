@@ -18,7 +18,14 @@ from typing import IO
 import pytest
 
 from runtime.config import load_config
-from tests.runtime.runtime_helpers import ITEMS, REPO, GameClient, serving_config
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    REPO,
+    GameClient,
+    serving_config,
+    trading_weights,
+    write_model,
+)
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -117,6 +124,19 @@ def test_the_dashboard_shows_a_live_demo_in_a_real_browser(
                 )
                 assert page.text_content("#served") not in ("–", "0")
                 assert "pool generation 1" in (page.text_content("#generation") or "")
+                before = page.text_content("#models") or ""
+
+                write_model(
+                    model_dir, "m1", trading_weights(50), agent_id="ckpt-1"
+                )  # hot reload: a new version
+                page.wait_for_function(
+                    "window.dashboard.state.markets.default.reloads.length >= 1", timeout=60_000
+                )  # marked on the curves
+                page.wait_for_function(
+                    "document.getElementById('generation').textContent.includes('pool generation 2')",
+                    timeout=30_000,
+                )
+                page.wait_for_function(f"document.getElementById('models').textContent !== {before!r}")
                 page.wait_for_function(
                     "window.dashboard.state.markets.default.history.length >= 8", timeout=30_000
                 )  # a few points on the curves for the picture

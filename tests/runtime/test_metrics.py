@@ -20,7 +20,14 @@ from runtime.config import ConfigError, NpuConfig, load_config, parse_config
 from runtime.metrics import STAGES
 from runtime.serve import RuntimeServer
 from runtime.sessions import default_session_factory
-from tests.runtime.runtime_helpers import ITEMS, REPO, GameClient, serving_config
+from tests.runtime.runtime_helpers import (
+    ITEMS,
+    REPO,
+    GameClient,
+    serving_config,
+    trading_weights,
+    write_model,
+)
 from tests.wire.wire_helpers import PrivateMosquitto, wait_until
 
 pytestmark = pytest.mark.mqtt
@@ -261,7 +268,7 @@ def grafana_metric_names() -> set[str]:
     return {name for name in names if name not in functions and ("_" in name)}
 
 
-async def test_every_metric_of_the_grafana_dashboard_is_exported(
+async def test_every_metric_of_the_grafana_dashboard_is_exported_and_reloads_are_counted(
     tmp_path: Path, model_dir: Path, prefix: str
 ) -> None:
     names = grafana_metric_names()
@@ -279,8 +286,24 @@ async def test_every_metric_of_the_grafana_dashboard_is_exported(
             await wait_until(
                 lambda: game.status.get("ticks_received") == 4, 10, "the dropped message counted"
             )
-            exported = {name for name, _ in await scrape(server)}
+            samples = await scrape(server)
+            write_model(model_dir, "m0", trading_weights(40), desired_item="gold", agent_id="ckpt-0")
+            await wait_until(lambda: game.status.get("pool_generation") == 2, 60, "the hot reload")
+            await wait_until(
+                lambda: game.roster is not None and game.roster.pool_generation == 2, 10, "roster"
+            )
+            reloaded = await scrape(server)
+            roster = game.roster
     finally:
         server.stop()
         await serving
+    exported = {name for name, _ in samples}
     assert names <= exported, sorted(names - exported)
+    assert (
+        value(samples, "blockmarket_reloads_total") == 0 and value(reloaded, "blockmarket_reloads_total") == 1
+    )
+    assert value(reloaded, "blockmarket_pool_generation") == 2
+    assert value(reloaded, "blockmarket_reload_failures_total") == 0
+    versions = {m["model"]: m["version"] for m in labelled(reloaded, "blockmarket_model_info")}
+    before = {m["model"]: m["version"] for m in labelled(samples, "blockmarket_model_info")}
+    assert roster is not None and versions == roster.model_versions and versions["m0"] != before["m0"]
