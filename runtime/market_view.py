@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from runtime.config import Config
 from runtime.market import MarketPopulation, TradeStats, fitness
+from runtime.metrics import DEFAULT_MARKET
 from runtime.protocol import WIRE_DTYPE, Limits, ProtocolError, _array, _float, _int, _pack, _unpack
 from runtime.state import FloatArray
 
@@ -33,7 +34,6 @@ VIEW_INTERVAL_S = 0.5
 VIEW_MAX_AGENTS = 2000
 VIEW_MAX_TRADES = 500
 VIEW_KIND = "market_view"
-DEFAULT_MARKET = "default"
 _FIGURES = ("fitness_mean", "fitness_max", "latency_p50_ms", "latency_p99_ms", "runtime_latency_p50_ms")
 _KEYS = frozenset(
     {"market", "tick", "published_at", "agents_total", "world_size", "items", "agent_ids", "positions",
