@@ -156,6 +156,7 @@ class Telemetry:
                 f"runtime.http: cannot listen on {self.cfg.host}:{self.cfg.port} ({exc.strerror}); "
                 "choose another runtime.http.port (0: any free one) or runtime.http.enabled: false"
             ) from exc
+        self.heartbeat.beat_at = time.monotonic()  # the loop runs now: fresh until its task takes over
         beating = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
         self.url = probes.start()
         try:
