@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -138,7 +139,7 @@ class DashboardFeed:
         self._buckets: dict[str, list[tuple[float, float]]] = {}
         self.link = MqttLink(
             config.mqtt,
-            client_id=f"blockmarket-dashboard-{id(self):x}",
+            client_id=f"blockmarket-dashboard-{os.getpid()}",
             subscriptions={
                 self.topics.status: self._guarded(self.on_status),
                 self.topics.roster: self._guarded(self.on_roster),
