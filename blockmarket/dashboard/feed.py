@@ -133,7 +133,8 @@ class DashboardFeed:
         self.hub = EventHub()
         self.drops = DropCounter(log, what=f"message on {self.topics.prefix}/#")
         self.markets: dict[str, Market] = {}
-        self.prefix_market = DEFAULT_MARKET  # the market this prefix's runtime serves (from the views)
+        self.prefix_market = DEFAULT_MARKET  # the market this prefix's runtime serves (the first view's)
+        self._named = False
         self.metrics_error: str | None = None
         self._lock = threading.Lock()
         self._buckets: dict[str, list[tuple[float, float]]] = {}
@@ -235,7 +236,13 @@ class DashboardFeed:
         view = decode_view(payload, self.limits)
         data = view.to_json()
         with self._lock:
-            self.prefix_market = view.market
+            if not self._named:  # the first view names the market this prefix's runtime serves
+                self._named = True
+                early = self.markets.pop(self.prefix_market, None)
+                if early is not None:  # status and roster that came first (retained) move with it
+                    early.name = view.market
+                    self.markets[view.market] = early
+                self.prefix_market = view.market
             market = self._market(view.market)
             previous, market.view = market.view, data
             ticks = view.ticks_sent - (previous["ticks_sent"] if previous else 0)

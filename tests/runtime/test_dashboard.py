@@ -12,12 +12,17 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 from runtime.config import load_config
+from runtime.market_view import encode_view, view_topic
+from runtime.simulator import MarketSimulator, default_roster
+from runtime.transport import MqttLink
 from tests.runtime.runtime_helpers import (
     ITEMS,
     REPO,
@@ -64,6 +69,22 @@ async def served_agents(config_path: Path) -> tuple[str, ...]:
     async with GameClient(load_config(config_path).mqtt, len(ITEMS)) as game:
         await game.online()
         return game.agent_ids
+
+
+async def publish_view(config_path: Path, market: str, agents: int) -> None:
+    """One market view of another market on the demo's topics, as a second simulator would send it."""
+    config = load_config(config_path)
+    roster = default_roster(agents, config.environment.num_items, seed=5)
+    game = MarketSimulator(config, roster.agent_ids, roster.desired)
+    view = encode_view(replace(game.view.view(1, game.summary()), market=market))
+    link = MqttLink(config.mqtt, client_id=f"second-market-{market}", subscriptions={})
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(link.connected.wait(), 10)
+        assert await link.publish(view_topic(config.mqtt.topic_prefix), view)
+    finally:
+        await link.disconnect()
+        await task
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: scripts/setup installs Debian's package")
@@ -141,6 +162,18 @@ def test_the_dashboard_shows_a_live_demo_in_a_real_browser(
                     "window.dashboard.state.markets.default.history.length >= 8", timeout=30_000
                 )  # a few points on the curves for the picture
                 page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+
+                with ThreadPoolExecutor(1) as aside:  # Playwright's sync API holds this thread's loop
+                    aside.submit(
+                        lambda: asyncio.run(publish_view(config, "east", 6))
+                    ).result()  # a market appears
+                page.wait_for_function(
+                    "document.getElementById('market').options.length === 2", timeout=30_000
+                )
+                page.select_option("#market", "east")
+                page.wait_for_function("window.dashboard.drawnAgents().length === 6", timeout=10_000)
+                page.select_option("#market", "default")
+                page.wait_for_function("window.dashboard.drawnAgents().length === 20", timeout=10_000)
             finally:
                 browser.close()
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000

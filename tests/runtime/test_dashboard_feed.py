@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from prometheus_client import generate_latest
 
 from blockmarket.dashboard.feed import DashboardFeed, quantile_ms, summarize
 from runtime.config import Config
+from runtime.market_view import encode_view
 from runtime.metrics import RuntimeMetrics
+from tests.runtime.test_market_view import simulator
 
 
 def test_quantiles_follow_prometheus_histogram_quantile() -> None:
@@ -38,3 +42,22 @@ def test_a_refused_message_is_counted_and_changes_nothing() -> None:
     receive(b"\x82\xa1v\x01\xa4type\xa4tick", 0.0, False)
     assert feed.drops.counts == {"malformed": 1, "schema": 1}
     assert feed.snapshot()["markets"] == {}
+
+
+def test_every_market_seen_is_listed_and_gets_its_own_figures() -> None:
+    """One market today; the markets work adds more: views and metrics name theirs."""
+    feed = DashboardFeed(Config(), metrics_url=None)
+    events = feed.hub.subscribe()
+    for name in ("default", "east"):
+        sim = simulator(6)
+        view = sim.view.view(4, sim.summary())
+        feed.on_view(encode_view(replace(view, market=name)))
+    markets = feed.snapshot()["markets"]
+    assert sorted(markets) == ["default", "east"]
+    assert all(m["view"]["agent_ids"] == [f"agent-{i:04d}" for i in range(6)] for m in markets.values())
+    assert [m["history"][0]["tick"] for m in markets.values()] == [4, 4]
+    assert events.qsize() == 2  # one event per view, to every open page
+    metrics = RuntimeMetrics("east", process=False)
+    metrics.served(0.0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.003])
+    for name, summary in summarize(generate_latest(metrics.registry).decode(), {}).items():
+        assert name == "east" and summary["tick_p50_ms"] is not None
