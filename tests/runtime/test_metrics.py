@@ -203,12 +203,16 @@ async def test_healthz_reports_a_stalled_loop(tmp_path: Path, model_dir: Path, p
         watcher = threading.Thread(target=poll_until_unhealthy, args=(url, seen.append), daemon=True)
         watcher.start()
         deadline = time.monotonic() + 20
-        while not seen and time.monotonic() < deadline:  # the loop is stuck here: no heartbeat
+        while len(seen) < 2 and time.monotonic() < deadline:  # the loop is stuck here: no heartbeat
             time.sleep(0.01)
         watcher.join(5)
         assert seen, "/healthz kept answering 200 while the loop was stalled"
         code, body = seen[0]
         assert code == 503 and "event loop stalled" in json.loads(body)["reason"]
+        code, text = seen[1]
+        lag = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "blockmarket_loop_lag_seconds"]  # fmt: skip
+        assert code == 200 and lag[0] > 0.5
         await asyncio.sleep(0.6)  # the loop runs again: the heartbeat is fresh
         assert (await probe(server, "/healthz"))[0] == 200
     finally:
@@ -220,8 +224,9 @@ def poll_until_unhealthy(url: str, report: Callable[[tuple[int, str]], None]) ->
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         code, body = get(url)
-        if code != 200:
+        if code != 200:  # still stalled: /metrics answers too, from the HTTP thread
             report((code, body))
+            report(get(url.replace("/healthz", "/metrics")))
             return
         time.sleep(0.05)
 
