@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.config import ConfigError, NpuConfig, load_config, parse_config
+from runtime.config import Config, ConfigError, NpuConfig, load_config, parse_config
 from runtime.metrics import STAGES
 from runtime.serve import RuntimeServer
 from runtime.sessions import default_session_factory
@@ -33,6 +34,18 @@ from tests.wire.wire_helpers import PrivateMosquitto, wait_until
 pytestmark = pytest.mark.mqtt
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@contextlib.asynccontextmanager
+async def serving_runtime(config: Config) -> AsyncIterator[RuntimeServer]:
+    """A runtime serving in this process for the block; it must stop cleanly (exit code 0)."""
+    server = RuntimeServer(config, handle_signals=False)
+    serving = asyncio.create_task(server.serve())
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert await serving == 0
 
 
 def get(url: str) -> tuple[int, str]:
@@ -74,37 +87,31 @@ async def test_metrics_agree_with_the_retained_status_while_ticks_flow(
     tmp_path: Path, model_dir: Path, prefix: str
 ) -> None:
     config = load_config(serving_config(tmp_path, model_dir, prefix, num_agents=6))
-    server = RuntimeServer(config, handle_signals=False)
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with GameClient(config.mqtt, len(ITEMS)) as game:
-            await game.online()
-            during: Samples = {}
-            sent = 0
-            for number in range(40):
-                await game.send(game.tick(number))
-                sent += 1
-                if number % 10 == 3:
-                    await game.send_raw(b"\xc1 not msgpack")  # dropped: malformed
-                    await game.send_raw(b"\x81\xa1v\x02")  # dropped: version
-                    sent += 2
-                if number == 20:  # scraped while ticks flow
-                    during = await scrape(server)
-                await asyncio.sleep(0.01)
-            received = value(during, "blockmarket_ticks_received_total")
-            assert 0 < received <= sent
-            assert value(during, "blockmarket_tick_seconds_count") <= received
+    async with serving_runtime(config) as server, GameClient(config.mqtt, len(ITEMS)) as game:
+        await game.online()
+        during: Samples = {}
+        sent = 0
+        for number in range(40):
+            await game.send(game.tick(number))
+            sent += 1
+            if number % 10 == 3:
+                await game.send_raw(b"\xc1 not msgpack")  # dropped: malformed
+                await game.send_raw(b"\x81\xa1v\x02")  # dropped: version
+                sent += 2
+            if number == 20:  # scraped while ticks flow
+                during = await scrape(server)
+            await asyncio.sleep(0.01)
+        received = value(during, "blockmarket_ticks_received_total")
+        assert 0 < received <= sent
+        assert value(during, "blockmarket_tick_seconds_count") <= received
 
-            def settled() -> bool:
-                status = game.status
-                return status.get("ticks_received") == sent and status.get("ticks_in_flight") == 0
+        def settled() -> bool:
+            status = game.status
+            return status.get("ticks_received") == sent and status.get("ticks_in_flight") == 0
 
-            await wait_until(settled, 20, f"a status counting all {sent} messages")
-            status, roster = game.status, game.roster
-            after = await scrape(server)
-    finally:
-        server.stop()
-        assert await serving == 0
+        await wait_until(settled, 20, f"a status counting all {sent} messages")
+        status, roster = game.status, game.roster
+        after = await scrape(server)
 
     for key in ("ticks_received", "ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors"):
         assert value(after, f"blockmarket_{key}_total") == status[key], key
@@ -193,9 +200,7 @@ async def until_probe(server: RuntimeServer, path: str, code: int, timeout: floa
 async def test_healthz_reports_a_stalled_loop(tmp_path: Path, model_dir: Path, prefix: str) -> None:
     http = {"enabled": True, "host": "127.0.0.1", "port": 0, "max_loop_lag_s": 0.5}
     config = load_config(serving_config(tmp_path, model_dir, prefix, num_agents=3, http=http))
-    server = RuntimeServer(config, handle_signals=False)
-    serving = asyncio.create_task(server.serve())
-    try:
+    async with serving_runtime(config) as server:
         await asyncio.wait_for(server.ready.wait(), 60)
         url = f"{server.telemetry.url}/healthz"
         assert get(url)[0] == 200
@@ -215,9 +220,6 @@ async def test_healthz_reports_a_stalled_loop(tmp_path: Path, model_dir: Path, p
         assert code == 200 and lag[0] > 0.5
         await asyncio.sleep(0.6)  # the loop runs again: the heartbeat is fresh
         assert (await probe(server, "/healthz"))[0] == 200
-    finally:
-        server.stop()
-        await serving
 
 
 def poll_until_unhealthy(url: str, report: Callable[[tuple[int, str]], None]) -> None:
@@ -279,29 +281,19 @@ async def test_every_metric_of_the_grafana_dashboard_is_exported_and_reloads_are
     names = grafana_metric_names()
     assert {"blockmarket_tick_seconds_bucket", "process_resident_memory_bytes"} <= names
     config = load_config(serving_config(tmp_path, model_dir, prefix, num_agents=3))
-    server = RuntimeServer(config, handle_signals=False)
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with GameClient(config.mqtt, len(ITEMS)) as game:
-            await game.online()
-            for number in range(3):
-                await game.send(game.tick(number))
-                await game.answer(number)
-            await game.send_raw(b"\xc1")  # a dropped kind: ticks_dropped_total has a series
-            await wait_until(
-                lambda: game.status.get("ticks_received") == 4, 10, "the dropped message counted"
-            )
-            samples = await scrape(server)
-            write_model(model_dir, "m0", trading_weights(40), desired_item="gold", agent_id="ckpt-0")
-            await wait_until(lambda: game.status.get("pool_generation") == 2, 60, "the hot reload")
-            await wait_until(
-                lambda: game.roster is not None and game.roster.pool_generation == 2, 10, "roster"
-            )
-            reloaded = await scrape(server)
-            roster = game.roster
-    finally:
-        server.stop()
-        await serving
+    async with serving_runtime(config) as server, GameClient(config.mqtt, len(ITEMS)) as game:
+        await game.online()
+        for number in range(3):
+            await game.send(game.tick(number))
+            await game.answer(number)
+        await game.send_raw(b"\xc1")  # a dropped kind: ticks_dropped_total has a series
+        await wait_until(lambda: game.status.get("ticks_received") == 4, 10, "the dropped message counted")
+        samples = await scrape(server)
+        write_model(model_dir, "m0", trading_weights(40), desired_item="gold", agent_id="ckpt-0")
+        await wait_until(lambda: game.status.get("pool_generation") == 2, 60, "the hot reload")
+        await wait_until(lambda: game.roster is not None and game.roster.pool_generation == 2, 10, "roster")
+        reloaded = await scrape(server)
+        roster = game.roster
     exported = {name for name, _ in samples}
     assert names <= exported, sorted(names - exported)
     assert (
