@@ -4,6 +4,7 @@ Everything goes through the user's commands (``blockmarket convert``, ``run``, `
 separate processes, talking to the real broker, so the figures include what a deployment pays.
 """
 
+# size: one harness for every process-level benchmark (soak, end_to_end, startup): kept together
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,13 @@ from blockmarket.wire.protocol import Limits, ProtocolError, Topics, decode_stat
 STATUS_LIMITS = Limits(max_payload_bytes=64 * 1024 * 1024)
 # Where a run keeps its files and topics: set per run, not settings that change how it serves
 PLACEMENT_KEYS = frozenset(
-    {"training.model_save_path", "conversion.output_dir", "runtime.model_dir", "mqtt.topic_prefix"}
+    {
+        "training.model_save_path",
+        "conversion.output_dir",
+        "runtime.model_dir",
+        "mqtt.topic_prefix",
+        "runtime.http.port",  # 0: runs never compete for the metrics port
+    }
 )
 
 
@@ -189,6 +196,7 @@ def serving_overrides(
         "runtime": {
             "model_dir": str(work / "models"),
             "assignment": "one_per_checkpoint",
+            "http": {**shipped_config()["runtime"]["http"], "port": 0},
             **runtime_settings(args),
         },
     }
@@ -222,13 +230,21 @@ def runtime_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def changed_settings(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The settings a run sets differently from the shipped config.yaml, as dotted keys (no paths)."""
-    shipped = shipped_config()
+    shipped = dict(_dotted(shipped_config()))
     return {
-        f"{section}.{key}": value
-        for section, values in overrides.items()
-        for key, value in values.items()
-        if f"{section}.{key}" not in PLACEMENT_KEYS and shipped[section][key] != value
+        key: value
+        for key, value in _dotted(overrides)
+        if key not in PLACEMENT_KEYS and shipped.get(key) != value
     }
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf: runtime.http.enabled, not the runtime.http table."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def announce_settings(what: str, changed: dict[str, Any]) -> None:

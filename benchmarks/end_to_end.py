@@ -16,7 +16,10 @@ The runtime serves the shipped config.yaml: only its files, its topic prefix, on
 a broker that must already run are set per run, plus what the command line asks for (--threads,
 --cpu-pack-precision, --no-reload). Every changed setting is printed before its run and recorded in the
 JSON. --compare-reload serves each N with hot reload on and off and reports the ratio of the p99s
-(target <= 1.2). On x86_64 the QNN HTP backend is a simulator, so the runtime serves on the CPU EP.
+(target <= 1.2). --compare-metrics serves each N with the metrics on and off (runtime.http.enabled: with
+it off no tick stage is timed) and prints p50 and p99, game side and in the runtime, with the on/off
+ratios: the metrics' overhead should be within noise. On x86_64 the QNN HTP backend is a simulator, so
+the runtime serves on the CPU EP.
 """
 
 from __future__ import annotations
@@ -51,20 +54,28 @@ from benchmarks._report import add_output_argument, command_line, machine_info, 
 
 TARGETS = {100: {"p99_ms": 10.0}, 1000: {"p99_ms": 30.0, "skipped": 0, "rss_mb": 1536.0}}
 RELOAD_RATIO_TARGET = 1.2  # p99 with hot reload on / off, at 1000 and at 10,000 agents
+# A compared setting: (row key, what it switches, run-name label), served on and off for each N.
+Variant = tuple[str, bool]
+COMPARED = {"hot_reload": "reload", "metrics": "metrics"}
 
 
 def serve_and_simulate(
-    args: argparse.Namespace, work: Path, models: Path, agents: int, ticks: int, hot_reload: bool | None
+    args: argparse.Namespace, work: Path, models: Path, agents: int, ticks: int, variant: Variant | None
 ) -> dict[str, Any]:
     """One `run` of the ``agents`` models in ``models`` + one `simulate` on a fresh prefix; both sides'
-    figures. ``hot_reload`` None serves what the command line says (config.yaml's unless --no-reload).
+    figures. ``variant`` switches hot reload or the metrics on or off; None serves what the command
+    line says (config.yaml's unless --no-reload).
     """
     overrides = serving_overrides(work, args)
-    if hot_reload is not None:
-        overrides["runtime"]["hot_reload"] = hot_reload
+    if variant is not None and variant[0] == "hot_reload":
+        overrides["runtime"]["hot_reload"] = variant[1]
+    if variant is not None and variant[0] == "metrics":
+        overrides["runtime"]["http"]["enabled"] = variant[1]
     overrides["mqtt"]["topic_prefix"] = unique_prefix(f"e2e{agents}")
     overrides["runtime"]["model_dir"] = str(models)
-    name = f"{agents}" if hot_reload is None else f"{agents}-reload-{'on' if hot_reload else 'off'}"
+    name = f"{agents}"
+    if variant is not None:
+        name += f"-{COMPARED[variant[0]]}-{'on' if variant[1] else 'off'}"
     config_path = work / f"config-{name}.yaml"
     config = write_config(config_path, overrides)
     changed = changed_settings(overrides)
@@ -83,7 +94,9 @@ def serve_and_simulate(
     game = json.loads(summary_path.read_text())
     return {
         "agents": agents,
+        "compared": None if variant is None else variant[0],
         "hot_reload": config.runtime.hot_reload,
+        "metrics": config.runtime.http.enabled,
         "overrides": changed,
         "ticks": ticks,
         "rate_hz": args.rate,
@@ -111,6 +124,7 @@ def serve_and_simulate(
 COLUMNS = (
     ("N", "agents"),
     ("reload", "hot_reload"),
+    ("metrics", "metrics"),
     ("ticks", "ticks_sent"),
     ("answered", "answered"),
     ("skipped", "runtime_ticks_skipped"),
@@ -137,33 +151,41 @@ def print_rows(rows: Sequence[dict[str, Any]]) -> None:
             print(f"\nN={row['agents']} failed: {row['error']}")
 
 
-def reload_comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per N served with hot reload on and off: both p99s (game side and in the runtime) and on/off."""
-    comparison = []
+def comparison(rows: Sequence[dict[str, Any]], key: str, title: str) -> list[dict[str, Any]]:
+    """Per N served with ``key`` (hot_reload, metrics) on and off: p50 and p99, game side and in the
+    runtime, and the on/off ratios."""
+    label, result = COMPARED[key], []
     for agents in dict.fromkeys(row["agents"] for row in rows):
-        pair = {row["hot_reload"]: row for row in rows if row["agents"] == agents and "error" not in row}
+        pair = {
+            row[key]: row
+            for row in rows
+            if row["agents"] == agents and row.get("compared") == key and "error" not in row
+        }
         if set(pair) != {True, False}:
             continue
         on, off = pair[True], pair[False]
-        comparison.append(
-            {
-                "agents": agents,
-                "p99_ms_reload_off": off["latency_p99_ms"],
-                "p99_ms_reload_on": on["latency_p99_ms"],
-                "p99_ratio": _ratio(on["latency_p99_ms"], off["latency_p99_ms"]),
-                "rt_p99_ratio": _ratio(on["runtime_latency_p99_ms"], off["runtime_latency_p99_ms"]),
-                "target_ratio": RELOAD_RATIO_TARGET,
-            }
-        )
-    print_table(
-        f"Hot reload on / off (p99, game side and in the runtime; target <= {RELOAD_RATIO_TARGET})",
-        ["N", "p99 off", "p99 on", "on/off", "rt on/off"],
-        [
-            [c["agents"], c["p99_ms_reload_off"], c["p99_ms_reload_on"], c["p99_ratio"], c["rt_p99_ratio"]]
-            for c in comparison
-        ],
-    )
-    return comparison
+        entry: dict[str, Any] = {"agents": agents}
+        for q in ("p50", "p99"):
+            entry[f"{q}_ms_{label}_off"] = off[f"latency_{q}_ms"]
+            entry[f"{q}_ms_{label}_on"] = on[f"latency_{q}_ms"]
+            entry[f"{q}_ratio"] = _ratio(on[f"latency_{q}_ms"], off[f"latency_{q}_ms"])
+            entry[f"rt_{q}_ratio"] = _ratio(on[f"runtime_latency_{q}_ms"], off[f"runtime_latency_{q}_ms"])
+        result.append(entry)
+    shown = ["agents", f"p50_ms_{label}_off", f"p50_ms_{label}_on", "p50_ratio"]
+    shown += [f"p99_ms_{label}_off", f"p99_ms_{label}_on", "p99_ratio", "rt_p50_ratio", "rt_p99_ratio"]
+    headers = [
+        "N",
+        "p50 off",
+        "p50 on",
+        "on/off",
+        "p99 off",
+        "p99 on",
+        "on/off",
+        "rt p50 on/off",
+        "rt p99 on/off",
+    ]
+    print_table(title, headers, [[c[k] for k in shown] for c in result])
+    return result
 
 
 def _ratio(on: float | None, off: float | None) -> float | None:
@@ -190,6 +212,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="serve each N with hot reload on and with it off, and report the ratio of the p99s",
     )
+    parser.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="serve each N with the metrics on and off (runtime.http.enabled); print p50/p99 and the ratios",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for `run`")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -209,21 +236,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [(n, args.ticks, False) for n in args.agents]
         if args.stretch_agents:
             runs.append((args.stretch_agents, args.stretch_ticks, True))
-        reload_modes: tuple[bool | None, ...] = (True, False) if args.compare_reload else (None,)
+        compared = [key for key, wanted in (("hot_reload", args.compare_reload),
+                                            ("metrics", args.compare_metrics)) if wanted]  # fmt: skip
+        variants: list[Variant | None] = [(key, on) for key in compared for on in (True, False)] or [None]
         rows = []
         for agents, ticks, stretch in runs:
             models = distinct_models(work / "models", work / f"models-{agents}", agents, args.seed)
-            for hot_reload in reload_modes:
+            for variant in variants:
                 try:
-                    row = serve_and_simulate(args, work, models, agents, ticks, hot_reload)
+                    row = serve_and_simulate(args, work, models, agents, ticks, variant)
                 except HarnessError as exc:  # a run that fails is a result too (e.g. the stretch row)
                     print(f"... {agents} agents FAILED: {exc}", file=sys.stderr, flush=True)
-                    row = {"agents": agents, "hot_reload": hot_reload, "ticks": ticks, "error": str(exc)}
+                    row = {"agents": agents, "ticks": ticks, "error": str(exc)}
+                    if variant is not None:
+                        row.update({"compared": variant[0], variant[0]: variant[1]})
                 rows.append({**row, "stretch": stretch})
     print_rows(rows)
     results: dict[str, Any] = {"runs": rows}
     if args.compare_reload:
-        results["reload_comparison"] = reload_comparison(rows)
+        title = (
+            f"Hot reload on / off (game side and in the runtime; target p99 on/off <= {RELOAD_RATIO_TARGET})"
+        )
+        results["reload_comparison"] = comparison(rows, "hot_reload", title)
+    if args.compare_metrics:
+        title = "Metrics on / off (runtime.http.enabled; game side and in the runtime; within noise expected)"
+        results["metrics_comparison"] = comparison(rows, "metrics", title)
     settings = {
         "models": args.models,
         "assignment": "one_per_checkpoint: N distinct models (--models converted, the rest derived)",

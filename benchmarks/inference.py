@@ -13,9 +13,9 @@ model) one market tick is timed along three paths, side by side in one process:
                  thread per session), with the states built vectorized: this isolates the cost of
                  per-agent calls. Distinct weights: --ort-models distinct sessions (default 1000) cycled
                  over the agents (agent i -> session i mod M), so N=10000 reuses each model 10 times.
-* ours           runtime.state.build_states for the whole population, ONE session.run (population pack,
+* ours           core.state.build_states for the whole population, ONE session.run (population pack,
                  matmul form, for distinct weights; the dynamic-batch model for a shared one), then
-                 runtime.state.apply_update. "bare_run" is that session.run alone on the same input.
+                 core.state.apply_update. "bare_run" is that session.run alone on the same input.
 * ours_int8      distinct weights only: the same tick on the int8-weight pack (form matmul_int8,
                  runtime.cpu_pack_precision: int8), 4x fewer weight bytes per tick; its max abs error vs
                  the fp32 pack on realistic states is reported next to it.

@@ -1,4 +1,4 @@
-"""Market step: ms per runtime.market.trade_step, candidate pairs from the dense N×N mask vs the grid.
+"""Market step: ms per market.rules.trade_step, candidate pairs from the dense N×N mask vs the grid.
 
 For each case (agents, markets, world size) a fresh ``MarketPopulation.random`` market (n = 5 items,
 config.yaml's trade distance and amount) is stepped ``--steps`` times per method, the methods

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "play the game server over MQTT: publish ticks, apply matrices",
     ),
     "demo": ("blockmarket.demo", "the runtime against a live market simulation (what the quick start runs)"),
+    "dashboard": ("blockmarket.dashboard.cli", "watch the market live in a browser (MQTT + /metrics)"),
 }
 
 

@@ -3,7 +3,9 @@
 Starts the serving runtime in this process (converting new checkpoints first; with no checkpoints at
 all it trains a small population first; with no MQTT broker on loopback it starts an embedded one) and
 `blockmarket simulate` in a second process, which plays the game server and prints a live summary:
-trades, fitness, and the latency the game side sees. Runs until Ctrl-C, for --seconds, or for --ticks.
+trades, fitness, and the latency the game side sees; and `blockmarket dashboard` in a third, the live
+web view, whose URL it prints (open it in a browser; --no-dashboard leaves it out). Runs until Ctrl-C,
+for --seconds, or for --ticks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger("blockmarket.demo")
 
 SIMULATOR_START_TIMEOUT_S = 600.0  # bootstrap training + conversion on a slow machine
 EXIT_POLL_S = 0.1
+DASHBOARD_STOP_S = 10.0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +40,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--rate", type=float, help="market ticks per second (default: simulator.tick_rate_hz)"
     )
     parser.add_argument("--json", help="write the simulator's final summary here as JSON")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the live web view")
 
 
 def simulator_command(config: Config, args: argparse.Namespace) -> list[str]:
@@ -54,6 +58,18 @@ def simulator_command(config: Config, args: argparse.Namespace) -> list[str]:
     return command
 
 
+def dashboard_command(config: Config, args: argparse.Namespace, metrics_url: str | None) -> list[str]:
+    """`blockmarket dashboard` on the demo's broker and topics, scraping this runtime's /metrics."""
+    mqtt = config.mqtt
+    command = [sys.executable, "-m", "blockmarket.cli", "dashboard", "--stop-on-stdin-close"]
+    command += ["--mqtt-host", mqtt.host, "--mqtt-port", str(mqtt.port), "--topic-prefix", mqtt.topic_prefix]
+    if args.config:
+        command += ["--config", args.config]
+    if metrics_url:
+        command += ["--metrics-url", metrics_url]
+    return command
+
+
 async def run_demo(config: Config, args: argparse.Namespace) -> int:
     """Serve; once online start the simulator; stop both when it ends, on timeout or on Ctrl-C."""
     server = RuntimeServer(config, handle_signals=False)
@@ -68,6 +84,11 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
         code = await serving if not serving.done() else serving.result()
         log.error("the runtime did not come online; demo aborted")
         return code or 1
+    dashboard = None
+    if not args.no_dashboard:  # its URL is the first line it prints
+        url = server.telemetry.url
+        command = dashboard_command(config, args, f"{url}/metrics" if url else None)
+        dashboard = subprocess.Popen(command, stdin=subprocess.PIPE)
     simulator = subprocess.Popen(simulator_command(config, args), stdin=subprocess.PIPE)
     try:
         # Ctrl-C / SIGTERM: the simulator prints its final summary, then the runtime stops
@@ -80,6 +101,11 @@ async def run_demo(config: Config, args: argparse.Namespace) -> int:
             simulator.kill()
             simulator.wait()
         _ask_to_stop(simulator)
+        if dashboard is not None:
+            _ask_to_stop(dashboard)
+            if await _exit_code(dashboard, timeout_s=DASHBOARD_STOP_S) is None:
+                dashboard.kill()
+                dashboard.wait()
         server.stop()
         serve_code = await serving
     return serve_code or sim_code or 0

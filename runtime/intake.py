@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -102,6 +104,7 @@ class TickIntake:
         self.topic = topic
         self.slot = TickSlot()
         self.ledger = TickLedger(DropCounter(log, what=f"tick on {topic}"))
+        self.on_decoded: Callable[[float], None] | None = None  # seconds a valid tick took to check
 
     def receive(self, payload: bytes, received_at: float, retained: bool) -> None:
         """The transport's handler, run as each message arrives: never blocks, never raises."""
@@ -123,6 +126,8 @@ class TickIntake:
             ledger.drops.record("internal", f"{self.topic}: {exc!r}", exc_info=exc)
             return
         ledger.accept(overtook=self.slot.put(AcceptedTick(tick, rows, received_at)) is not None)
+        if self.on_decoded is not None:
+            self.on_decoded(time.perf_counter() - received_at)
 
     def _tick_limits(self) -> Limits:
         """A tick names at most the agents served, and their number grows when new models join."""

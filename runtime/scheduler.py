@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +38,12 @@ class Publisher(Protocol):
     async def publish_matrices(self, payload: bytes) -> bool: ...
 
     async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool: ...
+
+
+class TickObserver(Protocol):
+    """Told about every served tick (runtime.metrics.RuntimeMetrics satisfies it)."""
+
+    def served(self, received_at: float, marks: Sequence[float]) -> None: ...
 
 
 class LatencyWindow:
@@ -78,6 +85,7 @@ class TickScheduler:
         self._guard_log = DropCounter(log, what="network proposal")
         self._states = np.empty((len(self.population), 0), dtype=np.float32)
         self._versions: tuple[int, dict[str, str]] = (-1, {})
+        self.observer: TickObserver | None = None  # per-stage timings (runtime.metrics)
 
     async def run(self) -> None:
         """Serve the newest valid tick, forever (until cancelled)."""
@@ -91,8 +99,10 @@ class TickScheduler:
     async def serve(self, accepted: AcceptedTick) -> MatricesMessage | None:
         """One tick end to end; a failed inference is counted and logged, never raised."""
         population, ledger, tick = self.population, self.intake.ledger, accepted.tick
+        marks = [time.perf_counter()]  # stage boundaries: states, inference, update, encode, publish
         population.observe(accepted.rows, tick.inventory, tick.successful, tick.attempted)
         states = population.states(tick.market_mean, out=self._state_buffer())
+        marks.append(time.perf_counter())
         try:
             generation = self.pool.current  # a swap during this tick serves the next one
             proposals = await self.pool.infer(states, generation)
@@ -100,9 +110,11 @@ class TickScheduler:
             ledger.finish("inference_errors")
             log.exception("tick %d: inference failed; agents keep their matrices", tick.tick)
             return None
+        marks.append(time.perf_counter())
         matrices, refused = population.update(accepted.rows, proposals, self.alpha)
         if len(refused):
             self._guarded(tick.tick, refused)
+        marks.append(time.perf_counter())
         msg = MatricesMessage(
             tick=tick.tick,
             sent_at=tick.sent_at,
@@ -112,13 +124,18 @@ class TickScheduler:
             latency_ms=(time.perf_counter() - accepted.received_at) * 1e3,
             model_versions=self._model_versions(generation),
         )
-        published = await self.publisher.publish_matrices(encode_matrices(msg))
+        payload = encode_matrices(msg)
+        marks.append(time.perf_counter())
+        published = await self.publisher.publish_matrices(payload)
         if self.per_agent_topics:
             for agent_id, agent_payload in encode_agent_matrices(msg):
                 await self.publisher.publish_agent_matrix(agent_id, agent_payload)
+        marks.append(time.perf_counter())
         ledger.finish("served" if published else "unpublished")
         if published:
-            self.latency.add((time.perf_counter() - accepted.received_at) * 1e3)
+            self.latency.add((marks[-1] - accepted.received_at) * 1e3)
+            if self.observer is not None:
+                self.observer.served(accepted.received_at, marks)
         return msg
 
     def _guarded(self, tick: int, rows: IntArray) -> None:

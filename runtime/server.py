@@ -8,6 +8,7 @@ retained status and hot-reload converted models until SIGINT/SIGTERM (Ctrl-C/Ctr
 second one forces the exit); then publish the "offline" status and exit 0. This process never imports torch.
 """
 
+# size: the lifecycle above, in one place and in that order (startup, serving, telemetry, shutdown)
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,11 @@ from blockmarket.wire.protocol import (
     message_sizes,
     payload_shortfall,
 )
+from blockmarket.wire.topics import DEFAULT_MARKET
 from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
 from runtime.agents import AgentPopulation, create_population
 from runtime.arguments import add_config_arguments, config_overrides
+from runtime.http import Telemetry
 from runtime.intake import TickIntake
 from runtime.planning import PoolError
 from runtime.reload import ModelReloader
@@ -101,6 +104,8 @@ class RuntimeServer:
         self.population: AgentPopulation | None = None
         self.pool: SessionPool | None = None
         self.scheduler: TickScheduler | None = None
+        self.transport: RuntimeTransport | None = None
+        self.telemetry = Telemetry(config.runtime.http, DEFAULT_MARKET)  # /metrics, /healthz, /readyz
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -108,7 +113,23 @@ class RuntimeServer:
         self._stop.set()
 
     async def serve(self) -> int:
-        """Run until stopped; returns the process exit code."""
+        """Run until stopped; returns the process exit code. The HTTP endpoints answer throughout."""
+        async with self.telemetry.serving(self.not_ready):
+            return await self._serve()
+
+    def not_ready(self) -> str | None:
+        """Why /readyz says 503 (None: ready). Called from the HTTP thread: reads flags only."""
+        if self._stop.is_set():
+            return "stopping"
+        if self.pool is None:
+            return "starting: converting models or building and validating the session pool"
+        if self.transport is None:
+            return "starting: connecting to the MQTT broker"
+        if not self.transport.connected.is_set():
+            return f"not connected to the MQTT broker at {self.transport.address}"
+        return None
+
+    async def _serve(self) -> int:
         mqtt = self.config.mqtt
         client_options(mqtt)  # first: MQTT credentials and TLS files are checked now, not after conversion
         await self.prepare_models()
@@ -130,6 +151,8 @@ class RuntimeServer:
         )
         self.scheduler = scheduler
         reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
+        self.transport = transport
+        self.telemetry.attach(scheduler, transport, reloader)
         if reloader is not None:  # watching before the status says online: no model written after is missed
             await reloader.start()
         connection = asyncio.create_task(transport.run(), name="mqtt")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ class SessionPool:
         self.executor = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="inference")
         self.current = PoolGeneration(0, ())
         self.reload_failures = 0
+        self.on_unit_run: Callable[[str, float], None] | None = None  # unit name, seconds (runtime.metrics)
         # model key -> why its new version failed to swap in. In a pack that may be another member's broken
         # file (a pack is rebuilt from every member's file): the reloader tries them again with later changes
         self.refused: dict[str, str] = {}
@@ -103,14 +105,23 @@ class SessionPool:
         units = (generation or self.current).units
         loop = asyncio.get_running_loop()
         if len(units) == 1 and len(units[0].rows) == len(states):
-            return await loop.run_in_executor(self.executor, units[0].run, states)
+            return await loop.run_in_executor(self.executor, self._run, units[0], states)
         outputs = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, unit.run, states[unit.rows]) for unit in units)
+            *(loop.run_in_executor(self.executor, self._run, unit, states[unit.rows]) for unit in units)
         )
         proposals = np.empty((len(states), outputs[0].shape[1]), dtype=np.float32)
         for unit, out in zip(units, outputs, strict=True):
             proposals[unit.rows] = out
         return proposals
+
+    def _run(self, unit: InferenceUnit, states: FloatArray) -> FloatArray:
+        """One unit's inference on an executor thread, timed for the metrics when they are on."""
+        if self.on_unit_run is None:
+            return unit.run(states)
+        start = time.perf_counter()
+        out = unit.run(states)
+        self.on_unit_run(unit.name, time.perf_counter() - start)
+        return out
 
     async def reload(self, changed: Mapping[str, ModelInfo]) -> bool:
         """Serve new versions of some models: the units using them are rebuilt, the others kept."""

@@ -45,7 +45,7 @@ def test_an_upward_import_breaks_the_layers_contract(tmp_path: Path) -> None:
     state.write_text(state.read_text() + "\nfrom runtime import server  # injected: core reaching up\n")
     done = lint_imports(tree)
     assert done.returncode != 0
-    assert "Layers: cli, demo > training" in done.stdout and "BROKEN" in done.stdout
+    assert "Layers: cli, demo, dashboard > training" in done.stdout and "BROKEN" in done.stdout
     assert "blockmarket.core.state -> runtime.server" in done.stdout
 
 

@@ -157,8 +157,17 @@ class MqttConfig(_Section):
     max_auth_failures: int = Field(3, ge=1)  # credentials refused this many times in a row: the command exits
 
 
+class HttpConfig(_Section):
+    """The serving process's HTTP endpoints: /metrics (Prometheus), /healthz and /readyz (docs/runtime.md)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only; 0.0.0.0 exposes it
+    port: int = Field(9640, ge=0, le=65535)  # 0: an ephemeral port (logged)
+    max_loop_lag_s: float = Field(5.0, gt=0)  # /healthz fails when the event loop has not run this long
+
+
 class RuntimeConfig(_Section):
-    """The serving process: agents, session pool, reporting, hot reload."""
+    """The serving process: agents, session pool, reporting, hot reload, HTTP endpoints."""
 
     num_agents: int = Field(128, ge=1)
     assignment: Literal["round_robin", "one_per_checkpoint"] = "round_robin"
@@ -176,6 +185,7 @@ class RuntimeConfig(_Section):
     reload_poll_s: float = Field(2.0, gt=0)  # the polling watcher's interval
     status_interval_s: float = Field(5.0, gt=0)
     seed: int = 0
+    http: HttpConfig = HttpConfig()
 
 
 class SimulatorConfig(_Section):
@@ -184,6 +194,15 @@ class SimulatorConfig(_Section):
     ticks: int = Field(0, ge=0)  # 0 = until stopped
     reply_timeout_s: float = Field(2.0, gt=0)
     seed: int = 0
+
+
+class DashboardConfig(_Section):
+    """`blockmarket dashboard`: where its page listens, and which runtime /metrics it scrapes."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8650, ge=0, le=65535)  # 0: an ephemeral port (printed)
+    metrics_url: str | None = None  # default: runtime.http's /metrics on this machine (when enabled)
+    scrape_interval_s: float = Field(1.0, gt=0)
 
 
 class Config(_Section):
@@ -199,6 +218,7 @@ class Config(_Section):
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     @property
     def onnx_dir(self) -> Path:

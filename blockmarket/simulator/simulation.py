@@ -19,6 +19,7 @@ from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN, initial_inventory, in
 from blockmarket.core.stats import percentiles
 from blockmarket.market.rules import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
 from blockmarket.simulator.roster import CONNECT_TIMEOUT_S, SimulatorError, _connected
+from blockmarket.simulator.view import ViewPublisher
 from blockmarket.wire.protocol import (
     DropCounter,
     Limits,
@@ -118,6 +119,7 @@ class MarketSimulator:
         )
         self._rng = rng
         self._start_inventory = self.population.inventory.copy()
+        self.view = ViewPublisher(config, self.population, self._start_inventory)  # for the dashboard
         self._limits = Limits.from_config(config.mqtt, num_agents=max(count, 1), num_items=n)
         shortfall = payload_shortfall(message_sizes(agent_ids, n), config.mqtt.max_payload_bytes)
         if shortfall is not None:
@@ -192,6 +194,7 @@ class MarketSimulator:
         """Apply the newest answer, then one market step."""
         self._apply_newest()
         stats = trade_step(self.population, self._rng, self.config.environment)
+        self.view.record(stats)
         self.trades += stats.trades
         self.volume += stats.volume
         return stats
@@ -238,6 +241,7 @@ class MarketSimulator:
                 if tick:  # in a thread: answers keep being received (and timed) during a long step
                     await asyncio.to_thread(self.step)
                 await self._publish(link, tick)
+                await self.view.publish_due(link, tick, self.summary)
                 tick += 1
                 now = time.perf_counter()
                 if on_report is not None and now >= next_report:

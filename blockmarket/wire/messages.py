@@ -80,13 +80,13 @@ def _wire_array(array: npt.ArrayLike) -> dict[str, Any]:
     return {"dtype": WIRE_DTYPE, "shape": list(data.shape), "data": data.data.cast("B")}
 
 
-def _pack(kind: str, body: Mapping[str, Any]) -> bytes:
+def pack_message(kind: str, body: Mapping[str, Any]) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, **body}, use_bin_type=True)
 
 
 def encode_tick(tick: MarketTick) -> bytes:
     """Serialize a tick (what a game server or the simulator publishes)."""
-    return _pack(
+    return pack_message(
         "tick",
         {
             "tick": int(tick.tick),
@@ -102,7 +102,7 @@ def encode_tick(tick: MarketTick) -> bytes:
 
 def encode_matrices(msg: MatricesMessage) -> bytes:
     """Serialize the one batched answer for a tick."""
-    return _pack(
+    return pack_message(
         "matrices",
         {
             "tick": int(msg.tick),
@@ -122,7 +122,7 @@ def encode_agent_matrices(msg: MatricesMessage) -> Iterator[tuple[str, bytes]]:
     for agent_id, matrix in zip(msg.agent_ids, matrices, strict=True):
         yield (
             agent_id,
-            _pack(
+            pack_message(
                 "agent_matrix",
                 {
                     "tick": int(msg.tick),
@@ -138,7 +138,7 @@ def encode_status(status: Mapping[str, Any]) -> bytes:
     """Serialize the retained runtime status (``state`` "online"/"offline" plus the fields in the spec)."""
     if status.get("state") not in ("online", "offline"):
         raise ValueError(f"status needs state 'online' or 'offline', got {status.get('state')!r}")
-    return _pack("status", status)
+    return pack_message("status", status)
 
 
 def message_sizes(
@@ -183,7 +183,7 @@ def payload_shortfall(sizes: Mapping[str, int], limit: int) -> str | None:
 
 def encode_roster(roster: RosterMessage) -> bytes:
     """Serialize the retained roster (one wire array holds every agent's starting matrix)."""
-    return _pack(
+    return pack_message(
         "roster",
         {
             "client_id": roster.client_id,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The market a runtime serves on its topic prefix (protocol v1 has one): the `market` label of the
+# metrics and the market the simulator's view names
+DEFAULT_MARKET = "default"
+
 
 @dataclass(frozen=True)
 class Topics:

@@ -139,6 +139,31 @@ def test_end_to_end_serves_every_tick_over_the_broker(tmp_path: Path) -> None:
 
 @pytest.mark.mqtt
 @pytest.mark.slow
+def test_end_to_end_compares_metrics_on_and_off(tmp_path: Path) -> None:
+    """--compare-metrics: the same N served with runtime.http on and off, p50 and p99 with their ratios."""
+    out = tmp_path / "end_to_end.json"
+    done = run_script(
+        "end_to_end",
+        *("--agents", "6", "--stretch-agents", "0", "--ticks", "10", "--models", "2"),
+        *("--compare-metrics", "--keep", str(tmp_path / "work"), "--out", str(out)),
+    )
+    results = json.loads(out.read_text())["results"]
+    on, off = results["runs"]
+    assert (on["metrics"], off["metrics"]) == (True, False) and on["compared"] == off["compared"] == "metrics"
+    assert on["answered"] > 0 and off["answered"] > 0
+    assert off["overrides"] == {**on["overrides"], "runtime.http.enabled": False}
+    (comparison,) = results["metrics_comparison"]
+    for q in ("p50", "p99"):
+        assert comparison[f"{q}_ratio"] == round(on[f"latency_{q}_ms"] / off[f"latency_{q}_ms"], 3)
+        assert comparison[f"{q}_ms_metrics_on"] == on[f"latency_{q}_ms"]
+    assert "Metrics on / off" in done.stdout and "runtime.http.enabled=false" in done.stderr
+    # with them on the runtime said where its endpoints were; off, it served none
+    assert "metrics and health: http://127.0.0.1:" in (tmp_path / "work" / "run-6-metrics-on.log").read_text()
+    assert "metrics and health" not in (tmp_path / "work" / "run-6-metrics-off.log").read_text()
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
 def test_startup_times_conversion_and_the_first_served_tick(tmp_path: Path) -> None:
     out = tmp_path / "startup.json"
     done = run_script("startup", "--checkpoints", "3", "--starts", "1", "--out", str(out))

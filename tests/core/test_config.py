@@ -20,7 +20,7 @@ from blockmarket.core.config import (
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = {version: REPO / "tests" / "conversion" / f"original_config_v{version}.yaml" for version in (1, 8)}
-NEW_SECTIONS = "sections conversion, npu, mqtt, runtime, simulator"
+NEW_SECTIONS = "sections conversion, npu, mqtt, runtime, simulator, dashboard"
 NEW_TRAINING_KEYS = (
     "keys training.fresh_agent_fraction, training.matrix_mutation_std, training.top_k_saved, "
     "training.seed, training.convert_after_training, training.markets_per_generation"

@@ -256,7 +256,8 @@ def test_simulate_second_sigint_forces_the_exit(tmp_path: Path, prefix: str, win
 def test_demo_ctrl_c_lets_the_simulator_report_windows_like(
     tmp_path: Path, model_dir: Path, prefix: str
 ) -> None:
-    """Ctrl-C to the demo alone: its simulator child gets no signal, its stdin closes, it still reports."""
+    """Ctrl-C to the demo alone: its simulator and dashboard children get no signal, their stdin closes,
+    the simulator still reports."""
     config = serving_config(tmp_path, model_dir, prefix)
     out, report = tmp_path / "demo.out", tmp_path / "sim.json"
     args = ["demo", "--config", str(config), "--ticks", "0", "--rate", "20", "--json", str(report)]
@@ -269,7 +270,7 @@ def test_demo_ctrl_c_lets_the_simulator_report_windows_like(
     finally:
         stop_process(process)
     log = err.read_text()
-    assert log.count(REFUSED) == 2, log  # the demo and its simulator both took the fallback
+    assert log.count(REFUSED) == 3, log  # the demo, its simulator and its dashboard took the fallback
     assert log.count(STOPPING) == 1, log  # only the demo got the signal
     assert "runtime stopped: 5 agents" in log
     summary = json.loads(report.read_text())

@@ -194,6 +194,8 @@ def write_config(path: Path, **sections: Mapping[str, object]) -> Path:
     """A complete config file: the built-in defaults with some keys of some sections replaced."""
     data = dump_default_config()
     data["mqtt"].update(host=SHARED_HOST, port=SHARED_PORT)  # the shared test broker unless replaced
+    data["runtime"]["http"]["port"] = 0  # tests run side by side: an ephemeral port each, unless given
+    data["dashboard"]["port"] = 0
     for section, values in sections.items():
         data[section].update(values)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
