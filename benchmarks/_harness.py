@@ -216,6 +216,13 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reload", action="store_true", help="runtime.hot_reload: false")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a process-level benchmark runs: the wait for `run`, a kept work directory, the seed."""
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for `run`")
+    parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def runtime_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The `runtime` keys the command line changes (see :func:`add_setting_arguments`)."""
     settings: dict[str, Any] = {}

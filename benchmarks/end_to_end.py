@@ -36,6 +36,7 @@ from typing import Any
 from benchmarks._harness import (
     HarnessError,
     ResourceSampler,
+    add_run_arguments,
     add_setting_arguments,
     announce_settings,
     blockmarket,
@@ -217,9 +218,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="serve each N with the metrics on and off (runtime.http.enabled); print p50/p99 and the ratios",
     )
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for `run`")
-    parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_arguments(parser)
     add_output_argument(parser, "end_to_end")
     args = parser.parse_args(argv)
     if args.compare_reload and args.no_reload:

@@ -49,6 +49,7 @@ from benchmarks._harness import (
     HarnessError,
     ResourceSampler,
     RuntimeProcess,
+    add_run_arguments,
     add_setting_arguments,
     announce_settings,
     blockmarket,
@@ -641,9 +642,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-rss-growth", type=float, default=5.0, help="fail at this RSS growth in %% or more (default 5)"
     )
     add_setting_arguments(parser)
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for `run`")
-    parser.add_argument("--keep", type=Path, default=None, help="work here and keep logs (default: temp dir)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_arguments(parser)
     add_output_argument(parser, "soak")
     args = parser.parse_args(argv)
     if not 0 <= args.hostile_fraction < 1:
@@ -657,8 +656,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info()
     with work_directory(args.keep, "soak") as work:
+        machine = machine_info()  # the load average before the run starts
         overrides = serving_overrides(work, args, unique_prefix("soak"))
         convert_s = converted_checkpoints(work, overrides, args.models, args.seed)[1]
         models = distinct_models(work / "models", work / f"models-{args.agents}", args.agents, args.seed)
