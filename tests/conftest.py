@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,19 @@ from blockmarket.core.config import MqttConfig
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.serving import BIG_HIDDEN, trading_model, trading_weights, write_model
 from tests.support.wire import PrivateMosquitto
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored() -> Iterator[None]:
+    """Every test leaves SIGINT/SIGTERM as it found them. A test whose in-process server task is still
+    pending when its event loop closes never runs stop_on_signals' restore, and asyncio's no-op handler
+    would then swallow a later test's Ctrl-C: restored here, and reported as a warning naming the test."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if signal.getsignal(sig) is not handler:
+            warnings.warn(f"{sig.name} handler left changed by this test; restored", stacklevel=1)
+            signal.signal(sig, handler)
 
 
 @pytest.fixture
