@@ -93,6 +93,18 @@ def pairs_in_range(
     return CandidatePairs(grid.order, ranks_r[keep], ranks_t[keep], d2[keep])
 
 
+def scanned_per_requester(
+    positions: FloatArray, market_size: int, max_distance: float, requesters: BoolArray
+) -> float:
+    """Mean number of agents in the nearby cells of a requester: what enumerating its pairs costs
+    (about 1.7x the pairs in range), counted in O(N log N) without making a pair."""
+    active = np.asarray(requesters, dtype=bool)
+    if not active.any():
+        return 0.0
+    grid = _Grid.build(np.asarray(positions, dtype=np.float32), market_size, max_distance)
+    return float(grid.runs(np.flatnonzero(active[grid.order]))[1].sum() / active.sum())
+
+
 @dataclass(frozen=True)
 class _Grid:
     """Agents sorted by (market, row, column): ``order[rank]`` = agent, ``keys`` ascending."""
@@ -143,11 +155,8 @@ class _Grid:
         start = np.searchsorted(self.keys, keys, side="left")
         return start, np.searchsorted(self.keys, keys, side="right") - start
 
-    def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
-        """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
-        requester (one contiguous run of ranks per nearby row, expanded without a Python loop), and
-        where each requester meets itself."""
-        ranks = np.flatnonzero(active)
+    def runs(self, ranks: IntArray) -> tuple[IntArray, IntArray]:
+        """[R, 2k+1] first rank and length of the run of ranks in each nearby row of requesters ``ranks``."""
         offsets = np.arange(-self.reach, self.reach + 1)
         row = self.row[ranks, None] + offsets  # [R, 2k+1]
         base = (self.market[ranks, None] * self.rows + row) * self.columns
@@ -155,7 +164,14 @@ class _Grid:
         last = base + np.minimum(self.column[ranks, None] + self.reach, self.columns - 1)
         start = np.searchsorted(self.keys, first, side="left")
         stop = np.searchsorted(self.keys, last, side="right")
-        length = np.where((row >= 0) & (row < self.rows), stop - start, 0)
+        return start, np.where((row >= 0) & (row < self.rows), stop - start, 0)
+
+    def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
+        """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
+        requester (one contiguous run of ranks per nearby row, expanded without a Python loop), and
+        where each requester meets itself."""
+        ranks = np.flatnonzero(active)
+        start, length = self.runs(ranks)
         ends = np.cumsum(length.ravel())
         # target rank = start of its run + its position within the run (int64 throughout: numpy
         # converts any other index type to intp on every gather, which costs more than it saves)

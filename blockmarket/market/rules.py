@@ -34,7 +34,15 @@ from blockmarket.core.state import (
     initial_matrices,
     market_mean_matrices,
 )
-from blockmarket.market.neighbours import BoolArray, CandidatePairs, InRangeSampler, pairs_in_range
+from blockmarket.market.neighbours import (
+    DENSE_MAX_AGENTS,
+    BoolArray,
+    CandidatePairs,
+    InRangeSampler,
+    Method,
+    pairs_in_range,
+    scanned_per_requester,
+)
 
 # Trade amounts are multiples of 1/64: with inventories on that grid every transfer is exact in float32
 # (for holdings below 2**18), so the market conserves items bit-for-bit.
@@ -195,9 +203,20 @@ def _race_costs(rng: np.random.Generator, squared_distance: FloatArray) -> Float
     return (exponential * (np.float32(1.0) + np.sqrt(squared_distance))).astype(np.float32, copy=False)
 
 
-Choice = Literal["sample", "auto", "grid", "dense"]
+Choice = Literal["auto", "sample", "enumerate", "grid", "dense"]
+ENUMERATE_MAX_SCANNED = 400.0  # agents in the nearby cells per requester up to which enumerating is cheaper
 SAMPLE_ROUNDS = 4  # rounds of proposals per requester before it falls back to enumerating its pairs
 SAMPLE_PER_ROUND = 8  # proposals per requester per round (each kept one is an exact 1/(1+d) draw)
+
+
+def _cheaper_choice(pop: MarketPopulation, env: EnvironmentConfig, can_offer: BoolArray) -> Choice:
+    """ "enumerate" where every requester has few agents nearby (markets of at most DENSE_MAX_AGENTS
+    agents, or up to ENUMERATE_MAX_SCANNED agents in its nearby cells on average), else "sample". Both
+    cost O(agents) then: at most that many candidates per requester, or a bounded number of draws."""
+    if pop.market_size <= DENSE_MAX_AGENTS:
+        return "enumerate"
+    scanned = scanned_per_requester(pop.positions, pop.market_size, env.max_trade_distance, can_offer)
+    return "enumerate" if scanned <= ENUMERATE_MAX_SCANNED else "sample"
 
 
 def _choose_enumerated(
@@ -312,13 +331,14 @@ def _on_grid(amount: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 # size: one market step, phase by phase in the order docs/market.md gives them
 def trade_step(
-    pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig, pairs: Choice = "sample"
+    pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig, pairs: Choice = "auto"
 ) -> TradeStats:
     """Run one market step in place (inventories and counters of ``pop``) and report what happened.
 
-    ``pairs`` picks how each requester finds its target: "sample" (default) draws candidates one by one
-    (O(agents) per step, :func:`_choose_sampled`); "auto", "grid" and "dense" enumerate every pair in
-    range (blockmarket.market.neighbours; they give the same market for the same seed). Both follow the
+        ``pairs`` picks how each requester finds its target: "sample" draws candidates one by one
+        (:func:`_choose_sampled`, O(agents) however many pairs are in range); "enumerate" ("grid", "dense":
+        blockmarket.market.neighbours, the same market for the same seed) makes every pair in range;
+        "auto" (default) takes whichever is cheaper for this step (:func:`_cheaper_choice`). All follow the
     same rules, with the same distribution of outcomes, from different random streams."""
     count, n = pop.inventory.shape
     agents = np.arange(count)
@@ -336,10 +356,13 @@ def trade_step(
     # tables are indexed by agent here; the enumerating path permutes them into its grid order.
     price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf)).reshape(count, n * n)
     deal = want * n + give  # where r's (d, g) sits in a flattened n×n matrix
+    if pairs == "auto":
+        pairs = _cheaper_choice(pop, env, can_offer)
     if pairs == "sample":
         req, tgt, squared, asking = _choose_sampled(pop, rng, env, can_offer, ask, price, deal)
     else:
-        candidates = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer, pairs)
+        method: Method = "auto" if pairs == "enumerate" else pairs
+        candidates = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer, method)
         req, tgt, squared, asking = _choose_enumerated(candidates, rng, ask, price, deal)
     by_target = np.argsort(tgt, kind="stable")
     accepted = by_target[_race_winners(tgt[by_target], _race_costs(rng, squared)[by_target])]

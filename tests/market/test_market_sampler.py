@@ -130,7 +130,8 @@ def one_requester_market() -> tuple[MarketPopulation, np.ndarray]:
         ("sample", rules.SAMPLE_ROUNDS, rules.SAMPLE_PER_ROUND),
         ("sample", 1, 1),
         ("sample", 1, 2),
-        ("auto", 0, 0),
+        ("grid", 0, 0),
+        ("dense", 0, 0),
     ],
 )
 def test_the_chosen_target_has_the_distribution_of_the_rules(
@@ -158,7 +159,7 @@ def test_the_chosen_target_has_the_distribution_of_the_rules(
     assert statistic < chi_square_limit(int(possible.sum()) - 1), (counts, expected)
 
 
-@pytest.mark.parametrize("pairs", ["sample", "auto"])
+@pytest.mark.parametrize("pairs", ["sample", "enumerate", "auto"])
 def test_edge_cases_alone_apart_and_on_one_spot(pairs: rules.Choice) -> None:
     rng = np.random.default_rng(2)
     alone = MarketPopulation.random(rng, 1, 3, 10.0)
@@ -179,9 +180,20 @@ def test_edge_cases_alone_apart_and_on_one_spot(pairs: rules.Choice) -> None:
 def test_sampled_and_enumerated_markets_trade_alike() -> None:
     # different random streams, same rules: over many steps the trade counts agree closely
     trades = {}
-    for pairs in ("sample", "auto"):
+    for pairs in ("sample", "grid"):
         rng = np.random.default_rng(8)
         pop = MarketPopulation.random(rng, 300, 5, 60.0, markets=3)
         trades[pairs] = [trade_step(pop, rng, ENV, pairs=pairs).trades for _ in range(30)]
-    sampled, enumerated = np.mean(trades["sample"]), np.mean(trades["auto"])
+    sampled, enumerated = np.mean(trades["sample"]), np.mean(trades["grid"])
     assert sampled > 0 and abs(sampled - enumerated) < 0.1 * enumerated
+
+
+def test_auto_samples_where_many_agents_are_in_range_and_enumerates_where_few() -> None:
+    rng = np.random.default_rng(4)
+    crowded = MarketPopulation.random(rng, 2000, 5, 30.0)  # everyone within reach of most others
+    sparse = MarketPopulation.random(rng, 2000, 5, 2000.0)
+    small = MarketPopulation.random(rng, 640, 5, 30.0, markets=64)  # training-shaped
+    offering = np.ones(2000, dtype=bool)
+    assert rules._cheaper_choice(crowded, ENV, offering) == "sample"
+    assert rules._cheaper_choice(sparse, ENV, offering) == "enumerate"
+    assert rules._cheaper_choice(small, ENV, offering[:640]) == "enumerate"
