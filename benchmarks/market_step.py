@@ -30,7 +30,8 @@ from benchmarks._report import add_output_argument, command_line, machine_info, 
 from blockmarket.core.config import Config, EnvironmentConfig
 from blockmarket.core.stats import percentiles
 from blockmarket.market.neighbours import DENSE_MAX_AGENTS, pairs_in_range
-from blockmarket.market.rules import ENUMERATE_MAX_SCANNED, Choice, MarketPopulation, trade_step
+from blockmarket.market.rules import MarketPopulation, trade_step
+from blockmarket.market.targets import ENUMERATE_MAX_SCANNED, Choice
 
 METHODS: tuple[Choice, ...] = ("enumerate", "sample", "auto")
 HEADERS = [

@@ -6,6 +6,10 @@ each requester's possible targets then lie in 2k+1 contiguous runs of that order
 k = CELLS_PER_DISTANCE), which are expanded into pairs with repeat/cumsum and filtered by exact
 distance. Markets of at most DENSE_MAX_AGENTS agents use the dense per-market mask instead (cheaper
 there). Both produce the *same* arrays in the same order, so the method never changes a seeded market.
+
+:class:`InRangeSampler` uses the same grid the other way round: instead of every pair, exact draws of
+one target ∝ 1/(1 + distance) per requester, at a cost per draw independent of the agents in range
+(the market step's O(agents) path, blockmarket.market.targets.choose_sampled).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,14 +33,14 @@ from blockmarket.core.state import (
     initial_matrices,
     market_mean_matrices,
 )
-from blockmarket.market.neighbours import (
-    DENSE_MAX_AGENTS,
-    BoolArray,
-    CandidatePairs,
-    InRangeSampler,
-    Method,
-    pairs_in_range,
-    scanned_per_requester,
+from blockmarket.market.neighbours import Method, pairs_in_range
+from blockmarket.market.targets import (
+    Choice,
+    cheaper_choice,
+    choose_enumerated,
+    choose_sampled,
+    race_costs,
+    race_winners,
 )
 
 # Trade amounts are multiples of 1/64: with inventories on that grid every transfer is exact in float32
@@ -181,150 +180,6 @@ class TradeStats:
         return float(self.given.sum(dtype=np.float64) + self.received.sum(dtype=np.float64))
 
 
-def _race_winners(groups: IntArray, cost: FloatArray) -> IntArray:
-    """Index of the cheapest member of every run of equal values in ``groups`` (runs must be
-    contiguous; ties go to the first). With cost = E / w, E ~ Exp(1) i.i.d., member i of a run wins
-    with probability w_i / sum(w) (an exponential race), in O(len) without sorting."""
-    if groups.size == 0:
-        return np.zeros(0, np.int64)
-    run_start = np.ones(groups.size, dtype=bool)
-    run_start[1:] = groups[1:] != groups[:-1]
-    starts = np.flatnonzero(run_start)
-    best = np.minimum.reduceat(cost, starts)
-    hits = np.flatnonzero(cost == np.repeat(best, np.diff(starts, append=groups.size)))
-    first = np.ones(hits.size, dtype=bool)
-    first[1:] = groups[hits[1:]] != groups[hits[:-1]]
-    return hits[first]
-
-
-def _race_costs(rng: np.random.Generator, squared_distance: FloatArray) -> FloatArray:
-    """E * (1 + distance), E ~ Exp(1): the race that picks a pair with probability ∝ 1/(1+distance)."""
-    exponential = rng.standard_exponential(squared_distance.size, dtype=np.float32)
-    return (exponential * (np.float32(1.0) + np.sqrt(squared_distance))).astype(np.float32, copy=False)
-
-
-Choice = Literal["auto", "sample", "enumerate", "grid", "dense"]
-ENUMERATE_MAX_SCANNED = 400.0  # agents in the nearby cells per requester up to which enumerating is cheaper
-SAMPLE_ROUNDS = 4  # rounds of proposals per requester before it falls back to enumerating its pairs
-SAMPLE_PER_ROUND = 8  # proposals per requester per round (each kept one is an exact 1/(1+d) draw)
-
-
-def _cheaper_choice(pop: MarketPopulation, env: EnvironmentConfig, can_offer: BoolArray) -> Choice:
-    """ "enumerate" where every requester has few agents nearby (markets of at most DENSE_MAX_AGENTS
-    agents, or up to ENUMERATE_MAX_SCANNED agents in its nearby cells on average), else "sample". Both
-    cost O(agents) then: at most that many candidates per requester, or a bounded number of draws."""
-    if pop.market_size <= DENSE_MAX_AGENTS:
-        return "enumerate"
-    scanned = scanned_per_requester(pop.positions, pop.market_size, env.max_trade_distance, can_offer)
-    return "enumerate" if scanned <= ENUMERATE_MAX_SCANNED else "sample"
-
-
-def _choose_enumerated(
-    candidates: CandidatePairs,
-    rng: np.random.Generator,
-    ask: FloatArray,
-    price: FloatArray,
-    deal: IntArray,
-    exclude: IntArray | None = None,
-) -> tuple[IntArray, IntArray, FloatArray, BoolArray]:
-    """Every candidate pair draws its acceptance, and each requester picks one accepting target by an
-    exponential race ∝ 1/(1+distance): (requester, target, squared distance) per request, and which
-    agents asked (some candidate holds what they want). ``exclude``: pairs ``r * N + t`` to leave out."""
-    count = price.shape[0]
-    order, req, tgt = candidates.order, candidates.requester_rank, candidates.target_rank
-    squared = candidates.squared_distance
-    if exclude is not None:
-        keep = np.flatnonzero(~np.isin(order[req] * count + order[tgt], exclude))
-        req, tgt, squared = req[keep], tgt[keep], squared[keep]
-    # per-agent tables permuted into the grid order once: cheaper than K gathers through ``order``
-    price_ranked = price[order].reshape(-1)
-    cell = tgt * price.shape[1]  # in place below: K-sized temporaries cost page faults, not just copies
-    cell += deal[order][req]
-    quote = price_ranked[cell]
-    asking_ranked = np.zeros(count, dtype=bool)
-    asking_ranked[req[np.flatnonzero(quote < np.inf)]] = True  # flatnonzero: 3x faster than a mask
-    asking = np.zeros(count, dtype=bool)
-    asking[order] = asking_ranked
-    # accept iff u * ask * M_t < 1: always when the quote pays t's price, else with probability f
-    draw = rng.random(req.size, dtype=np.float32)
-    draw *= ask[order][req]
-    draw *= quote
-    accepts = np.flatnonzero(draw < 1.0)
-    req, tgt, squared = req[accepts], tgt[accepts], squared[accepts]
-    chosen = _race_winners(req, _race_costs(rng, squared))  # each requester asks one accepting target
-    return order[req[chosen]], order[tgt[chosen]], squared[chosen], asking
-
-
-def _choose_sampled(
-    pop: MarketPopulation,
-    rng: np.random.Generator,
-    env: EnvironmentConfig,
-    can_offer: BoolArray,
-    ask: FloatArray,
-    price: FloatArray,
-    deal: IntArray,
-) -> tuple[IntArray, IntArray, FloatArray, BoolArray]:
-    """The same choice as :func:`_choose_enumerated`, in O(agents): draw targets ∝ 1/(1+distance) with
-    replacement (InRangeSampler), skip those already seen, and stop at the first that holds the wanted
-    item and accepts its acceptance draw. Skipping repeats turns draws with replacement into the order
-    of the exponential race (sampling without replacement ∝ weight), so the first acceptor has exactly
-    the race's distribution. Requesters still open after SAMPLE_ROUNDS rounds enumerate their remaining
-    pairs (those not yet seen) and finish the race there."""
-    count = pop.size
-    sampler = InRangeSampler.build(pop.positions, pop.market_size, env.max_trade_distance, can_offer)
-    agent = sampler.grid.order[sampler.ranks]  # [R] requesters (agents)
-    target = np.full(agent.size, -1, dtype=np.int64)
-    squared = np.zeros(agent.size, dtype=np.float32)
-    holder_seen = np.zeros(agent.size, dtype=bool)
-    seen = np.zeros((agent.size, 0), dtype=np.int64)  # targets that already refused (-1: padding)
-    later = np.tril(np.ones((SAMPLE_PER_ROUND, SAMPLE_PER_ROUND), dtype=bool), k=-1)
-    open_rows = np.flatnonzero(sampler.total > 0)  # 0: nobody else in the nearby cells
-    for _ in range(SAMPLE_ROUNDS):
-        if open_rows.size == 0:
-            break
-        ranks, d2 = sampler.draw(open_rows, SAMPLE_PER_ROUND, rng)
-        t = np.where(ranks >= 0, sampler.grid.order[np.maximum(ranks, 0)], -1)
-        repeat = (t[:, :, None] == seen[open_rows][:, None, :]).any(axis=2)
-        repeat |= ((t[:, :, None] == t[:, None, :]) & later).any(axis=2)
-        fresh = (t >= 0) & ~repeat
-        r = agent[open_rows, None]
-        quote = np.where(fresh, price[np.maximum(t, 0), deal[r]], np.float32(np.inf))
-        holds = quote < np.inf
-        draw = rng.random(t.shape, dtype=np.float32)
-        draw *= ask[r]
-        draw *= quote
-        success = holds & (draw < 1.0)
-        won = success.any(axis=1)
-        first = success.argmax(axis=1)[won]
-        rows = open_rows[won]
-        target[rows] = t[won, first]
-        squared[rows] = d2[won, first]
-        holder_seen[open_rows] |= holds.any(axis=1)
-        seen = np.concatenate([seen, np.full((agent.size, SAMPLE_PER_ROUND), -1, np.int64)], axis=1)
-        seen[open_rows[~won], -SAMPLE_PER_ROUND:] = np.where(fresh[~won], t[~won], -1)
-        open_rows = open_rows[~won]
-    asking = np.zeros(count, dtype=bool)
-    asking[agent[holder_seen]] = True
-    done = np.flatnonzero(target >= 0)
-    req, tgt, d2 = agent[done], target[done], squared[done]
-    if open_rows.size:
-        rest = np.zeros(count, dtype=bool)
-        rest[agent[open_rows]] = True
-        candidates = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, rest)
-        refused = seen[open_rows]
-        exclude = np.sort((agent[open_rows, None] * count + refused)[refused >= 0])
-        more_req, more_tgt, more_d2, more_asking = _choose_enumerated(
-            candidates, rng, ask, price, deal, exclude
-        )
-        req, tgt, d2 = (
-            np.concatenate([req, more_req]),
-            np.concatenate([tgt, more_tgt]),
-            np.concatenate([d2, more_d2]),
-        )
-        asking |= more_asking
-    return req, tgt, d2, asking
-
-
 def _on_grid(amount: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.floor(amount / QUANTUM) * QUANTUM
 
@@ -335,11 +190,11 @@ def trade_step(
 ) -> TradeStats:
     """Run one market step in place (inventories and counters of ``pop``) and report what happened.
 
-        ``pairs`` picks how each requester finds its target: "sample" draws candidates one by one
-        (:func:`_choose_sampled`, O(agents) however many pairs are in range); "enumerate" ("grid", "dense":
-        blockmarket.market.neighbours, the same market for the same seed) makes every pair in range;
-        "auto" (default) takes whichever is cheaper for this step (:func:`_cheaper_choice`). All follow the
-    same rules, with the same distribution of outcomes, from different random streams."""
+    ``pairs`` picks how each requester finds its target (blockmarket.market.targets): "sample" draws
+    candidates one by one (O(agents) however many pairs are in range); "enumerate" ("grid", "dense":
+    blockmarket.market.neighbours, the same market for the same seed) makes every pair in range;
+    "auto" (default) takes whichever is cheaper for this step. All follow the same rules, with the
+    same distribution of outcomes, from different random streams."""
     count, n = pop.inventory.shape
     agents = np.arange(count)
     inv = pop.inventory
@@ -356,16 +211,17 @@ def trade_step(
     # tables are indexed by agent here; the enumerating path permutes them into its grid order.
     price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf)).reshape(count, n * n)
     deal = want * n + give  # where r's (d, g) sits in a flattened n×n matrix
+    where = (pop.positions, pop.market_size, env.max_trade_distance)
     if pairs == "auto":
-        pairs = _cheaper_choice(pop, env, can_offer)
+        pairs = cheaper_choice(*where, can_offer)
     if pairs == "sample":
-        req, tgt, squared, asking = _choose_sampled(pop, rng, env, can_offer, ask, price, deal)
+        req, tgt, squared, asking = choose_sampled(*where, rng, can_offer, ask, price, deal)
     else:
         method: Method = "auto" if pairs == "enumerate" else pairs
-        candidates = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer, method)
-        req, tgt, squared, asking = _choose_enumerated(candidates, rng, ask, price, deal)
+        candidates = pairs_in_range(*where, can_offer, method)
+        req, tgt, squared, asking = choose_enumerated(candidates, rng, ask, price, deal)
     by_target = np.argsort(tgt, kind="stable")
-    accepted = by_target[_race_winners(tgt[by_target], _race_costs(rng, squared)[by_target])]
+    accepted = by_target[race_winners(tgt[by_target], race_costs(rng, squared)[by_target])]
     req, tgt = req[accepted], tgt[accepted]  # each target accepts one request
 
     # An agent may give as requester and as target in one step: split a holding between the two uses.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from blockmarket.core.config import Config
-from blockmarket.market import rules
+from blockmarket.market import targets
 from blockmarket.market.neighbours import InRangeSampler
 from blockmarket.market.rules import MarketPopulation, trade_step
 
@@ -127,7 +127,7 @@ def one_requester_market() -> tuple[MarketPopulation, np.ndarray]:
 @pytest.mark.parametrize(
     ("pairs", "rounds", "per_round"),
     [
-        ("sample", rules.SAMPLE_ROUNDS, rules.SAMPLE_PER_ROUND),
+        ("sample", targets.SAMPLE_ROUNDS, targets.SAMPLE_PER_ROUND),
         ("sample", 1, 1),
         ("sample", 1, 2),
         ("grid", 0, 0),
@@ -135,12 +135,12 @@ def one_requester_market() -> tuple[MarketPopulation, np.ndarray]:
     ],
 )
 def test_the_chosen_target_has_the_distribution_of_the_rules(
-    pairs: rules.Choice, rounds: int, per_round: int, monkeypatch: pytest.MonkeyPatch
+    pairs: targets.Choice, rounds: int, per_round: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # rounds/per_round 1: most requesters finish by enumerating the pairs they have not seen yet
     if pairs == "sample":
-        monkeypatch.setattr(rules, "SAMPLE_ROUNDS", rounds)
-        monkeypatch.setattr(rules, "SAMPLE_PER_ROUND", per_round)
+        monkeypatch.setattr(targets, "SAMPLE_ROUNDS", rounds)
+        monkeypatch.setattr(targets, "SAMPLE_PER_ROUND", per_round)
     base, chance = one_requester_market()
     rng = np.random.default_rng(21)
     trials = 6000
@@ -160,7 +160,7 @@ def test_the_chosen_target_has_the_distribution_of_the_rules(
 
 
 @pytest.mark.parametrize("pairs", ["sample", "enumerate", "auto"])
-def test_edge_cases_alone_apart_and_on_one_spot(pairs: rules.Choice) -> None:
+def test_edge_cases_alone_apart_and_on_one_spot(pairs: targets.Choice) -> None:
     rng = np.random.default_rng(2)
     alone = MarketPopulation.random(rng, 1, 3, 10.0)
     assert trade_step(alone, rng, ENV, pairs=pairs).requests == 0 and alone.attempted[0] == 0
@@ -194,6 +194,7 @@ def test_auto_samples_where_many_agents_are_in_range_and_enumerates_where_few() 
     sparse = MarketPopulation.random(rng, 2000, 5, 2000.0)
     small = MarketPopulation.random(rng, 640, 5, 30.0, markets=64)  # training-shaped
     offering = np.ones(2000, dtype=bool)
-    assert rules._cheaper_choice(crowded, ENV, offering) == "sample"
-    assert rules._cheaper_choice(sparse, ENV, offering) == "enumerate"
-    assert rules._cheaper_choice(small, ENV, offering[:640]) == "enumerate"
+    distance = ENV.max_trade_distance
+    assert targets.cheaper_choice(crowded.positions, 2000, distance, offering) == "sample"
+    assert targets.cheaper_choice(sparse.positions, 2000, distance, offering) == "enumerate"
+    assert targets.cheaper_choice(small.positions, 10, distance, offering[:640]) == "enumerate"
