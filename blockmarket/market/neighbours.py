@@ -6,6 +6,10 @@ each requester's possible targets then lie in 2k+1 contiguous runs of that order
 k = CELLS_PER_DISTANCE), which are expanded into pairs with repeat/cumsum and filtered by exact
 distance. Markets of at most DENSE_MAX_AGENTS agents use the dense per-market mask instead (cheaper
 there). Both produce the *same* arrays in the same order, so the method never changes a seeded market.
+
+:class:`InRangeSampler` uses the same grid the other way round: instead of every pair, exact draws of
+one target ∝ 1/(1 + distance) per requester, at a cost per draw independent of the agents in range
+(the market step's O(agents) path, blockmarket.market.targets.choose_sampled).
 """
 
 from __future__ import annotations
@@ -93,6 +97,18 @@ def pairs_in_range(
     return CandidatePairs(grid.order, ranks_r[keep], ranks_t[keep], d2[keep])
 
 
+def scanned_per_requester(
+    positions: FloatArray, market_size: int, max_distance: float, requesters: BoolArray
+) -> float:
+    """Mean number of agents in the nearby cells of a requester: what enumerating its pairs costs
+    (about 1.7x the pairs in range), counted in O(N log N) without making a pair."""
+    active = np.asarray(requesters, dtype=bool)
+    if not active.any():
+        return 0.0
+    grid = _Grid.build(np.asarray(positions, dtype=np.float32), market_size, max_distance)
+    return float(grid.runs(np.flatnonzero(active[grid.order]))[1].sum() / active.sum())
+
+
 @dataclass(frozen=True)
 class _Grid:
     """Agents sorted by (market, row, column): ``order[rank]`` = agent, ``keys`` ascending."""
@@ -108,6 +124,8 @@ class _Grid:
     market_size: int
     sorted_xy: tuple[FloatArray, FloatArray]  # float32 x, y per rank
     limit2: np.float32
+    low: tuple[float, float]  # world corner of cell (0, 0)
+    side: float  # cell side
 
     @classmethod
     def build(cls, pos: FloatArray, market_size: int, max_distance: float) -> _Grid:
@@ -132,13 +150,17 @@ class _Grid:
             market_size=market_size,
             sorted_xy=(np.ascontiguousarray(spos[:, 0]), np.ascontiguousarray(spos[:, 1])),
             limit2=np.float32(max_distance) ** 2,
+            low=(float(low[0]), float(low[1])),
+            side=side,
         )
 
-    def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
-        """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
-        requester (one contiguous run of ranks per nearby row, expanded without a Python loop), and
-        where each requester meets itself."""
-        ranks = np.flatnonzero(active)
+    def cells(self, keys: IntArray) -> tuple[IntArray, IntArray]:
+        """(first rank, agent count) of the cells with these keys (0 agents for an empty cell)."""
+        start = np.searchsorted(self.keys, keys, side="left")
+        return start, np.searchsorted(self.keys, keys, side="right") - start
+
+    def runs(self, ranks: IntArray) -> tuple[IntArray, IntArray]:
+        """[R, 2k+1] first rank and length of the run of ranks in each nearby row of requesters ``ranks``."""
         offsets = np.arange(-self.reach, self.reach + 1)
         row = self.row[ranks, None] + offsets  # [R, 2k+1]
         base = (self.market[ranks, None] * self.rows + row) * self.columns
@@ -146,7 +168,14 @@ class _Grid:
         last = base + np.minimum(self.column[ranks, None] + self.reach, self.columns - 1)
         start = np.searchsorted(self.keys, first, side="left")
         stop = np.searchsorted(self.keys, last, side="right")
-        length = np.where((row >= 0) & (row < self.rows), stop - start, 0)
+        return start, np.where((row >= 0) & (row < self.rows), stop - start, 0)
+
+    def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
+        """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
+        requester (one contiguous run of ranks per nearby row, expanded without a Python loop), and
+        where each requester meets itself."""
+        ranks = np.flatnonzero(active)
+        start, length = self.runs(ranks)
         ends = np.cumsum(length.ravel())
         # target rank = start of its run + its position within the run (int64 throughout: numpy
         # converts any other index type to intp on every gather, which costs more than it saves)
@@ -165,3 +194,87 @@ class _Grid:
         block, seat_r, seat_t = np.nonzero(mask)
         seat = np.flatnonzero(active) % size
         return block * size + seat_r, block * size + seat_t, np.arange(seat.size) * size + seat
+
+
+_BOUND_SLACK = 1e-5  # nearest-distance bounds shrunk by this (relative, and x cell side): float32 safety
+
+
+@dataclass(frozen=True)
+class InRangeSampler:
+    """Exact draws of a target t != r in range of requester r with probability ∝ 1/(1 + |p_r - p_t|),
+    at a cost per draw that does not depend on how many agents are in range.
+
+    For each requester, the (2k+1)² grid cells around its own one get a proposal mass
+    ``agents in the cell × 1/(1 + nearest distance from r to the cell)`` (r itself left out of its own
+    cell; cells entirely beyond the limit get none). A draw picks a cell by that mass, a uniform agent in
+    it, and keeps it with probability ``w(t) / bound(cell)`` when t is in range (float32, inclusive, as
+    :func:`pairs_in_range` decides it), else rejects it. Proposal × acceptance is then ∝ w(t) for every
+    agent in range and 0 for any other: the kept draws follow the exact weights (rejection sampling).
+    ``w(t) = 1 / (1 + sqrt(d²))`` with d² the float32 squared distance of :func:`pairs_in_range`.
+    """
+
+    grid: _Grid
+    ranks: IntArray  # [R] requester ranks
+    cell_start: IntArray  # [R, C] first rank of each nearby cell
+    cell_count: IntArray  # [R, C] agents in it (without the requester itself)
+    bound: npt.NDArray[np.float64]  # [R, C] 1/(1 + nearest distance): >= w of any agent in the cell
+    cumulative: npt.NDArray[np.float64]  # [R, C] cumulative proposal mass, divided by the total
+    total: npt.NDArray[np.float64]  # [R] proposal mass; 0: nobody else within the nearby cells
+    own_cell: int  # column of the requester's own cell in the [R, C] tables
+
+    @classmethod
+    def build(
+        cls, positions: FloatArray, market_size: int, max_distance: float, requesters: BoolArray
+    ) -> InRangeSampler:
+        """The sampler for the requesters where ``requesters`` (per agent) is True."""
+        pos = np.asarray(positions, dtype=np.float32)
+        grid = _Grid.build(pos, market_size, max_distance)
+        ranks = np.flatnonzero(np.asarray(requesters, dtype=bool)[grid.order])
+        steps = np.arange(-grid.reach, grid.reach + 1)
+        d_row, d_col = np.repeat(steps, steps.size), np.tile(steps, steps.size)  # [C]
+        row = grid.row[ranks, None] + d_row
+        col = grid.column[ranks, None] + d_col
+        inside = (row >= 0) & (row < grid.rows) & (col >= 0) & (col < grid.columns)
+        keys = (grid.market[ranks, None] * grid.rows + row) * grid.columns + col
+        start, count = grid.cells(np.where(inside, keys, -1))
+        count = np.where(inside, count, 0)
+        own_cell = int(grid.reach * steps.size + grid.reach)
+        count[:, own_cell] -= 1  # the requester is in its own cell and never its own target
+        x = grid.sorted_xy[0][ranks, None].astype(np.float64)
+        y = grid.sorted_xy[1][ranks, None].astype(np.float64)
+        left, bottom = grid.low[0] + col * grid.side, grid.low[1] + row * grid.side
+        dx = np.maximum(np.maximum(left - x, x - (left + grid.side)), 0.0)
+        dy = np.maximum(np.maximum(bottom - y, y - (bottom + grid.side)), 0.0)
+        nearest = np.maximum(np.hypot(dx, dy) * (1.0 - _BOUND_SLACK) - _BOUND_SLACK * grid.side, 0.0)
+        bound = 1.0 / (1.0 + nearest)
+        mass = np.where(nearest <= max_distance, count * bound, 0.0)
+        cumulative = np.cumsum(mass, axis=1)
+        total = cumulative[:, -1].copy()
+        cumulative /= np.where(total > 0, total, 1.0)[:, None]
+        return cls(grid, ranks, start, count, bound, cumulative, total, own_cell)
+
+    def draw(self, rows: IntArray, per_row: int, rng: np.random.Generator) -> tuple[IntArray, FloatArray]:
+        """``per_row`` independent proposals for each requester ``rows`` (indices into ``ranks``):
+        (target rank, float32 squared distance), target -1 where the proposal was rejected. Kept targets
+        are exact draws ∝ 1/(1 + distance) over the agents in range (rows of total 0 never keep one)."""
+        rows = np.repeat(rows, per_row)
+        pick = rng.random(rows.size)
+        cell = (self.cumulative[rows] <= pick[:, None]).sum(axis=1)
+        cell = np.minimum(cell, self.cumulative.shape[1] - 1)
+        count = self.cell_count[rows, cell]
+        seat = np.floor(rng.random(rows.size) * count).astype(np.int64)
+        me = self.ranks[rows]
+        target = self.cell_start[rows, cell] + seat
+        target += (cell == self.own_cell) & (target >= me)  # skip the requester in its own cell
+        target = np.where(count > 0, target, me)  # an empty cell (rounding at the edge): rejected below
+        sx, sy = self.grid.sorted_xy
+        d2 = sx[target] - sx[me]  # the same float32 operations as pairs_in_range
+        d2 *= d2
+        dy = sy[target] - sy[me]
+        dy *= dy
+        d2 += dy
+        weight = 1.0 / (1.0 + np.sqrt(d2.astype(np.float64)))
+        keep = (
+            (count > 0) & (d2 <= self.grid.limit2) & (rng.random(rows.size) * self.bound[rows, cell] < weight)
+        )
+        return np.where(keep, target, -1).reshape(-1, per_row), d2.reshape(-1, per_row)

@@ -34,6 +34,14 @@ from blockmarket.core.state import (
     market_mean_matrices,
 )
 from blockmarket.market.neighbours import Method, pairs_in_range
+from blockmarket.market.targets import (
+    Choice,
+    cheaper_choice,
+    choose_enumerated,
+    choose_sampled,
+    race_costs,
+    race_winners,
+)
 
 # Trade amounts are multiples of 1/64: with inventories on that grid every transfer is exact in float32
 # (for holdings below 2**18), so the market conserves items bit-for-bit.
@@ -172,40 +180,21 @@ class TradeStats:
         return float(self.given.sum(dtype=np.float64) + self.received.sum(dtype=np.float64))
 
 
-def _race_winners(groups: IntArray, cost: FloatArray) -> IntArray:
-    """Index of the cheapest member of every run of equal values in ``groups`` (runs must be
-    contiguous; ties go to the first). With cost = E / w, E ~ Exp(1) i.i.d., member i of a run wins
-    with probability w_i / sum(w) (an exponential race), in O(len) without sorting."""
-    if groups.size == 0:
-        return np.zeros(0, np.int64)
-    run_start = np.ones(groups.size, dtype=bool)
-    run_start[1:] = groups[1:] != groups[:-1]
-    starts = np.flatnonzero(run_start)
-    best = np.minimum.reduceat(cost, starts)
-    hits = np.flatnonzero(cost == np.repeat(best, np.diff(starts, append=groups.size)))
-    first = np.ones(hits.size, dtype=bool)
-    first[1:] = groups[hits[1:]] != groups[hits[:-1]]
-    return hits[first]
-
-
-def _race_costs(rng: np.random.Generator, squared_distance: FloatArray) -> FloatArray:
-    """E * (1 + distance), E ~ Exp(1): the race that picks a pair with probability ∝ 1/(1+distance)."""
-    exponential = rng.standard_exponential(squared_distance.size, dtype=np.float32)
-    return (exponential * (np.float32(1.0) + np.sqrt(squared_distance))).astype(np.float32, copy=False)
-
-
 def _on_grid(amount: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.floor(amount / QUANTUM) * QUANTUM
 
 
 # size: one market step, phase by phase in the order docs/market.md gives them
 def trade_step(
-    pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig, pairs: Method = "auto"
+    pop: MarketPopulation, rng: np.random.Generator, env: EnvironmentConfig, pairs: Choice = "auto"
 ) -> TradeStats:
     """Run one market step in place (inventories and counters of ``pop``) and report what happened.
 
-    ``pairs`` picks how candidate pairs are found (blockmarket.market.neighbours); every method gives the same
-    pairs in the same order, hence the same market for the same seed."""
+    ``pairs`` picks how each requester finds its target (blockmarket.market.targets): "sample" draws
+    candidates one by one (O(agents) however many pairs are in range); "enumerate" ("grid", "dense":
+    blockmarket.market.neighbours, the same market for the same seed) makes every pair in range;
+    "auto" (default) takes whichever is cheaper for this step. All follow the same rules, with the
+    same distribution of outcomes, from different random streams."""
     count, n = pop.inventory.shape
     agents = np.arange(count)
     inv = pop.inventory
@@ -218,33 +207,21 @@ def trade_step(
     can_offer = np.isfinite(offer[agents, give])
     ask = pop.matrices[agents, give, want]  # units of `want` asked per unit of `give`
 
-    # Candidate pairs (requester r, target t): same market, in range, not itself, r has an offer;
-    # requester-major, as ranks of the grid order (per-agent tables are permuted into it once).
-    # t's price for what r asks is M_t[d, g]; +inf where t holds no d (then t is no candidate).
-    candidates = pairs_in_range(pop.positions, pop.market_size, env.max_trade_distance, can_offer, pairs)
-    order, req, tgt = candidates.order, candidates.requester_rank, candidates.target_rank
-    price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf))[order].reshape(-1)
-    deal = (want * n + give)[order]  # where r's (d, g) sits in a flattened n×n matrix
-    cell = tgt * (n * n)  # in place below: K-sized temporaries cost page faults, not just copies
-    cell += deal[req]
-    quote = price[cell]
-    asking_ranked = np.zeros(count, dtype=bool)
-    asking_ranked[req[np.flatnonzero(quote < np.inf)]] = True  # flatnonzero: 3x faster than a mask
-    asking = np.zeros(count, dtype=bool)
-    asking[order] = asking_ranked
-
-    # The quote pays t the fraction f = 1 / (ask * M_t[d, g]) of its own price for the x * ask units of
-    # d it gives for x of g. t accepts a quote paying its price, and one paying f < 1 with probability
-    # f (a cliff at f = 1 would give evolution no gradient to follow): accept iff u * ask * M_t < 1.
-    draw = rng.random(req.size, dtype=np.float32)
-    draw *= ask[order][req]
-    draw *= quote
-    accepts = np.flatnonzero(draw < 1.0)
-    req, tgt, squared = req[accepts], tgt[accepts], candidates.squared_distance[accepts]
-    chosen = _race_winners(req, _race_costs(rng, squared))  # each requester asks one accepting target
-    req, tgt, squared = order[req[chosen]], order[tgt[chosen]], squared[chosen]
+    # t's price for what r asks is M_t[d, g]; +inf where t holds no d (then t is no candidate). Per-agent
+    # tables are indexed by agent here; the enumerating path permutes them into its grid order.
+    price = np.where((inv >= QUANTUM)[:, :, None], pop.matrices, np.float32(np.inf)).reshape(count, n * n)
+    deal = want * n + give  # where r's (d, g) sits in a flattened n×n matrix
+    where = (pop.positions, pop.market_size, env.max_trade_distance)
+    if pairs == "auto":
+        pairs = cheaper_choice(*where, can_offer)
+    if pairs == "sample":
+        req, tgt, squared, asking = choose_sampled(*where, rng, can_offer, ask, price, deal)
+    else:
+        method: Method = "auto" if pairs == "enumerate" else pairs
+        candidates = pairs_in_range(*where, can_offer, method)
+        req, tgt, squared, asking = choose_enumerated(candidates, rng, ask, price, deal)
     by_target = np.argsort(tgt, kind="stable")
-    accepted = by_target[_race_winners(tgt[by_target], _race_costs(rng, squared)[by_target])]
+    accepted = by_target[race_winners(tgt[by_target], race_costs(rng, squared)[by_target])]
     req, tgt = req[accepted], tgt[accepted]  # each target accepts one request
 
     # An agent may give as requester and as target in one step: split a holding between the two uses.

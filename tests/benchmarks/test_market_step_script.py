@@ -1,4 +1,4 @@
-"""benchmarks.market_step at tiny sizes: it runs, the methods agree, and the JSON says so."""
+"""benchmarks.market_step at tiny sizes: it runs, both methods trade, and the JSON says so."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_market_step_benchmark_writes_one_row_per_size(tmp_path: Path) -> None:
     out = tmp_path / "market_step.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.market_step", "--agents", "30", "200",
-         "--steps", "3", "--dense-max", "100", "--out", str(out)],
+         "--steps", "3", "--enumerate-max", "100", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -23,5 +23,9 @@ def test_market_step_benchmark_writes_one_row_per_size(tmp_path: Path) -> None:
     assert document["benchmark"] == "market_step"
     rows = document["results"]
     assert [r["agents"] for r in rows] == [30, 200]
-    assert all(r["methods_agree"] and r["grid_p50_ms"] > 0 and r["pairs_in_range"] > 0 for r in rows)
-    assert rows[0]["dense_p50_ms"] > 0 and rows[1]["dense_p50_ms"] is None  # above --dense-max: skipped
+    assert all(
+        r["sample_p50_ms"] > 0 and r["auto_p50_ms"] > 0 and r["sample_trades_per_step"] > 0 for r in rows
+    )
+    assert rows[0]["enumerate_p50_ms"] > 0 and rows[0]["pairs_in_range"] > 0
+    assert rows[0]["enumerate_trades_per_step"] > 0 and rows[0]["trades_ratio"] > 0
+    assert rows[1]["enumerate_p50_ms"] is None and rows[1]["speedup"] is None  # above --enumerate-max
