@@ -16,6 +16,7 @@ arenas: in a 3-minute soak with a reload a minute, RSS rose 8% and `malloc_trim(
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import re
@@ -87,3 +88,38 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+BELOW_NORMAL_PRIORITY_CLASS = 0x4000  # Windows process priority class
+BACKGROUND_NICE = 10  # POSIX niceness added to a background worker
+
+
+def lower_priority() -> str:
+    """Make this process (a background worker: the pack builder) yield the CPU to the serving process,
+    whose event loop must wake within a tick; returns what it did.
+
+    On a 2-core machine a pack build competing at equal priority with the loop thread delayed its
+    wakeups by up to 50-120 ms under load (tests/runtime/test_reload.py measures them)."""
+    if sys.platform == "win32":
+        kernel32 = ctypes.WinDLL("kernel32")  # type: ignore[attr-defined,unused-ignore]
+        if kernel32.SetPriorityClass(kernel32.GetCurrentProcess(), BELOW_NORMAL_PRIORITY_CLASS):
+            return "below normal priority class"
+        return "priority unchanged (SetPriorityClass failed)"
+    try:
+        return f"niceness {os.nice(BACKGROUND_NICE)}"
+    except OSError as exc:
+        return f"priority unchanged ({exc})"
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then exclude every object alive now (imports, config, the first pool) from later
+    collections; returns how many were frozen.
+
+    Called once, before serving: a full collection traverses every tracked object while holding the GIL,
+    and what startup leaves behind (hundreds of thousands of objects, far more in a process that also
+    runs other code: a test suite's took 31-63 ms per full collection) never becomes garbage. The
+    collections left while serving traverse only what was allocated since.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

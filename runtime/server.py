@@ -40,6 +40,7 @@ from blockmarket.wire.topics import DEFAULT_MARKET
 from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
 from runtime.agents import AgentPopulation, create_population
 from runtime.arguments import add_config_arguments, config_overrides
+from runtime.housekeeping import freeze_startup_heap
 from runtime.http import Telemetry
 from runtime.intake import TickIntake
 from runtime.planning import PoolError
@@ -155,6 +156,7 @@ class RuntimeServer:
         self.telemetry.attach(scheduler, transport, reloader)
         if reloader is not None:  # watching before the status says online: no model written after is missed
             await reloader.start()
+        log.debug("%d startup objects frozen out of garbage collection", freeze_startup_heap())
         connection = asyncio.create_task(transport.run(), name="mqtt")
         serving = [
             asyncio.create_task(scheduler.run(), name="scheduler"),

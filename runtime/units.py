@@ -12,17 +12,16 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-import onnxruntime as ort
 
 from blockmarket.core.config import NpuConfig
 from blockmarket.core.contract import MATRIX_OUTPUT, PACK_TOLERANCE, VALIDATION_SEED, ModelContract
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
-from blockmarket.models.packcheck import row_errors
-from runtime.housekeeping import touch
+from blockmarket.models.packcheck import alone_on_cpu, row_errors
+from runtime.housekeeping import lower_priority, touch
 from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,7 @@ PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks 
 SessionFactory = Callable[[Path, bool], tuple[Any, str]]
 PackPrecision = Literal["fp32", "int8"]  # the weights a pack stores
 PackChoice = Literal["auto", "fp32", "int8"]  # runtime.cpu_pack_precision: auto = int8 where it validates
+_T = TypeVar("_T")
 
 
 def default_session_factory(
@@ -165,14 +165,14 @@ class UnitBuilder:
         return unit
 
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
-        """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances)."""
+        """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances),
+        that reference computed by the builder process (a large model's session would stall the loop)."""
         on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
         tolerance = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
         keys = np.asarray(unit.row_keys)
         for key, info in unit.models.items():
             rows = np.flatnonzero(keys == key)
-            alone = ort.InferenceSession(str(info.onnx_path), providers=["CPUExecutionProvider"])
-            reference = alone.run(None, {alone.get_inputs()[0].name: states[rows]})[0]
+            reference = self._in_builder(alone_on_cpu, info.onnx_path, states[rows])
             error, excess = row_errors(out[rows], reference, tolerance)
             atol, rtol = tolerance
             if (excess > 0).any():
@@ -206,20 +206,27 @@ class UnitBuilder:
             touch(path)
         else:
             sources = [(info.onnx_path, info.version) for info in plan.models.values()]
-            builder = self._pack_builder()
-            try:
-                builder.submit(write_pack, sources, path, form, per_model).result()
-            except BrokenProcessPool:
-                with self._builder_lock:
-                    self._builder = None  # the next pack gets a new worker
-                raise PoolError(f"{path}: the pack builder process died (out of memory?)") from None
+            self._in_builder(write_pack, sources, path, form, per_model)
         return path
 
+    def _in_builder(self, work: Callable[..., _T], *args: Any) -> _T:
+        """``work(*args)`` in the pack builder process (its exceptions raised here)."""
+        builder = self._pack_builder()
+        try:
+            return builder.submit(work, *args).result()
+        except BrokenProcessPool:
+            with self._builder_lock:
+                self._builder = None  # the next call gets a new worker
+            raise PoolError(f"the pack builder process died (out of memory?) in {work.__name__}") from None
+
     def _pack_builder(self) -> ProcessPoolExecutor:
-        """The worker process that builds packs (started on first use, spawned: nothing is forked)."""
+        """The worker process that builds and checks packs (started on first use, spawned: nothing is
+        forked), at a lower priority than serving."""
         with self._builder_lock:
             if self._builder is None:
-                self._builder = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                self._builder = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"), initializer=lower_priority
+                )
             return self._builder
 
 

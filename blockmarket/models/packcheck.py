@@ -8,8 +8,11 @@ The runtime compares every model's rows with that model run alone on CPU before 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 
 from blockmarket.core.contract import Tolerance
 
@@ -25,3 +28,15 @@ def row_errors(
     diff = np.abs(np.asarray(actual, dtype=np.float64) - ref)
     diff[~np.isfinite(diff)] = np.inf
     return diff, diff - (tolerance.atol + tolerance.rtol * np.abs(ref))
+
+
+def alone_on_cpu(model: Path, states: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The model's outputs run alone on one CPU thread: a pack's reference. The runtime has its pack
+    builder process compute it, since creating a session for a large model takes the serving process's
+    GIL for tens of milliseconds at a time (seen as 50-190 ms event-loop stalls with a 200 MB model)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: states})[0])

