@@ -8,14 +8,12 @@ retained status and hot-reload converted models until SIGINT/SIGTERM (Ctrl-C/Ctr
 second one forces the exit); then publish the "offline" status and exit 0. This process never imports torch.
 """
 
-# size: the lifecycle above, in one place and in that order (startup, serving, telemetry, shutdown)
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -33,11 +31,10 @@ from blockmarket.wire.protocol import (
     Topics,
     encode_roster,
     encode_status,
-    message_sizes,
-    payload_shortfall,
 )
 from blockmarket.wire.topics import DEFAULT_MARKET
 from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
+from runtime import announcements
 from runtime.agents import AgentPopulation, create_population
 from runtime.arguments import add_config_arguments, config_overrides
 from runtime.housekeeping import freeze_startup_heap
@@ -63,8 +60,6 @@ log = logging.getLogger("runtime.server")
 class StartupError(RuntimeError):
     """The runtime cannot start serving (the message says what is missing and what to do)."""
 
-
-STATUS_GROWTH_BYTES = 1024  # the status's counters and figures grow while serving
 
 # What stops a start with a one-line message instead of a traceback (each names the file or setting).
 STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError, ConfigError)
@@ -175,7 +170,7 @@ class RuntimeServer:
                 if broker is not None:
                     await broker.stop()
                 pool.close()
-                log.info("runtime stopped: %s", self._summary())
+                log.info("runtime stopped: %s", announcements.summary(self.scheduler))
 
     async def prepare_models(self) -> None:
         """Convert what is new (worker process); bootstrap a population when there is nothing at all."""
@@ -276,65 +271,22 @@ class RuntimeServer:
         )
 
     def last_will(self) -> dict[str, Any]:
-        """The MQTT last will: which process went offline, not the roster (a will is at most 65,535 bytes)."""
-        return {
-            "state": "offline",
-            "pid": os.getpid(),
-            "client_id": self.client_id,
-            "started_at": self.started_at,
-        }
+        return announcements.last_will(self.client_id, self.started_at)
 
     def status(self, state: str) -> dict[str, Any]:
-        """The retained status: identity, heartbeat, what a client needs to check answers, serving figures.
-
-        Its size does not grow with the agents (the roster has its own topic): a heartbeat stays cheap.
-        """
-        pop, pool = self.population, self.pool
-        status: dict[str, Any] = {
-            **self.last_will(),
-            "state": state,
-            "published_at": time.time(),
-            "status_interval_s": self.config.runtime.status_interval_s,
-            "alpha": self.config.learning.matrix_update_rate,
-        }
-        if pop is not None and pool is not None:
-            status.update(agents=len(pop), items=list(pop.items), eps=pool.current.providers)
-        if self.scheduler is not None:
-            status.update(self.scheduler.stats(), limits=self.scheduler.intake.limits.announce())
-        return status
-
-    def _check_message_sizes(self, population: AgentPopulation, pool: SessionPool) -> None:
-        """Every message this roster needs must fit mqtt.max_payload_bytes: this runtime refuses a bigger
-        tick, and game servers using this config refuse a bigger answer, status or roster."""
-        cfg = self.config
-        sizes = message_sizes(population.agent_ids, population.num_items, pool.current.versions)
-        sizes["status"] = len(encode_status(self.status("online"))) + STATUS_GROWTH_BYTES
-        sizes["roster"] = len(encode_roster(self.roster()))
-        shortfall = payload_shortfall(sizes, cfg.mqtt.max_payload_bytes)
-        if shortfall is not None:
-            fewer = (
-                f"fewer models in {cfg.model_dir} (runtime.assignment: one_per_checkpoint)"
-                if cfg.runtime.assignment == "one_per_checkpoint"
-                else "a smaller runtime.num_agents"
-            )
-            raise StartupError(f"{len(population)} agents: {shortfall}, or serve {fewer}")
+        return announcements.status(
+            self.config, self.last_will(), state, self.population, self.pool, self.scheduler
+        )
 
     def roster(self) -> RosterMessage:
-        """Who is served: ids, desired items, model and version per agent, starting matrices."""
-        pop, pool = self.population, self.pool
-        if pop is None or pool is None:
+        if self.population is None or self.pool is None:
             raise RuntimeError("the roster exists once the pool is built")
-        return RosterMessage(
-            client_id=self.client_id,
-            started_at=self.started_at,
-            pool_generation=pool.current.number,
-            items=pop.items,
-            agent_ids=pop.agent_ids,
-            desired=tuple(pop.desired_items),
-            models=pop.model_keys,
-            model_versions=pool.current.versions,
-            initial_matrices=pop.initial_matrices,
-        )
+        return announcements.roster(self.client_id, self.started_at, self.population, self.pool)
+
+    def _check_message_sizes(self, population: AgentPopulation, pool: SessionPool) -> None:
+        problem = announcements.oversized(self.config, population, pool, self.status("online"), self.roster())
+        if problem is not None:
+            raise StartupError(problem)
 
     async def report_status(self, transport: RuntimeTransport) -> None:
         """Publish the retained roster (again whenever the pool generation changes) and the retained
@@ -347,18 +299,7 @@ class RuntimeServer:
                 await transport.publish_roster(encode_roster(self.roster()))
             await transport.publish_status(encode_status(self.status("online")))
             await asyncio.sleep(self.config.runtime.status_interval_s)
-            log.info("%s", self._summary())
-
-    def _summary(self) -> str:
-        if self.scheduler is None:
-            return "not serving"
-        s = self.scheduler.stats()
-        return (
-            f"{len(self.scheduler.population)} agents: {s['ticks_received']} ticks received, "
-            f"{s['ticks_served']} served, {s['ticks_skipped']} skipped, dropped {s['dropped'] or 0}, "
-            f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
-            f"{s['guarded_outputs']} outputs guarded, pool generation {s['pool_generation']}"
-        )
+            log.info("%s", announcements.summary(self.scheduler))
 
     async def _announce_ready(self, transport: RuntimeTransport) -> None:
         await transport.connected.wait()

@@ -70,22 +70,28 @@ def test_prune_of_a_missing_directory_does_nothing(tmp_path: Path) -> None:
     assert prune_packs(tmp_path / "absent", keep=[]) == []
 
 
-async def test_hot_reloads_leave_only_the_served_packs_on_disk(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sessions, "SETTLE_S", 0.0)
-    monkeypatch.setattr(housekeeping, "PACK_GRACE_S", 0.0)
+async def started_pool(model_dir: Path, max_sessions: int) -> SessionPool:
+    """6 agents round robin over the models, real CPU sessions (fp32 packs when packed)."""
     models, _ = discover_models(model_dir, ITEMS)
     population = create_population(models, ITEMS, num_agents=6, assignment="round_robin", seed=3)
     pool = SessionPool(
         population,
         {m.key: m for m in models},
         factory=default_session_factory(NpuConfig(), 1),
-        max_sessions=1,
+        max_sessions=max_sessions,
         model_dir=model_dir,
         cpu_pack_precision="fp32",
     )
     await pool.start()
+    return pool
+
+
+async def test_hot_reloads_leave_only_the_served_packs_on_disk(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions, "SETTLE_S", 0.0)
+    monkeypatch.setattr(housekeeping, "PACK_GRACE_S", 0.0)
+    pool = await started_pool(model_dir, max_sessions=1)
     try:
         for seed in (21, 22):
             write_model(model_dir, "m1", trading_weights(seed))
@@ -125,16 +131,7 @@ async def test_after_the_startup_heap_is_frozen_a_swapped_out_generation_is_stil
     """The server freezes its startup heap out of garbage collection; the first pool is part of it, and
     its sessions (hundreds of MB with large models) must still go when a reload replaces them."""
     monkeypatch.setattr(sessions, "SETTLE_S", 0.0)
-    models, _ = discover_models(model_dir, ITEMS)
-    population = create_population(models, ITEMS, num_agents=6, assignment="round_robin", seed=3)
-    pool = SessionPool(
-        population,
-        {m.key: m for m in models},
-        factory=default_session_factory(NpuConfig(), 1),
-        max_sessions=8,
-        model_dir=model_dir,
-    )
-    await pool.start()
+    pool = await started_pool(model_dir, max_sessions=8)
     first = [weakref.ref(unit.session) for unit in pool.current.units if "m1" in unit.models]
     assert first
     try:

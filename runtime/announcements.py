@@ -1,0 +1,109 @@
+"""What the runtime tells game servers besides its answers (docs/protocol.md): the retained status
+(identity, heartbeat, serving figures), the retained roster (who is served, with which model version),
+the last will, and the log line that repeats the status; and whether they fit the broker's payload limit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from blockmarket.core.config import Config
+from blockmarket.wire.messages import (
+    RosterMessage,
+    encode_roster,
+    encode_status,
+    message_sizes,
+    payload_shortfall,
+)
+from runtime.agents import AgentPopulation
+from runtime.scheduler import TickScheduler
+from runtime.sessions import SessionPool
+
+STATUS_GROWTH_BYTES = 1024  # the status's counters and figures grow while serving
+
+
+def last_will(client_id: str, started_at: float) -> dict[str, Any]:
+    """The MQTT last will: which process went offline, not the roster (a will is at most 65,535 bytes)."""
+    return {"state": "offline", "pid": os.getpid(), "client_id": client_id, "started_at": started_at}
+
+
+def status(
+    config: Config,
+    will: dict[str, Any],
+    state: str,
+    population: AgentPopulation | None,
+    pool: SessionPool | None,
+    scheduler: TickScheduler | None,
+) -> dict[str, Any]:
+    """The retained status: identity, heartbeat, what a client needs to check answers, serving figures.
+
+    Its size does not grow with the agents (the roster has its own topic): a heartbeat stays cheap.
+    """
+    report: dict[str, Any] = {
+        **will,
+        "state": state,
+        "published_at": time.time(),
+        "status_interval_s": config.runtime.status_interval_s,
+        "alpha": config.learning.matrix_update_rate,
+    }
+    if population is not None and pool is not None:
+        report.update(agents=len(population), items=list(population.items), eps=pool.current.providers)
+    if scheduler is not None:
+        report.update(scheduler.stats(), limits=scheduler.intake.limits.announce())
+    return report
+
+
+def roster(
+    client_id: str, started_at: float, population: AgentPopulation, pool: SessionPool
+) -> RosterMessage:
+    """Who is served: ids, desired items, model and version per agent, starting matrices."""
+    return RosterMessage(
+        client_id=client_id,
+        started_at=started_at,
+        pool_generation=pool.current.number,
+        items=population.items,
+        agent_ids=population.agent_ids,
+        desired=tuple(population.desired_items),
+        models=population.model_keys,
+        model_versions=pool.current.versions,
+        initial_matrices=population.initial_matrices,
+    )
+
+
+def oversized(
+    config: Config,
+    population: AgentPopulation,
+    pool: SessionPool,
+    status_now: dict[str, Any],
+    roster_now: RosterMessage,
+) -> str | None:
+    """What does not fit mqtt.max_payload_bytes among the messages this roster needs, and what to do
+    (None: everything fits). This runtime refuses a bigger tick, and game servers using this config
+    refuse a bigger answer, status or roster."""
+    sizes = message_sizes(population.agent_ids, population.num_items, pool.current.versions)
+    sizes["status"] = len(encode_status(status_now)) + STATUS_GROWTH_BYTES
+    sizes["roster"] = len(encode_roster(roster_now))
+    shortfall = payload_shortfall(sizes, config.mqtt.max_payload_bytes)
+    if shortfall is None:
+        return None
+    fewer = (
+        f"fewer models in {config.model_dir} (runtime.assignment: one_per_checkpoint)"
+        if config.runtime.assignment == "one_per_checkpoint"
+        else "a smaller runtime.num_agents"
+    )
+    return f"{len(population)} agents: {shortfall}, or serve {fewer}"
+
+
+def summary(scheduler: TickScheduler | None) -> str:
+    """The periodic log line: the status's serving figures."""
+    if scheduler is None:
+        return "not serving"
+    s = scheduler.stats()
+    return (
+        f"{len(scheduler.population)} agents: {s['ticks_received']} ticks received, "
+        f"{s['ticks_served']} served, {s['ticks_skipped']} skipped, dropped {s['dropped'] or 0}, "
+        f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
+        f"{s['guarded_outputs']} outputs guarded, pool generation {s['pool_generation']}"
+    )
