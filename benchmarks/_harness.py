@@ -36,7 +36,9 @@ from benchmarks._report import REPO_ROOT
 from blockmarket.core.config import Config, load_config
 from blockmarket.core.files import atomic_target
 from blockmarket.models.files import METADATA_SUFFIX
-from blockmarket.wire.protocol import Limits, ProtocolError, Topics, decode_status
+from blockmarket.wire.limits import Limits, ProtocolError
+from blockmarket.wire.protocol import decode_status
+from blockmarket.wire.topics import Topics
 
 STATUS_LIMITS = Limits(max_payload_bytes=64 * 1024 * 1024)
 # Where a run keeps its files and topics: set per run, not settings that change how it serves

@@ -18,7 +18,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from blockmarket.wire.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
+from blockmarket.wire.limits import Limits, ProtocolError
+from blockmarket.wire.messages import MarketTick, encode_tick
+from blockmarket.wire.protocol import decode_tick
 
 Tick = dict[str, Any]
 UNPRINTABLE = ("\n", "\r\n", "\x00", "\x1b[31m", "\x7f", "\u202e", "\u2028", "\x85")

@@ -70,17 +70,10 @@ from benchmarks._report import add_output_argument, command_line, machine_info, 
 from benchmarks.hostile_ticks import HostilePayloads
 from blockmarket.core.config import Config
 from blockmarket.models.files import METADATA_SUFFIX
-from blockmarket.wire.protocol import (
-    Limits,
-    MarketTick,
-    ProtocolError,
-    RosterMessage,
-    Topics,
-    decode_matrices,
-    decode_roster,
-    decode_status,
-    encode_tick,
-)
+from blockmarket.wire.limits import Limits, ProtocolError
+from blockmarket.wire.messages import MarketTick, RosterMessage, encode_tick
+from blockmarket.wire.protocol import decode_matrices, decode_roster, decode_status
+from blockmarket.wire.topics import Topics
 from runtime.units import PACK_DIR
 
 BUCKETS = ("ticks_served", "ticks_skipped", "ticks_unpublished", "inference_errors", "ticks_in_flight")

@@ -46,7 +46,10 @@ from benchmarks._harness import (
 from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
 from blockmarket.core.config import Config
 from blockmarket.simulator.roster import discover_roster
-from blockmarket.wire.protocol import Limits, MarketTick, Topics, decode_matrices, encode_tick
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import MarketTick, encode_tick
+from blockmarket.wire.protocol import decode_matrices
+from blockmarket.wire.topics import Topics
 
 TARGET_FIRST_TICK_S = 5.0
 RETRY_TICK_S = 0.05  # republish the first tick this often until it is answered (subscription races)

@@ -18,7 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from blockmarket.core.state import IntArray
-from blockmarket.wire.protocol import DropCounter, Limits, MarketTick, ProtocolError, decode_tick
+from blockmarket.wire.limits import DropCounter, Limits, ProtocolError
+from blockmarket.wire.messages import MarketTick
+from blockmarket.wire.protocol import decode_tick
 from runtime.agents import AgentPopulation, RosterError
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,8 @@ import numpy as np
 
 from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
 from blockmarket.core.stats import percentiles
-from blockmarket.wire.protocol import (
-    DropCounter,
-    MatricesMessage,
-    encode_agent_matrices,
-    encode_matrices,
-)
+from blockmarket.wire.limits import DropCounter
+from blockmarket.wire.messages import MatricesMessage, encode_agent_matrices, encode_matrices
 from runtime.intake import AcceptedTick, TickIntake
 from runtime.sessions import PoolGeneration, SessionPool
 

@@ -25,14 +25,9 @@ from blockmarket.core.config import Config, ConfigError, NpuConfig
 from blockmarket.models.files import ModelError, ModelInfo, discover_models
 from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from blockmarket.wire.broker import BrokerError, ensure_broker
-from blockmarket.wire.protocol import (
-    Limits,
-    RosterMessage,
-    Topics,
-    encode_roster,
-    encode_status,
-)
-from blockmarket.wire.topics import DEFAULT_MARKET
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import RosterMessage, encode_roster, encode_status
+from blockmarket.wire.topics import DEFAULT_MARKET, Topics
 from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
 from runtime import announcements
 from runtime.agents import AgentPopulation, create_population

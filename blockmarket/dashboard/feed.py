@@ -37,16 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from blockmarket.core.config import Config
 from blockmarket.simulator.view import decode_view, view_topic
-from blockmarket.wire.protocol import (
-    DropCounter,
-    Limits,
-    ProtocolError,
-    Topics,
-    decode_matrices,
-    decode_roster,
-    decode_status,
-)
-from blockmarket.wire.topics import DEFAULT_MARKET
+from blockmarket.wire.limits import DropCounter, Limits, ProtocolError
+from blockmarket.wire.protocol import decode_matrices, decode_roster, decode_status
+from blockmarket.wire.topics import DEFAULT_MARKET, Topics
 from blockmarket.wire.transport import MqttLink
 
 log = logging.getLogger(__name__)

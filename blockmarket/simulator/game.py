@@ -41,9 +41,7 @@ from blockmarket.simulator.simulation import (
     MarketSimulator,
     SimulationSummary,
 )
-from blockmarket.wire.protocol import (
-    Topics,
-)
+from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import BrokerRefused
 
 logger = logging.getLogger(__name__)

@@ -14,14 +14,10 @@ from typing import Any
 import numpy as np
 
 from blockmarket.core.config import Config, MqttConfig
-from blockmarket.wire.protocol import (
-    Limits,
-    ProtocolError,
-    RosterMessage,
-    Topics,
-    decode_roster,
-    decode_status,
-)
+from blockmarket.wire.limits import Limits, ProtocolError
+from blockmarket.wire.messages import RosterMessage
+from blockmarket.wire.protocol import decode_roster, decode_status
+from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
 
 logger = logging.getLogger(__name__)

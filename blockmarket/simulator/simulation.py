@@ -20,18 +20,16 @@ from blockmarket.core.stats import percentiles
 from blockmarket.market.rules import MarketPopulation, TradeStats, desired_holdings, fitness, trade_step
 from blockmarket.simulator.roster import CONNECT_TIMEOUT_S, SimulatorError, _connected
 from blockmarket.simulator.view import ViewPublisher
-from blockmarket.wire.protocol import (
-    DropCounter,
-    Limits,
+from blockmarket.wire.limits import DropCounter, Limits, ProtocolError
+from blockmarket.wire.messages import (
     MarketTick,
     MatricesMessage,
-    ProtocolError,
-    Topics,
-    decode_matrices,
     encode_tick,
     message_sizes,
     payload_shortfall,
 )
+from blockmarket.wire.protocol import decode_matrices
+from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
 
 logger = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ checked before unpacking, msgpack runs with hard limits, maps may not repeat a k
 type-, shape-, finiteness- and range-checked. Every failure is a :class:`ProtocolError` with a ``kind``
 that :class:`DropCounter` counts and logs at a bounded rate.
 
-This module decodes the messages and is the wire's one import: limits.py (version, refusal kinds,
-limits, drop counter), topics.py, messages.py (the messages and their encoding) and codec.py (safe
-unpacking and field checks) are re-exported here.
+This module decodes the messages. Beside it: limits.py (version, refusal kinds, limits, drop counter),
+topics.py, messages.py (the messages and their encoding) and codec.py (safe unpacking and field checks);
+callers import each name from its own module.
 """
 
 from __future__ import annotations
@@ -33,65 +33,8 @@ from blockmarket.wire.codec import (
     strings_field,
     unpack,
 )
-from blockmarket.wire.limits import (
-    ACCEPTED_DTYPES,
-    ERROR_KINDS,
-    ITEM_SIZES,
-    LENGTH_SCAN_VALUES,
-    PROTOCOL_VERSION,
-    STATUS_MAX_STR_LEN,
-    WIRE_DTYPE,
-    DropCounter,
-    FloatArray,
-    Limits,
-    ProtocolError,
-)
-from blockmarket.wire.messages import (
-    AgentMatrix,
-    MarketTick,
-    MatricesMessage,
-    RosterMessage,
-    encode_agent_matrices,
-    encode_matrices,
-    encode_roster,
-    encode_status,
-    encode_tick,
-    message_sizes,
-    payload_shortfall,
-)
-from blockmarket.wire.topics import Topics
-
-__all__ = [
-    "ACCEPTED_DTYPES",
-    "ERROR_KINDS",
-    "ITEM_SIZES",
-    "LENGTH_SCAN_VALUES",
-    "PROTOCOL_VERSION",
-    "STATUS_MAX_STR_LEN",
-    "WIRE_DTYPE",
-    "AgentMatrix",
-    "DropCounter",
-    "FloatArray",
-    "Limits",
-    "MarketTick",
-    "MatricesMessage",
-    "ProtocolError",
-    "RosterMessage",
-    "Topics",
-    "decode_agent_matrix",
-    "decode_matrices",
-    "decode_roster",
-    "decode_status",
-    "decode_tick",
-    "encode_agent_matrices",
-    "encode_matrices",
-    "encode_roster",
-    "encode_status",
-    "encode_tick",
-    "message_sizes",
-    "payload_shortfall",
-]
-
+from blockmarket.wire.limits import STATUS_MAX_STR_LEN, Limits, ProtocolError
+from blockmarket.wire.messages import AgentMatrix, MarketTick, MatricesMessage, RosterMessage
 
 _TICK_REQUIRED = frozenset({"tick", "sent_at", "agent_ids", "inventory", "successful", "attempted"})
 _TICK_OPTIONAL = frozenset({"market_mean"})

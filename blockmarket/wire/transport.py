@@ -28,7 +28,8 @@ from typing import cast
 import aiomqtt
 
 from blockmarket.core.config import ConfigError, MqttConfig
-from blockmarket.wire.protocol import DropCounter, Topics
+from blockmarket.wire.limits import DropCounter
+from blockmarket.wire.topics import Topics
 
 logger = logging.getLogger(__name__)
 

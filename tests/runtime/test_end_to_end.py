@@ -21,7 +21,7 @@ import pytest
 
 from blockmarket.core.config import MqttConfig, load_config
 from blockmarket.core.contract import PACK_TOLERANCE
-from blockmarket.wire.protocol import MarketTick, encode_tick
+from blockmarket.wire.messages import MarketTick, encode_tick
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.serving import (
     ITEMS,

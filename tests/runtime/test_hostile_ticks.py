@@ -20,7 +20,8 @@ import pytest
 
 from benchmarks.hostile_ticks import HostilePayloads
 from blockmarket.core.config import load_config
-from blockmarket.wire.protocol import Limits, MarketTick, encode_tick
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import MarketTick, encode_tick
 from tests.support.serving import (
     ITEMS,
     GameClient,

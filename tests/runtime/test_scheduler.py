@@ -14,7 +14,8 @@ import pytest
 from blockmarket.core.config import MqttConfig
 from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN, apply_update, build_states
 from blockmarket.models.files import discover_models, read_model
-from blockmarket.wire.protocol import Limits, MarketTick, encode_tick
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import MarketTick, encode_tick
 from runtime import intake as intake_module
 from runtime.agents import Assignment, create_population, new_agents
 from runtime.intake import AcceptedTick, TickIntake, TickSlot

@@ -15,7 +15,8 @@ import pytest
 
 from blockmarket.core.config import load_config
 from blockmarket.models.files import discover_models
-from blockmarket.wire.protocol import Limits, encode_roster, encode_status
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import encode_roster, encode_status
 from runtime.agents import create_population
 from runtime.intake import TickIntake
 from runtime.scheduler import TickScheduler

@@ -18,7 +18,9 @@ from hypothesis.extra.numpy import arrays
 
 from blockmarket.core.config import RuntimeConfig
 from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN
-from blockmarket.wire.protocol import Limits, MarketTick, ProtocolError, decode_tick, encode_tick
+from blockmarket.wire.limits import Limits, ProtocolError
+from blockmarket.wire.messages import MarketTick, encode_tick
+from blockmarket.wire.protocol import decode_tick
 from tests.support.serving import ITEMS, OfflineMarket, runaway_weights, trading_weights, write_model
 
 AGENTS = 6

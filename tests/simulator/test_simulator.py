@@ -15,7 +15,8 @@ import pytest
 from blockmarket.core.config import Config, MqttConfig
 from blockmarket.simulator.roster import SimulatorError, discover_roster, roster_from_message
 from blockmarket.simulator.simulation import MarketSimulator, obeys_update_rule
-from blockmarket.wire.protocol import RosterMessage, Topics
+from blockmarket.wire.messages import RosterMessage
+from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.wire import EchoRuntime, free_port, started, wait_until

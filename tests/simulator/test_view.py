@@ -19,7 +19,7 @@ from blockmarket.simulator.view import (
     encode_view,
     view_topic,
 )
-from blockmarket.wire.protocol import Limits, ProtocolError
+from blockmarket.wire.limits import Limits, ProtocolError
 from blockmarket.wire.transport import MqttLink
 from tests.support.simulation import simulator
 from tests.support.wire import wait_until

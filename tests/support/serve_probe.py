@@ -16,7 +16,8 @@ import numpy as np
 from blockmarket.cli import build_parser
 from blockmarket.core.config import load_config
 from blockmarket.core.logs import setup_logging
-from blockmarket.wire.protocol import MarketTick, Topics, encode_tick
+from blockmarket.wire.messages import MarketTick, encode_tick
+from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
 from runtime.server import RuntimeServer
 

@@ -35,18 +35,10 @@ from blockmarket.core.config import MqttConfig, RuntimeConfig, dump_default_conf
 from blockmarket.core.state import state_dim
 from blockmarket.models.files import discover_models
 from blockmarket.simulator.roster import same_runtime
-from blockmarket.wire.protocol import (
-    Limits,
-    MarketTick,
-    MatricesMessage,
-    RosterMessage,
-    Topics,
-    decode_matrices,
-    decode_roster,
-    decode_status,
-    decode_tick,
-    encode_tick,
-)
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import MarketTick, MatricesMessage, RosterMessage, encode_tick
+from blockmarket.wire.protocol import decode_matrices, decode_roster, decode_status, decode_tick
+from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
 from runtime.agents import create_population
 from tests.support.broker import SHARED_HOST, SHARED_PORT

@@ -15,16 +15,16 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
 from blockmarket.core.config import MqttConfig
-from blockmarket.wire.protocol import (
-    Limits,
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import (
     MarketTick,
     MatricesMessage,
     RosterMessage,
-    decode_tick,
     encode_matrices,
     encode_roster,
     encode_status,
 )
+from blockmarket.wire.protocol import decode_tick
 from blockmarket.wire.transport import MqttLink, RuntimeTransport
 from tests.support.broker import SHARED_HOST
 

@@ -8,7 +8,9 @@ import pytest
 
 from blockmarket.core.config import MqttConfig
 from blockmarket.wire.broker import BrokerError, broker_answers, ensure_broker, is_loopback
-from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import encode_status, encode_tick
+from blockmarket.wire.protocol import decode_status, decode_tick
 from blockmarket.wire.transport import MqttLink, RuntimeTransport
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.wire import Inbox, free_port, make_tick, started

@@ -12,7 +12,9 @@ import aiomqtt
 import pytest
 
 from blockmarket.core.config import MqttConfig
-from blockmarket.wire.protocol import Limits, decode_status, decode_tick, encode_status, encode_tick
+from blockmarket.wire.limits import Limits
+from blockmarket.wire.messages import encode_status, encode_tick
+from blockmarket.wire.protocol import decode_status, decode_tick
 from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
 from tests.support.secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
 from tests.support.serving import (

@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 
 from blockmarket.core.config import MqttConfig
-from blockmarket.wire.protocol import (
-    LENGTH_SCAN_VALUES,
-    PROTOCOL_VERSION,
-    DropCounter,
-    Limits,
+from blockmarket.wire.limits import LENGTH_SCAN_VALUES, PROTOCOL_VERSION, DropCounter, Limits, ProtocolError
+from blockmarket.wire.messages import (
     MatricesMessage,
-    ProtocolError,
     RosterMessage,
-    Topics,
-    decode_agent_matrix,
-    decode_matrices,
-    decode_roster,
-    decode_status,
-    decode_tick,
     encode_agent_matrices,
     encode_matrices,
     encode_roster,
@@ -33,6 +23,14 @@ from blockmarket.wire.protocol import (
     message_sizes,
     payload_shortfall,
 )
+from blockmarket.wire.protocol import (
+    decode_agent_matrix,
+    decode_matrices,
+    decode_roster,
+    decode_status,
+    decode_tick,
+)
+from blockmarket.wire.topics import Topics
 from tests.support.wire import make_tick
 
 LIMITS = Limits(num_items=5)

@@ -6,7 +6,9 @@ import re
 
 import numpy as np
 
-from blockmarket.wire.protocol import ERROR_KINDS, Limits, MarketTick, decode_tick, encode_tick
+from blockmarket.wire.limits import ERROR_KINDS, Limits
+from blockmarket.wire.messages import MarketTick, encode_tick
+from blockmarket.wire.protocol import decode_tick
 from blockmarket.wire.transport import STATUS_QOS, WILL_QOS
 from tests.support.docs import DOC, section, table_rows
 
