@@ -101,7 +101,7 @@ KILLED_RUNTIME = textwrap.dedent(
     """
     import asyncio, sys
     from blockmarket.core.config import ConfigError, MqttConfig
-    from blockmarket.wire.protocol import encode_status
+    from blockmarket.wire.messages import encode_status
     from blockmarket.wire.transport import RuntimeTransport
 
     async def main() -> None:
