@@ -3,11 +3,13 @@ validated before it can serve (realistic states; a pack row by row against its m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from blockmarket.core.config import NpuConfig
 from blockmarket.core.contract import MATRIX_OUTPUT, PACK_TOLERANCE, VALIDATION_SEED, ModelContract
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
-from blockmarket.models.packcheck import alone_on_cpu, row_errors
+from blockmarket.models.packcheck import each_alone_on_cpu, row_errors
 from runtime.housekeeping import lower_priority, touch
 from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
 
@@ -87,6 +89,26 @@ class InferenceUnit:
         return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[slots]
 
 
+class Stopwatch:
+    """Where one unit's build time went, phase by phase (logged when the unit is ready: start-up and
+    reload time at 10,000 models is mostly here)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+    def __str__(self) -> str:
+        total = sum(self.phases.values())
+        return f"{total:.2f} s: " + ", ".join(f"{name} {took:.2f} s" for name, took in self.phases.items())
+
+
 class UnitBuilder:
     """Builds one unit per plan (blocking: run it in an executor), validated before it can serve; packs
     are written by a spawned worker process and cached under the model directory (PACK_DIR)."""
@@ -115,31 +137,40 @@ class UnitBuilder:
                 self._builder = None
 
     def build(self, plan: UnitPlan) -> InferenceUnit:
-        """Create and warm one session (blocking: run it in an executor), validated before it can serve.
+        """Create and warm one session (blocking: run it in an executor), validated before it can serve;
+        where the time went is logged.
 
         A CPU pack under ``cpu_pack_precision: auto`` is tried with int8 weights first; a pack that fails
         the per-agent check on this CPU's kernels is served with fp32 weights instead (logged).
         """
+        watch = Stopwatch()
+        unit = self._build(plan, watch)
+        log.info("%s (%d agents) built and checked in %s", plan.name, len(plan.rows), watch)
+        return unit
+
+    def _build(self, plan: UnitPlan, watch: Stopwatch) -> InferenceUnit:
         if not isinstance(plan, PackPlan):
             path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
-            return self._validated_unit(plan, path, prefer_npu, None, None)
+            return self._validated_unit(plan, path, prefer_npu, None, None, watch)
         slots, per_model = pack_slots(plan)
         if self.use_npu:  # NPU packs: the fp32 conv form
-            return self._validated_unit(plan, self._pack_file(plan, per_model, "fp32"), True, slots, "fp32")
+            path = self._pack_file(plan, per_model, "fp32", watch)
+            return self._validated_unit(plan, path, True, slots, "fp32", watch)
         if self.cpu_pack_precision != "auto":
             weights = self.cpu_pack_precision
-            return self._validated_unit(
-                plan, self._pack_file(plan, per_model, weights), False, slots, weights
-            )
+            path = self._pack_file(plan, per_model, weights, watch)
+            return self._validated_unit(plan, path, False, slots, weights, watch)
         try:
-            return self._validated_unit(plan, self._pack_file(plan, per_model, "int8"), False, slots, "int8")
+            path = self._pack_file(plan, per_model, "int8", watch)
+            return self._validated_unit(plan, path, False, slots, "int8", watch)
         except PoolError as exc:
             log.warning(
                 "%s; serving %s with fp32 pack weights instead (runtime.cpu_pack_precision: auto)",
                 exc,
                 plan.name,
             )
-            return self._validated_unit(plan, self._pack_file(plan, per_model, "fp32"), False, slots, "fp32")
+            path = self._pack_file(plan, per_model, "fp32", watch)
+            return self._validated_unit(plan, path, False, slots, "fp32", watch)
 
     def _validated_unit(
         self,
@@ -148,8 +179,10 @@ class UnitBuilder:
         prefer_npu: bool,
         slots: IntArray | None,
         weights: PackPrecision | None,
+        watch: Stopwatch,
     ) -> InferenceUnit:
-        session, provider = self.factory(path, prefer_npu)
+        with watch.phase("session"):
+            session, provider = self.factory(path, prefer_npu)
         for info in plan.models.values():
             if path == info.onnx_path:  # the session read the file: was it still this version?
                 _check_version(info)
@@ -159,9 +192,11 @@ class UnitBuilder:
         unit = InferenceUnit(
             plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots, weights
         )
-        states, out = validate_unit(unit, self.num_items)
+        with watch.phase("validation"):
+            states, out = validate_unit(unit, self.num_items)
         if isinstance(plan, PackPlan):
-            self._check_pack(unit, states, out)
+            with watch.phase("pack check"):
+                self._check_pack(unit, states, out)
         return unit
 
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
@@ -170,9 +205,12 @@ class UnitBuilder:
         on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
         tolerance = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
         keys = np.asarray(unit.row_keys)
-        for key, info in unit.models.items():
-            rows = np.flatnonzero(keys == key)
-            reference = self._in_builder(alone_on_cpu, info.onnx_path, states[rows])
+        rows_of = {key: np.flatnonzero(keys == key) for key in unit.models}
+        references = self._in_builder(
+            each_alone_on_cpu, [(info.onnx_path, states[rows_of[key]]) for key, info in unit.models.items()]
+        )
+        for (key, info), reference in zip(unit.models.items(), references, strict=True):
+            rows = rows_of[key]
             error, excess = row_errors(out[rows], reference, tolerance)
             atol, rtol = tolerance
             if (excess > 0).any():
@@ -193,7 +231,7 @@ class UnitBuilder:
             return best.path, True
         return info.onnx_path, self.use_npu
 
-    def _pack_file(self, plan: PackPlan, per_model: int, precision: PackPrecision) -> Path:
+    def _pack_file(self, plan: PackPlan, per_model: int, precision: PackPrecision, watch: Stopwatch) -> Path:
         """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions
         (content hashes, so a replaced model never reuses a pack of its old weights)."""
         from blockmarket.models.pack import PackForm, write_pack
@@ -204,8 +242,9 @@ class UnitBuilder:
         path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
         if path.is_file():
             touch(path)
-        else:
-            sources = [(info.onnx_path, info.version) for info in plan.models.values()]
+            return path
+        sources = [(info.onnx_path, info.version) for info in plan.models.values()]
+        with watch.phase(f"{form} pack written"):
             self._in_builder(write_pack, sources, path, form, per_model)
         return path
 

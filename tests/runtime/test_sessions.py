@@ -147,3 +147,24 @@ async def test_require_npu_refuses_a_group_without_a_static_variant(model_dir: P
     factory = default_session_factory(NpuConfig(context_cache=False, require_npu=True), 1)
     with pytest.raises(ProviderError, match="dynamic input dimensions"):
         await make_pool(model_dir, agents=3, max_sessions=8, use_npu=True, factory=factory)
+
+
+async def test_each_unit_build_logs_where_its_time_went(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start-up at 10,000 models is mostly unit builds: the log says which phase took the time."""
+    caplog.set_level("INFO", logger="runtime.units")
+    pool = await make_pool(model_dir, agents=10, max_sessions=2, cpu_pack_precision="fp32")
+    pool.close()
+    (built,) = [r.getMessage() for r in caplog.records if "built and checked in" in r.getMessage()]
+    assert built.startswith("pack:") and "(10 agents)" in built
+    for phase in ("matmul pack written", "session", "validation", "pack check"):
+        assert f"{phase} " in built, built
+    total = float(built.split("built and checked in ")[1].split(" s:")[0])
+    parts = [float(p.rsplit(" ", 2)[1]) for p in built.split(" s: ")[1].split(", ")]
+    assert abs(total - sum(parts)) <= 0.005 * (len(parts) + 1) + 1e-9  # the phases add up (each rounded)
+    caplog.clear()
+    pool = await make_pool(model_dir, agents=10, max_sessions=2, cpu_pack_precision="fp32")
+    pool.close()
+    (reused,) = [r.getMessage() for r in caplog.records if "built and checked in" in r.getMessage()]
+    assert "pack written" not in reused  # the cached pack file is reused, not written again
