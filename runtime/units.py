@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import multiprocessing
 import threading
@@ -20,15 +21,17 @@ import numpy as np
 
 from blockmarket.core.config import NpuConfig
 from blockmarket.core.contract import MATRIX_OUTPUT, PACK_TOLERANCE, VALIDATION_SEED, ModelContract
+from blockmarket.core.files import atomic_target
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
-from blockmarket.models.packcheck import each_alone_on_cpu, row_errors
+from blockmarket.models.packcheck import each_alone_on_cpu, kernel_fingerprint, row_errors
 from runtime.housekeeping import lower_priority, touch
 from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
 
 log = logging.getLogger(__name__)
 
 PACK_DIR = ".packs"  # under the model directory; the reload watcher only looks at top-level files
+CHECKED_SUFFIX = ".checked.json"  # beside a pack: the content and machine it passed the pack check on
 
 # (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
 SessionFactory = Callable[[Path, bool], tuple[Any, str]]
@@ -196,8 +199,34 @@ class UnitBuilder:
             states, out = validate_unit(unit, self.num_items)
         if isinstance(plan, PackPlan):
             with watch.phase("pack check"):
-                self._check_pack(unit, states, out)
+                self._check_pack_once(unit, states, out)
         return unit
+
+    def _check_pack_once(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
+        """The pack check, skipped for a pack file whose exact content passed it before on this machine's
+        kernels and provider (a record beside the pack, CHECKED_SUFFIX: its sha256 and the fingerprint)."""
+        record = unit.model_path.with_name(unit.model_path.stem + CHECKED_SUFFIX)
+        checked = {
+            "pack_sha256": sha256_file(unit.model_path),
+            "provider": unit.provider,
+            "weights": unit.pack_weights,
+            "agents": len(unit.rows),
+            "kernels": kernel_fingerprint(),
+        }
+        try:
+            if json.loads(record.read_text(encoding="utf-8")) == checked:
+                log.info(
+                    "%s passed the pack check before on this machine: not checked again", unit.model_path.name
+                )
+                return
+        except (OSError, ValueError):
+            pass  # no record, or not one this process can trust: check
+        self._check_pack(unit, states, out)
+        try:
+            with atomic_target(record) as tmp:
+                tmp.write_text(json.dumps(checked, indent=1), encoding="utf-8")
+        except OSError as exc:  # a read-only model directory: every start checks
+            log.debug("pack cache: cannot record %s as checked (%s)", unit.model_path.name, exc)
 
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
         """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances),

@@ -8,8 +8,10 @@ The runtime compares every model's rows with that model run alone on CPU before 
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,3 +52,24 @@ def each_alone_on_cpu(
     process is asked once rather than once per model (at 10,000 models: 19.8 s for the whole check,
     against 25.3 s with a round trip per model)."""
     return [alone_on_cpu(model, states) for model, states in models]
+
+
+def kernel_fingerprint() -> dict[str, Any]:
+    """What decides which ONNX Runtime kernels compute a pack on this machine (and so its int8
+    arithmetic): the ORT version, the OS and architecture, and the CPU's feature flags where the OS lists
+    them (Linux). A pack checked under one fingerprint is not taken as checked under another."""
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = sorted(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "onnxruntime": ort.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_flags": " ".join(flags),
+    }

@@ -101,9 +101,10 @@ async def test_hot_reloads_leave_only_the_served_packs_on_disk(
         for _ in range(100):  # the clean-up runs after the swap, off the loop
             await asyncio.sleep(0.05)
             on_disk = sorted((model_dir / units.PACK_DIR).glob("*pack-*"))
-            if len(on_disk) == 1:
+            if len(on_disk) == 2:
                 break
-        assert on_disk == [unit.model_path for unit in pool.current.units]
+        (served,) = [unit.model_path for unit in pool.current.units]
+        assert on_disk == sorted([served, served.with_name(served.stem + units.CHECKED_SUFFIX)])
     finally:
         pool.close()
 

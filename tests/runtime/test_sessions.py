@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from blockmarket.core.state import realistic_states
-from blockmarket.models.files import discover_models, read_model
+from blockmarket.models.files import discover_models, read_model, sha256_file
+from blockmarket.models.packcheck import kernel_fingerprint
 from runtime.agents import create_population
 from runtime.planning import PoolError
 from runtime.sessions import SessionPool
+from runtime.units import CHECKED_SUFFIX, PACK_DIR, UnitBuilder
 from tests.support.pools import CountingFactory, make_pool, per_agent_reference
 from tests.support.qnn import require_qnn
 from tests.support.serving import ITEMS, reference_forward, trading_weights, write_model
@@ -168,3 +172,52 @@ async def test_each_unit_build_logs_where_its_time_went(
     pool.close()
     (reused,) = [r.getMessage() for r in caplog.records if "built and checked in" in r.getMessage()]
     assert "pack written" not in reused  # the cached pack file is reused, not written again
+
+
+async def test_a_pack_checked_before_on_this_machine_is_not_checked_again(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record beside a pack names its content and this machine's kernels: a restart reuses the
+    check; other content or another fingerprint is checked again (and recorded anew)."""
+    checks: list[str] = []
+    check = UnitBuilder._check_pack
+
+    def counted(self: UnitBuilder, unit: Any, states: Any, out: Any) -> None:
+        checks.append(unit.model_path.name)
+        check(self, unit, states, out)
+
+    monkeypatch.setattr(UnitBuilder, "_check_pack", counted)
+
+    async def start() -> Path:
+        pool = await make_pool(model_dir, agents=6, max_sessions=1, cpu_pack_precision="fp32")
+        pool.close()
+        (unit,) = pool.current.units
+        return unit.model_path
+
+    pack = await start()
+    record = pack.with_name(pack.stem + CHECKED_SUFFIX)
+    assert len(checks) == 1 and json.loads(record.read_text())["pack_sha256"] == sha256_file(pack)
+    assert await start() == pack and len(checks) == 1  # the same content on the same kernels
+    stored = json.loads(record.read_text())
+    stored["kernels"]["cpu_flags"] += " vnni"  # as if written on another CPU
+    record.write_text(json.dumps(stored))
+    await start()
+    assert len(checks) == 2 and json.loads(record.read_text())["kernels"] == kernel_fingerprint()
+    model = onnx.load(str(pack))
+    model.doc_string = "the same weights, other bytes"
+    onnx.save(model, str(pack))  # other content under the same name
+    await start()
+    assert len(checks) == 3
+
+
+async def test_no_record_is_written_for_a_pack_that_fails_its_check(model_dir: Path) -> None:
+    class SkewedPacks(CountingFactory):
+        def __call__(self, path: Path, prefer_npu: bool) -> tuple[Any, str]:
+            session, provider = super().__call__(path, prefer_npu)
+            run = session.run
+            session.run = lambda *args: [run(*args)[0] * 1.001]
+            return session, provider
+
+    with pytest.raises(PoolError, match="differ from the model run alone"):
+        await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks(), cpu_pack_precision="fp32")
+    assert not list((model_dir / PACK_DIR).glob(f"*{CHECKED_SUFFIX}"))
