@@ -23,6 +23,7 @@ import numpy as np
 
 from blockmarket.core.files import atomic_target
 from blockmarket.core.stats import percentiles
+from blockmarket.models.packcheck import cpu_features
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +57,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8
 
 def cpu_flags() -> dict[str, bool]:
     """Which of :data:`ISA_FLAGS` this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    present: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            present.update(line.split(":", 1)[1].split())
-    return {flag: flag in present for flag in ISA_FLAGS}
+    present = cpu_features()
+    return {flag: flag in present for flag in ISA_FLAGS} if present else {}
 
 
 def _memory_gb() -> float | None:

@@ -54,22 +54,28 @@ def each_alone_on_cpu(
     return [alone_on_cpu(model, states) for model, states in models]
 
 
+def cpu_features() -> set[str]:
+    """The CPU's feature flags as the OS lists them (Linux /proc/cpuinfo: x86 "flags", ARM "Features");
+    empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    present: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            present.update(line.split(":", 1)[1].split())
+    return present
+
+
 def kernel_fingerprint() -> dict[str, Any]:
     """What decides which ONNX Runtime kernels compute a pack on this machine (and so its int8
     arithmetic): the ORT version, the OS and architecture, and the CPU's feature flags where the OS lists
     them (Linux). A pack checked under one fingerprint is not taken as checked under another."""
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = sorted(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
     return {
         "onnxruntime": ort.__version__,
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),
-        "cpu_flags": " ".join(flags),
+        "cpu_flags": " ".join(sorted(cpu_features())),
     }
