@@ -39,6 +39,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate", type=float, help="market ticks per second (default: simulator.tick_rate_hz)"
     )
+    parser.add_argument(
+        "--markets", type=int, default=0,
+        help="play M game servers' markets over protocol v2 (agents joining and leaving; each is its own "
+        "market in the live view) instead of the runtime's default market",
+    )  # fmt: skip
+    parser.add_argument(
+        "--market-agents", type=int, default=20, help="with --markets: agents per market (default 20)"
+    )
     parser.add_argument("--json", help="write the simulator's final summary here as JSON")
     parser.add_argument("--no-dashboard", action="store_true", help="do not start the live web view")
 
@@ -55,6 +63,9 @@ def simulator_command(config: Config, args: argparse.Namespace) -> list[str]:
         command += ["--rate", str(args.rate)]
     if args.json:
         command += ["--json", args.json]
+    if args.markets:
+        command += ["--markets", str(args.markets)]
+        command += ["--agents", str(args.market_agents)]
     return command
 
 

@@ -164,6 +164,29 @@ class AgentPopulation:
         self._row_of.update({agent_id: first + i for i, agent_id in enumerate(newcomers.agent_ids)})
         self._cached_ids = self._cached_rows = None
 
+    def relabel(self, rows: Sequence[int] | IntArray, agent_ids: Sequence[str]) -> None:
+        """Give rows new agent ids (a market's agent leases a row, or leaves it free); models stay."""
+        ids = list(self.agent_ids)
+        for row in rows:
+            del self._row_of[ids[row]]
+        for row, agent_id in zip(rows, agent_ids, strict=True):
+            if agent_id in self._row_of:
+                raise ValueError(f"agent id {agent_id!r} is already served")
+            ids[row] = agent_id
+            self._row_of[agent_id] = row
+        self.agent_ids = tuple(ids)
+        self._cached_ids = self._cached_rows = None
+
+    def reset(
+        self, rows: IntArray, desired: npt.ArrayLike, matrices: FloatArray, inventory: FloatArray
+    ) -> None:
+        """Fresh state for rows that new agents lease: their desired item, starting matrix and holdings."""
+        self.desired[rows] = desired
+        self.matrices[rows] = matrices
+        self.initial_matrices[rows] = matrices
+        self.inventory[rows] = inventory
+        self.success_rate[rows] = 0.0
+
     def observe(
         self, rows: IntArray, inventory: npt.ArrayLike, successful: npt.ArrayLike, attempted: npt.ArrayLike
     ) -> None:

@@ -9,7 +9,10 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from blockmarket.core.config import Config
+from blockmarket.core.state import IntArray
 from blockmarket.wire.messages import (
     RosterMessage,
     encode_roster,
@@ -18,6 +21,7 @@ from blockmarket.wire.messages import (
     payload_shortfall,
 )
 from runtime.agents import AgentPopulation
+from runtime.control import MarketControl
 from runtime.scheduler import TickScheduler
 from runtime.sessions import SessionPool
 
@@ -36,6 +40,7 @@ def status(
     population: AgentPopulation | None,
     pool: SessionPool | None,
     scheduler: TickScheduler | None,
+    control: MarketControl | None = None,
 ) -> dict[str, Any]:
     """The retained status: identity, heartbeat, what a client needs to check answers, serving figures.
 
@@ -51,24 +56,38 @@ def status(
     if population is not None and pool is not None:
         report.update(agents=len(population), items=list(population.items), eps=pool.current.providers)
     if scheduler is not None:
+        default = scheduler.markets.default
         report.update(scheduler.stats(), limits=scheduler.intake.limits.announce())
+        if default is not None:
+            report["agents"] = len(default)  # the v1 roster's; the markets' are in their own rosters
+    if control is not None:
+        report["markets"] = control.stats()
     return report
 
 
 def roster(
-    client_id: str, started_at: float, population: AgentPopulation, pool: SessionPool
+    client_id: str,
+    started_at: float,
+    population: AgentPopulation,
+    pool: SessionPool,
+    rows: IntArray | None = None,
 ) -> RosterMessage:
-    """Who is served: ids, desired items, model and version per agent, starting matrices."""
+    """Who is served on the v1 topics (the default market's ``rows``; None: every row): ids, desired
+    items, model and version per agent, starting matrices."""
+    if rows is None:
+        rows = np.arange(len(population))
+    models = tuple(population.model_keys[r] for r in rows)
+    versions = pool.current.versions
     return RosterMessage(
         client_id=client_id,
         started_at=started_at,
         pool_generation=pool.current.number,
         items=population.items,
-        agent_ids=population.agent_ids,
-        desired=tuple(population.desired_items),
-        models=population.model_keys,
-        model_versions=pool.current.versions,
-        initial_matrices=population.initial_matrices,
+        agent_ids=tuple(population.agent_ids[r] for r in rows),
+        desired=tuple(population.items[int(d)] for d in population.desired[rows]),
+        models=models,
+        model_versions={key: versions[key] for key in set(models) if key in versions},
+        initial_matrices=population.initial_matrices[rows],
     )
 
 
@@ -100,9 +119,12 @@ def summary(scheduler: TickScheduler | None) -> str:
     """The periodic log line: the status's serving figures."""
     if scheduler is None:
         return "not serving"
-    s = scheduler.stats()
+    s, markets = scheduler.stats(), scheduler.markets
+    default = len(markets.default) if markets.default is not None else len(scheduler.population)
+    opened = len(markets.markets) - (markets.default is not None)
+    extra = f" (+ {opened} markets, {markets.live_agents() - default} agents)" if opened else ""
     return (
-        f"{len(scheduler.population)} agents: {s['ticks_received']} ticks received, "
+        f"{default} agents{extra}: {s['ticks_received']} ticks received, "
         f"{s['ticks_served']} served, {s['ticks_skipped']} skipped, dropped {s['dropped'] or 0}, "
         f"p50 {s['latency_p50_ms']} ms, p99 {s['latency_p99_ms']} ms, "
         f"{s['guarded_outputs']} outputs guarded, pool generation {s['pool_generation']}"

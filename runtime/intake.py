@@ -15,13 +15,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from blockmarket.core.state import IntArray
-from blockmarket.wire.limits import DropCounter, Limits, ProtocolError
+from blockmarket.wire.limits import PROTOCOL_VERSION, DropCounter, Limits, ProtocolError
 from blockmarket.wire.messages import MarketTick
 from blockmarket.wire.protocol import decode_tick
-from runtime.agents import AgentPopulation, RosterError
+from runtime.agents import RosterError
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,37 @@ class AcceptedTick:
     tick: MarketTick
     rows: IntArray
     received_at: float
+    reply_to: tuple[str, bytes] | None = None  # MQTT 5: the tick's response topic and correlation data
+
+
+class Roster(Protocol):
+    """Who a tick may name: the agents of one market (runtime.markets.Market, or a population)."""
+
+    def __len__(self) -> int: ...
+
+    def rows_for(self, agent_ids: tuple[str, ...]) -> IntArray: ...
 
 
 class TickSlot:
     """A one-place mailbox: put never blocks and replaces what is unread; take waits for the newest."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_put: Callable[[], None] | None = None) -> None:
         self._item: AcceptedTick | None = None
         self._ready = asyncio.Event()
+        self._on_put = on_put  # told of every put (the markets' scheduler waits for any slot)
 
     def put(self, item: AcceptedTick) -> AcceptedTick | None:
         """Hold ``item``; returns the unread tick it overtook, if any."""
         overtaken, self._item = self._item, item
         self._ready.set()
+        if self._on_put is not None:
+            self._on_put()
         return overtaken
+
+    def take_now(self) -> AcceptedTick | None:
+        """The waiting tick, if any, without waiting."""
+        item, self._item = self._item, None
+        return item
 
     async def take(self) -> AcceptedTick:
         while self._item is None:
@@ -97,39 +114,68 @@ class TickLedger:
         }
 
 
+# (kind, tick number or None, detail) of a tick that will get no answer: the markets' notices
+Refusal = Callable[[str, int | None, str], None]
+
+
 class TickIntake:
     """Checks each tick on arrival: valid ones into the slot, everything else counted by kind."""
 
-    def __init__(self, population: AgentPopulation, limits: Limits, topic: str) -> None:
+    def __init__(
+        self,
+        population: Roster,
+        limits: Limits,
+        topic: str,
+        *,
+        version: int = PROTOCOL_VERSION,
+        on_put: Callable[[], None] | None = None,
+    ) -> None:
         self.population = population
         self.limits = limits
         self.topic = topic
-        self.slot = TickSlot()
+        self.version = version
+        self.slot = TickSlot(on_put)
         self.ledger = TickLedger(DropCounter(log, what=f"tick on {topic}"))
         self.on_decoded: Callable[[float], None] | None = None  # seconds a valid tick took to check
+        self.on_refused: Refusal | None = None  # told of every refused or overtaken tick (notices)
 
-    def receive(self, payload: bytes, received_at: float, retained: bool) -> None:
+    def receive(
+        self, payload: bytes, received_at: float, retained: bool, reply_to: tuple[str, bytes] | None = None
+    ) -> None:
         """The transport's handler, run as each message arrives: never blocks, never raises."""
         ledger = self.ledger
         ledger.received += 1
         if retained:
             ledger.drops.record("retained", f"{self.topic}: a retained tick replays the past; not served")
+            self._refused("retained", None, "a retained tick replays the past")
             return
         try:
-            tick = decode_tick(payload, self._tick_limits())
+            tick = decode_tick(payload, self._tick_limits(), self.version)
             rows = self.population.rows_for(tick.agent_ids)
         except ProtocolError as exc:
             ledger.drops.record_error(exc, self.topic)
+            self._refused(exc.kind, None, exc.detail)
             return
         except RosterError as exc:
             ledger.drops.record("unknown_agent", f"{self.topic}: tick {tick.tick}: {exc}")
+            self._refused("unknown_agent", tick.tick, str(exc))
             return
         except Exception as exc:  # a codec bug must not end the MQTT session: counted, logged with traceback
             ledger.drops.record("internal", f"{self.topic}: {exc!r}", exc_info=exc)
+            self._refused("internal", None, "the runtime failed to read this tick (logged)")
             return
-        ledger.accept(overtook=self.slot.put(AcceptedTick(tick, rows, received_at)) is not None)
+        overtaken = self.slot.put(AcceptedTick(tick, rows, received_at, reply_to))
+        ledger.accept(overtook=overtaken is not None)
+        if overtaken is not None:
+            self._refused(
+                "skipped", overtaken.tick.tick, f"overtaken by tick {tick.tick} before being served"
+            )
         if self.on_decoded is not None:
             self.on_decoded(time.perf_counter() - received_at)
+
+    def _refused(self, kind: str, tick: int | None, detail: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(kind, tick, detail)
 
     def _tick_limits(self) -> Limits:
         """A tick names at most the agents served, and their number grows when new models join."""

@@ -16,11 +16,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
+from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, build_states, state_dim
 from blockmarket.core.stats import percentiles
 from blockmarket.wire.limits import DropCounter
 from blockmarket.wire.messages import MatricesMessage, encode_agent_matrices, encode_matrices
+from blockmarket.wire.topics import MARKET_VERSION
 from runtime.intake import AcceptedTick, TickIntake
+from runtime.markets import Market, MarketRegistry
 from runtime.sessions import PoolGeneration, SessionPool
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,15 @@ LATENCY_WINDOW = 1024  # ticks in the sliding latency window
 
 
 class Publisher(Protocol):
-    """The outbound half of the transport (blockmarket.wire.transport.RuntimeTransport satisfies it)."""
+    """The outbound half of the transport (blockmarket.wire.runtime_link.RuntimeTransport satisfies it)."""
 
     async def publish_matrices(self, payload: bytes) -> bool: ...
 
     async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool: ...
+
+    async def publish_answer(self, topic: str, payload: bytes, reply_to: tuple[str, bytes] | None) -> bool:
+        """A v2 market's answer: on the tick's MQTT 5 response topic when it named one, else ``topic``."""
+        ...
 
 
 class TickObserver(Protocol):
@@ -59,7 +65,8 @@ class LatencyWindow:
 
 
 class TickScheduler:
-    """Serves market ticks for one population through one session pool."""
+    """Serves market ticks through one session pool: the ticks of every market waiting together share one
+    inference per unit (``batching``), after waiting at most ``window_s`` for more to arrive."""
 
     def __init__(
         self,
@@ -69,14 +76,21 @@ class TickScheduler:
         *,
         alpha: float,
         per_agent_topics: bool = False,
+        markets: MarketRegistry | None = None,
+        window_s: float = 0.0,
+        batching: bool = True,
     ) -> None:
-        self.population = intake.population
+        self.population = pool.population  # the arena: every market's agents
         self.pool = pool
         self.publisher = publisher
-        self.intake = intake
+        self.intake = intake  # the v1 default market's
+        self.markets = markets or MarketRegistry.single(intake)
         self.alpha = alpha
         self.per_agent_topics = per_agent_topics
+        self.window_s = window_s
+        self.batching = batching
         self.latency = LatencyWindow()
+        self.batches = 0  # inferences run (one per unit each): the markets benchmark's session.run rate
         self.guarded_outputs = 0  # agent answers the output guard refused (the agent kept its matrix)
         self._guard_log = DropCounter(log, what="network proposal")
         self._states = np.empty((len(self.population), 0), dtype=np.float32)
@@ -84,55 +98,122 @@ class TickScheduler:
         self.observer: TickObserver | None = None  # per-stage timings (runtime.metrics)
 
     async def run(self) -> None:
-        """Serve the newest valid tick, forever (until cancelled)."""
+        """Serve the newest valid ticks, forever (until cancelled)."""
         while True:
             await self.serve_next()
 
     async def serve_next(self) -> MatricesMessage | None:
-        """Wait for the newest valid tick and serve it."""
-        return await self.serve(await self.intake.slot.take())
+        """Wait for waiting ticks and serve them together; the first market's answer (None: not served)."""
+        answers = await self.serve_batch(await self.markets.take_batch(self.window_s, self.batching))
+        return answers[0] if answers else None
 
     async def serve(self, accepted: AcceptedTick) -> MatricesMessage | None:
-        """One tick end to end; a failed inference is counted and logged, never raised."""
-        population, ledger, tick = self.population, self.intake.ledger, accepted.tick
+        """One tick of the default market end to end."""
+        default = self.markets.default
+        if default is None:
+            raise RuntimeError("no default market")
+        return (await self.serve_batch([(default, accepted)]))[0]
+
+    async def serve_batch(self, batch: Sequence[tuple[Market, AcceptedTick]]) -> list[MatricesMessage | None]:
+        """Ticks of several markets: one inference, then each market's update and answer. A failed
+        inference is counted for every tick of the batch and logged, never raised."""
+        async with self.markets.lock:  # requests change rows between two batches, never during one
+            return await self._serve_batch(batch)
+
+    async def _serve_batch(
+        self, batch: Sequence[tuple[Market, AcceptedTick]]
+    ) -> list[MatricesMessage | None]:
+        population = self.population
+        self.markets.adopt_new_rows()
         marks = [time.perf_counter()]  # stage boundaries: states, inference, update, encode, publish
-        population.observe(accepted.rows, tick.inventory, tick.successful, tick.attempted)
-        states = population.states(tick.market_mean, out=self._state_buffer())
+        generation = self.pool.current  # a swap during this batch serves the next one
+        states = self._state_buffer()
+        for market, accepted in batch:
+            self._states_of(market, accepted, states)
         marks.append(time.perf_counter())
         try:
-            generation = self.pool.current  # a swap during this tick serves the next one
             proposals = await self.pool.infer(states, generation)
-        except Exception:  # an ORT failure on one tick must not stop serving the next
-            ledger.finish("inference_errors")
-            log.exception("tick %d: inference failed; agents keep their matrices", tick.tick)
-            return None
+        except Exception:  # an ORT failure on one batch must not stop serving the next
+            for market, accepted in batch:
+                market.intake.ledger.finish("inference_errors")
+                self.markets.notify(market, "inference_errors", accepted.tick.tick, "inference failed")
+            log.exception(
+                "ticks %s: inference failed; agents keep their matrices", [a.tick.tick for _, a in batch]
+            )
+            return [None] * len(batch)
+        self.batches += 1
         marks.append(time.perf_counter())
-        matrices, refused = population.update(accepted.rows, proposals, self.alpha)
-        if len(refused):
-            self._guarded(tick.tick, refused)
-        marks.append(time.perf_counter())
-        msg = MatricesMessage(
-            tick=tick.tick,
-            sent_at=tick.sent_at,
-            served_at=time.time(),
-            agent_ids=tick.agent_ids,
-            matrices=matrices,
-            latency_ms=(time.perf_counter() - accepted.received_at) * 1e3,
-            model_versions=self._model_versions(generation),
+        answers: list[MatricesMessage | None] = []
+        spent = [0.0, 0.0, 0.0]  # update, encode, publish: summed over the batch's markets
+        served: list[float] = []
+        for market, accepted in batch:
+            tick, started = accepted.tick, time.perf_counter()
+            matrices, refused = population.update(accepted.rows, proposals, self.alpha)
+            if len(refused):
+                self._guarded(tick.tick, refused)
+            encoded = time.perf_counter()
+            msg = MatricesMessage(
+                tick=tick.tick,
+                sent_at=tick.sent_at,
+                served_at=time.time(),
+                agent_ids=tick.agent_ids,
+                matrices=matrices,
+                latency_ms=(encoded - accepted.received_at) * 1e3,
+                model_versions=self._model_versions(generation),
+            )
+            published = await self._publish(market, accepted, msg, spent)
+            spent[0] += encoded - started
+            market.intake.ledger.finish("served" if published else "unpublished")
+            market.last_tick = tick.tick
+            if published:
+                self.latency.add((time.perf_counter() - accepted.received_at) * 1e3)
+                served.append(accepted.received_at)
+            else:
+                self.markets.notify(market, "unpublished", tick.tick, "the broker was unreachable at publish")
+            answers.append(msg)
+        if self.observer is not None:
+            for step in spent:
+                marks.append(marks[-1] + step)
+            for received_at in served:
+                self.observer.served(received_at, marks)
+        return answers
+
+    def _states_of(self, market: Market, accepted: AcceptedTick, out: FloatArray) -> None:
+        """The market's rows of the state matrix (its market mean from its own agents only)."""
+        population, tick = self.population, accepted.tick
+        population.observe(accepted.rows, tick.inventory, tick.successful, tick.attempted)
+        if market.whole_arena():
+            population.states(tick.market_mean, out=out)
+            return
+        rows = market.rows
+        out[rows] = build_states(
+            population.inventory[rows],
+            population.desired[rows],
+            population.matrices[rows],
+            population.success_rate[rows],
+            market_mean=tick.market_mean,
         )
-        payload = encode_matrices(msg)
-        marks.append(time.perf_counter())
-        published = await self.publisher.publish_matrices(payload)
-        if self.per_agent_topics:
-            for agent_id, agent_payload in encode_agent_matrices(msg):
-                await self.publisher.publish_agent_matrix(agent_id, agent_payload)
-        marks.append(time.perf_counter())
-        ledger.finish("served" if published else "unpublished")
-        if published:
-            self.latency.add((marks[-1] - accepted.received_at) * 1e3)
-            if self.observer is not None:
-                self.observer.served(accepted.received_at, marks)
-        return msg
+
+    async def _publish(
+        self, market: Market, accepted: AcceptedTick, msg: MatricesMessage, spent: list[float]
+    ) -> bool:
+        """Encode and publish one market's answer (adding the seconds each took to ``spent``)."""
+        start = time.perf_counter()
+        v2 = market.topics is not None
+        payload = encode_matrices(msg, MARKET_VERSION) if v2 else encode_matrices(msg)
+        encoded = time.perf_counter()
+        if market.topics is not None:
+            published = await self.publisher.publish_answer(
+                market.topics.matrices, payload, accepted.reply_to
+            )
+        else:
+            published = await self.publisher.publish_matrices(payload)
+            if self.per_agent_topics:
+                for agent_id, agent_payload in encode_agent_matrices(msg):
+                    await self.publisher.publish_agent_matrix(agent_id, agent_payload)
+        spent[1] += encoded - start
+        spent[2] += time.perf_counter() - encoded
+        return published
 
     def _guarded(self, tick: int, rows: IntArray) -> None:
         """Count and log (rate-limited) the agents whose proposal the output guard refused."""
@@ -141,15 +222,15 @@ class TickScheduler:
         agent, model = self.population.agent_ids[row], self.population.model_keys[row]
         self._guard_log.record(
             "refused",
-            f"tick {tick}: {len(rows)} agent(s) keep their matrix, e.g. {agent} (model {model}): "
+            f"tick {tick}: {len(rows)} agent(s) keep their matrix, e.g. {agent!r} (model {model}): "
             f"a proposal non-finite or outside [{PROPOSAL_MIN:g}, {PROPOSAL_MAX:g}]",
         )
 
     def _state_buffer(self) -> FloatArray:
-        """Reuse one [N, D] buffer across ticks (reallocated only when the roster grows)."""
+        """Reuse one [N, D] buffer across ticks (reallocated, zeroed, only when the arena grows)."""
         dim = state_dim(self.population.num_items)
         if self._states.shape != (len(self.population), dim):
-            self._states = np.empty((len(self.population), dim), dtype=np.float32)
+            self._states = np.zeros((len(self.population), dim), dtype=np.float32)
         return self._states
 
     def _model_versions(self, generation: PoolGeneration) -> dict[str, str]:
@@ -159,7 +240,8 @@ class TickScheduler:
         return self._versions[1]
 
     def stats(self) -> dict[str, Any]:
-        """The serving figures for the status message and the periodic log line."""
+        """The serving figures for the status message and the periodic log line (the default market's
+        counters at the top level, as in protocol version 1)."""
         p50, p99 = self.latency.percentiles()
         return {
             **self.intake.ledger.stats(),
@@ -168,4 +250,6 @@ class TickScheduler:
             "latency_p99_ms": p99,
             "reload_failures": self.pool.reload_failures,
             "pool_generation": self.pool.current.number,
+            "inference_batches": self.batches,  # each ran every unit once: session.run calls = this x units
+            "units": len(self.pool.current.units),
         }

@@ -14,32 +14,33 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from blockmarket.core import lifecycle
 from blockmarket.core.command import run_command
-from blockmarket.core.config import Config, ConfigError, NpuConfig
+from blockmarket.core.config import Config, ConfigError
 from blockmarket.models.files import ModelError, ModelInfo, discover_models
-from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
+from blockmarket.models.providers import ProviderError
 from blockmarket.wire.broker import BrokerError, ensure_broker
-from blockmarket.wire.limits import Limits
 from blockmarket.wire.messages import RosterMessage, encode_roster, encode_status
-from blockmarket.wire.topics import DEFAULT_MARKET, Topics
-from blockmarket.wire.transport import BrokerRefused, RuntimeTransport, client_options, runtime_client_id
+from blockmarket.wire.runtime_link import RuntimeTransport
+from blockmarket.wire.topics import DEFAULT_MARKET
+from blockmarket.wire.transport import BrokerRefused, client_options, runtime_client_id
 from runtime import announcements
 from runtime.agents import AgentPopulation, create_population
 from runtime.arguments import add_config_arguments, config_overrides
+from runtime.control import MarketControl
 from runtime.housekeeping import freeze_startup_heap
 from runtime.http import Telemetry
-from runtime.intake import TickIntake
+from runtime.markets import MarketRegistry, open_markets, with_spare_rows
 from runtime.planning import PoolError
 from runtime.reload import ModelReloader
 from runtime.scheduler import TickScheduler
 from runtime.sessions import SessionPool
-from runtime.units import SessionFactory, default_session_factory
+from runtime.units import SessionFactory, default_session_factory, serve_on_npu
 from runtime.watchers import WatchedFiles, model_watcher
 from runtime.workers import (
     bootstrap_population,
@@ -60,26 +61,6 @@ class StartupError(RuntimeError):
 STARTUP_ERRORS = (StartupError, PoolError, ModelError, BrokerError, ProviderError, ConfigError)
 
 
-def serve_on_npu(npu: NpuConfig) -> bool:
-    """Whether packs and static-batch variants go to the QNN HTP backend.
-
-    On x86_64 that backend is a CPU simulator (numerically the NPU, but ~100x slower than ONNX Runtime's
-    CPU kernels), so there the runtime serves on CPU unless npu.require_npu asks for the HTP path anyway.
-    """
-    if npu.require_npu and not (npu.enabled and qnn_available()):
-        reason = "npu.enabled is false" if not npu.enabled else qnn_unavailable_reason()
-        raise ProviderError(f"npu.require_npu is true but the NPU cannot be used: {reason}")
-    if not npu.enabled or not qnn_available():
-        return False
-    if platform.machine().lower() in ("x86_64", "amd64") and not npu.require_npu:
-        log.warning(
-            "the QNN HTP backend on %s is a simulator: serving on CPU (npu.require_npu: true serves on it)",
-            platform.machine(),
-        )
-        return False
-    return True
-
-
 class RuntimeServer:
     """One serving process: population + session pool + scheduler + MQTT transport, with a clean stop."""
 
@@ -95,6 +76,8 @@ class RuntimeServer:
         self.population: AgentPopulation | None = None
         self.pool: SessionPool | None = None
         self.scheduler: TickScheduler | None = None
+        self.markets: MarketRegistry | None = None
+        self.control: MarketControl | None = None
         self.transport: RuntimeTransport | None = None
         self.telemetry = Telemetry(config.runtime.http, DEFAULT_MARKET)  # /metrics, /healthz, /readyz
         self._stop = asyncio.Event()
@@ -127,20 +110,8 @@ class RuntimeServer:
         population, pool = await self.build_pool()
         self._check_message_sizes(population, pool)
         broker = await ensure_broker(mqtt)
-        limits = Limits.from_config(mqtt, num_agents=len(population), num_items=population.num_items)
-        intake = TickIntake(population, limits, Topics(mqtt.topic_prefix).tick)
-        will = encode_status(self.last_will())
-        transport = RuntimeTransport(
-            mqtt, on_tick=intake.receive, will_payload=will, client_id=self.client_id
-        )
-        scheduler = TickScheduler(
-            pool,
-            transport,
-            intake,
-            alpha=self.config.learning.matrix_update_rate,
-            per_agent_topics=mqtt.per_agent_topics,
-        )
-        self.scheduler = scheduler
+        transport, scheduler, control = self.serving_parts(pool, broker is not None)
+        markets = self.config.runtime.markets
         reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
         self.transport = transport
         self.telemetry.attach(scheduler, transport, reloader)
@@ -153,6 +124,9 @@ class RuntimeServer:
             asyncio.create_task(self.report_status(transport), name="status"),
             asyncio.create_task(self._announce_ready(transport), name="ready"),
         ]
+        if markets.enabled:
+            serving.append(asyncio.create_task(control.run(), name="markets"))
+            serving.append(asyncio.create_task(control.close_idle(markets.idle_close_s), name="idle markets"))
         if reloader is not None:
             serving.append(asyncio.create_task(reloader.run(), name="reload"))
         with lifecycle.stop_on_signals(self.stop) if self.handle_signals else contextlib.nullcontext():
@@ -166,6 +140,42 @@ class RuntimeServer:
                     await broker.stop()
                 pool.close()
                 log.info("runtime stopped: %s", announcements.summary(self.scheduler))
+
+    def serving_parts(
+        self, pool: SessionPool, embedded_broker: bool
+    ) -> tuple[RuntimeTransport, TickScheduler, MarketControl]:
+        """The MQTT connection, the tick scheduler over every market, and the markets' control side."""
+        mqtt, markets, registry = self.config.mqtt, self.config.runtime.markets, self.markets
+        assert registry is not None and registry.default is not None
+        intake = registry.default.intake
+        transport = RuntimeTransport(
+            mqtt,
+            on_tick=intake.receive,
+            will_payload=encode_status(self.last_will()),
+            client_id=self.client_id,
+            on_market=self._on_market if markets.enabled else None,
+            # MQTT 5 (request/response for v2 markets) unless the embedded broker, which speaks 3.1.1, serves
+            mqtt5=mqtt.protocol == "5" or (mqtt.protocol == "auto" and not embedded_broker),
+        )
+        self.scheduler = TickScheduler(
+            pool,
+            transport,
+            intake,
+            alpha=self.config.learning.matrix_update_rate,
+            per_agent_topics=mqtt.per_agent_topics,
+            markets=registry,
+            window_s=markets.batch_window_ms / 1e3,
+            batching=markets.cross_market_batching,
+        )
+        self.control = MarketControl(
+            registry,
+            pool,
+            transport,
+            prefix=mqtt.topic_prefix,
+            client_id=self.client_id,
+            control_limits=replace(intake.limits, max_agents=markets.max_agents_per_market),
+        )
+        return transport, self.scheduler, self.control
 
     async def prepare_models(self) -> None:
         """Convert what is new (worker process); bootstrap a population when there is nothing at all."""
@@ -223,6 +233,7 @@ class RuntimeServer:
             assignment=cfg.runtime.assignment,
             seed=cfg.runtime.seed,
         )
+        default_rows = with_spare_rows(population, models, cfg)
         use_npu = serve_on_npu(cfg.npu)
         pool = SessionPool(
             population,
@@ -235,16 +246,29 @@ class RuntimeServer:
             cpu_pack_precision=cfg.runtime.cpu_pack_precision,
         )
         await pool.start()
+        self.markets = open_markets(cfg, population, default_rows)
         log.info(
-            "serving %d agents (%s) with %d models in %d session(s) on %s",
-            len(population),
+            "serving %d agents (%s; %d free rows for markets) with %d models in %d session(s) on %s",
+            default_rows,
             cfg.runtime.assignment,
+            len(population) - default_rows,
             len(models),
             len(pool.current.units),
             ", ".join(pool.current.providers),
         )
         self.population, self.pool = population, pool
         return population, pool
+
+    def _on_market(
+        self,
+        topic: str,
+        payload: bytes,
+        received_at: float,
+        retained: bool,
+        reply_to: tuple[str, bytes] | None,
+    ) -> None:
+        if self.control is not None:
+            self.control.receive(topic, payload, received_at, retained, reply_to)
 
     async def discover(self) -> tuple[list[ModelInfo], list[str]]:
         """The servable models, read and hashed on a thread (a large repository takes seconds)."""
@@ -270,13 +294,20 @@ class RuntimeServer:
 
     def status(self, state: str) -> dict[str, Any]:
         return announcements.status(
-            self.config, self.last_will(), state, self.population, self.pool, self.scheduler
+            self.config, self.last_will(), state, self.population, self.pool, self.scheduler, self.control
         )
 
     def roster(self) -> RosterMessage:
-        if self.population is None or self.pool is None:
+        if (
+            self.population is None
+            or self.pool is None
+            or self.markets is None
+            or self.markets.default is None
+        ):
             raise RuntimeError("the roster exists once the pool is built")
-        return announcements.roster(self.client_id, self.started_at, self.population, self.pool)
+        self.markets.adopt_new_rows()
+        rows = self.markets.default.rows
+        return announcements.roster(self.client_id, self.started_at, self.population, self.pool, rows)
 
     def _check_message_sizes(self, population: AgentPopulation, pool: SessionPool) -> None:
         problem = announcements.oversized(self.config, population, pool, self.status("online"), self.roster())

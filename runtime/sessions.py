@@ -136,8 +136,11 @@ class SessionPool:
         (counted in reload_failures, logged) never holds back the others. The current generation keeps
         serving whatever fails."""
         what = ", ".join(f"{key}@{info.version}" for key, info in models.items())
-        if newcomers is not None:
-            what = f"new agents {', '.join(newcomers.agent_ids)} ({what})"
+        if newcomers is not None:  # markets' free rows have unprintable labels: counted, not shown
+            named = [a for a in newcomers.agent_ids if a.isprintable()]
+            free = len(newcomers) - len(named)
+            rows = ", ".join([*named, *([f"{free} free row(s) for markets"] if free else [])])
+            what = f"new agents {rows} ({what})"
         try:
             swapped = await self._replan(models, newcomers, what)
         except Exception as exc:

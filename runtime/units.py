@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +26,7 @@ from blockmarket.core.files import atomic_target
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
 from blockmarket.models.packcheck import each_alone_on_cpu, kernel_fingerprint, row_errors
+from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.housekeeping import lower_priority, touch
 from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
 
@@ -58,6 +60,26 @@ def default_session_factory(
         return session, placement.provider
 
     return make
+
+
+def serve_on_npu(npu: NpuConfig) -> bool:
+    """Whether packs and static-batch variants go to the QNN HTP backend.
+
+    On x86_64 that backend is a CPU simulator (numerically the NPU, but ~100x slower than ONNX Runtime's
+    CPU kernels), so there the runtime serves on CPU unless npu.require_npu asks for the HTP path anyway.
+    """
+    if npu.require_npu and not (npu.enabled and qnn_available()):
+        reason = "npu.enabled is false" if not npu.enabled else qnn_unavailable_reason()
+        raise ProviderError(f"npu.require_npu is true but the NPU cannot be used: {reason}")
+    if not npu.enabled or not qnn_available():
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64") and not npu.require_npu:
+        log.warning(
+            "the QNN HTP backend on %s is a simulator: serving on CPU (npu.require_npu: true serves on it)",
+            platform.machine(),
+        )
+        return False
+    return True
 
 
 @dataclass(frozen=True)

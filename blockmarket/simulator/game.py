@@ -16,6 +16,8 @@ Examples:
   blockmarket simulate --ticks 200                      # against `blockmarket run` on this machine
   blockmarket simulate --rate 50 --ticks 1000 --json out/sim.json
   blockmarket simulate --agents 128 --wait 0            # no runtime roster: assume agent-0000..0127
+  blockmarket simulate --markets 50 --agents 20 --ticks 600   # 50 game servers' markets (protocol v2),
+                                                        # agents joining and leaving (--churn)
 
 Wire format: docs/protocol.md.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 from blockmarket.core import lifecycle
 from blockmarket.core.command import given, run_command
 from blockmarket.core.config import Config, Overrides
+from blockmarket.simulator.markets import MarketsSimulation, MarketsSummary
 from blockmarket.simulator.roster import (
     SimulatorError,
     default_roster,
@@ -70,6 +73,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait", type=float, default=10.0, help="seconds to wait for the runtime's roster (default 10)"
     )
+    parser.add_argument(
+        "--markets", type=int, default=0,
+        help="play M independent markets over protocol v2 (each opened on the runtime with --agents agents, "
+        "its own seed, agents joining and leaving); 0 (default): the runtime's v1 default market",
+    )  # fmt: skip
+    parser.add_argument(
+        "--churn", type=float, default=5.0,
+        help="with --markets: every this many seconds on average, per market, one agent leaves and one "
+        "joins (0: a fixed roster; default 5)",
+    )  # fmt: skip
+    parser.add_argument("--owner", default=None, help="with --markets: the game server's name in the topics "
+                        "(default sim-<pid>; with a broker ACL, the MQTT user name)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="market seed (default: simulator.seed)")
     parser.add_argument("--host", default=None, help="MQTT broker host (default: mqtt.host)")
     parser.add_argument("--port", type=int, default=None, help="MQTT broker port (default: mqtt.port)")
@@ -99,7 +114,9 @@ def config_overrides(args: argparse.Namespace) -> Overrides:
     )
 
 
-async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummary:
+async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummary | MarketsSummary:
+    if args.markets > 0:
+        return await simulate_markets(config, args)
     roster = await discover_roster(config, args.wait) if args.wait > 0 else None
     if roster is None:
         count = args.agents or config.simulator.num_agents
@@ -127,6 +144,27 @@ async def simulate(config: Config, args: argparse.Namespace) -> SimulationSummar
             f"{ticks} ticks" if ticks else "until Ctrl-C",
         )  # fmt: skip
         return await simulator.run(ticks, rate_hz=args.rate, on_report=report)
+
+
+async def simulate_markets(config: Config, args: argparse.Namespace) -> MarketsSummary:
+    """`--markets M`: M game servers' markets on one connection (blockmarket.simulator.markets)."""
+    agents = args.agents or config.simulator.num_agents
+    seed = config.simulator.seed if args.seed is None else args.seed
+    simulation = MarketsSimulation(
+        config, args.markets, agents, owner=args.owner, churn_s=args.churn, seed=seed
+    )
+    ticks = config.simulator.ticks if args.ticks is None else args.ticks
+    report = None if args.quiet else (lambda s: print(s.line(), flush=True))
+    with contextlib.ExitStack() as stops:
+        stops.enter_context(lifecycle.stop_on_signals(simulation.stop))
+        if args.stop_on_stdin_close:
+            stops.enter_context(lifecycle.stop_at_eof(sys.stdin.fileno(), simulation.stop))
+        logger.info(
+            "simulating %d markets of %d agents at %.1f ticks/s each (%s)",
+            args.markets, agents, args.rate or config.simulator.tick_rate_hz,
+            f"{ticks} ticks" if ticks else "until Ctrl-C",
+        )  # fmt: skip
+        return await simulation.run(ticks, rate_hz=args.rate, on_report=report)
 
 
 def main(args: argparse.Namespace) -> int:

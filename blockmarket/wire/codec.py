@@ -41,7 +41,12 @@ def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 
 
 def unpack(
-    payload: bytes, limits: Limits, kind: str, required: frozenset[str], optional: frozenset[str] | None
+    payload: bytes,
+    limits: Limits,
+    kind: str,
+    required: frozenset[str],
+    optional: frozenset[str] | None,
+    version: int = PROTOCOL_VERSION,
 ) -> dict[str, Any]:
     """Size check, bounded unpack, version and key check (``optional`` None: any other keys allowed)."""
     if not isinstance(payload, bytes | bytearray | memoryview):
@@ -68,11 +73,9 @@ def unpack(
         raise _unpack_error(payload, limits, str(exc) or type(exc).__name__) from None
     if not isinstance(data, dict):
         raise ProtocolError("schema", f"top level is a msgpack {type(data).__name__}, not a map")
-    version = data.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and True are not version 1
-        raise ProtocolError(
-            "version", f"protocol version {version!r}, this runtime speaks {PROTOCOL_VERSION}"
-        )
+    found = data.get("v")
+    if type(found) is not int or found != version:  # 1.0 and True are not version 1
+        raise ProtocolError("version", f"protocol version {found!r}, expected {version} here")
     if data.get("type") != kind:
         raise ProtocolError("schema", f"message type {data.get('type')!r}, expected {kind!r}")
     keys = set(data) - {"v", "type"}

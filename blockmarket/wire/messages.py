@@ -80,11 +80,11 @@ def _wire_array(array: npt.ArrayLike) -> dict[str, Any]:
     return {"dtype": WIRE_DTYPE, "shape": list(data.shape), "data": data.data.cast("B")}
 
 
-def pack_message(kind: str, body: Mapping[str, Any]) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": kind, **body}, use_bin_type=True)
+def pack_message(kind: str, body: Mapping[str, Any], version: int = PROTOCOL_VERSION) -> bytes:
+    return msgpack.packb({"v": version, "type": kind, **body}, use_bin_type=True)
 
 
-def encode_tick(tick: MarketTick) -> bytes:
+def encode_tick(tick: MarketTick, version: int = PROTOCOL_VERSION) -> bytes:
     """Serialize a tick (what a game server or the simulator publishes)."""
     return pack_message(
         "tick",
@@ -97,10 +97,11 @@ def encode_tick(tick: MarketTick) -> bytes:
             "attempted": _wire_array(tick.attempted),
             "market_mean": None if tick.market_mean is None else _wire_array(tick.market_mean),
         },
+        version,
     )
 
 
-def encode_matrices(msg: MatricesMessage) -> bytes:
+def encode_matrices(msg: MatricesMessage, version: int = PROTOCOL_VERSION) -> bytes:
     """Serialize the one batched answer for a tick."""
     return pack_message(
         "matrices",
@@ -113,6 +114,7 @@ def encode_matrices(msg: MatricesMessage) -> bytes:
             "matrices": _wire_array(msg.matrices),
             "model_versions": dict(msg.model_versions),
         },
+        version,
     )
 
 

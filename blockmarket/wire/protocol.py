@@ -33,16 +33,19 @@ from blockmarket.wire.codec import (
     strings_field,
     unpack,
 )
-from blockmarket.wire.limits import STATUS_MAX_STR_LEN, Limits, ProtocolError
+from blockmarket.wire.limits import PROTOCOL_VERSION, STATUS_MAX_STR_LEN, Limits, ProtocolError
 from blockmarket.wire.messages import AgentMatrix, MarketTick, MatricesMessage, RosterMessage
 
 _TICK_REQUIRED = frozenset({"tick", "sent_at", "agent_ids", "inventory", "successful", "attempted"})
 _TICK_OPTIONAL = frozenset({"market_mean"})
 
 
-def decode_tick(payload: bytes, limits: Limits) -> MarketTick:
-    """Parse and check a tick from the game server; raises :class:`ProtocolError`."""
-    data = unpack(payload, limits, "tick", _TICK_REQUIRED, _TICK_OPTIONAL)
+def decode_tick(payload: bytes, limits: Limits, version: int = PROTOCOL_VERSION) -> MarketTick:
+    """Parse and check a tick from the game server; raises :class:`ProtocolError`.
+
+    Version 2 ticks (a market's topic) have exactly the keys of version 1.
+    """
+    data = unpack(payload, limits, "tick", _TICK_REQUIRED, _TICK_OPTIONAL, version)
     ids = agent_ids_field(data)
     count = len(ids)
     inventory = array_field(data, "inventory", (count, None), limits)
@@ -83,9 +86,9 @@ def _versions(data: Mapping[str, Any]) -> dict[str, str]:
     return versions
 
 
-def decode_matrices(payload: bytes, limits: Limits) -> MatricesMessage:
+def decode_matrices(payload: bytes, limits: Limits, version: int = PROTOCOL_VERSION) -> MatricesMessage:
     """Parse and check the runtime's answer (game-server side); raises :class:`ProtocolError`."""
-    data = unpack(payload, limits, "matrices", _MATRICES_REQUIRED, _MATRICES_OPTIONAL)
+    data = unpack(payload, limits, "matrices", _MATRICES_REQUIRED, _MATRICES_OPTIONAL, version)
     ids = agent_ids_field(data)
     matrices = array_field(data, "matrices", (len(ids), None, None), limits)
     check_item_count(matrices, matrices.transpose(0, 2, 1))

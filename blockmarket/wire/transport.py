@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import cast
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from blockmarket.core.config import ConfigError, MqttConfig
 from blockmarket.wire.limits import DropCounter
-from blockmarket.wire.topics import Topics
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 # handler(payload, time.perf_counter() at receipt, retained): retained is True for a message the broker
 # replays because it was stored with the retain flag (sent on subscribing), False for a live one.
 Handler = Callable[[bytes, float, bool], None]
+# a wildcard subscription's handler: (topic, payload, perf_counter at receipt, retained, MQTT 5 response
+# topic and correlation data when the publisher named one)
+PatternHandler = Callable[[str, bytes, float, bool, "tuple[str, bytes] | None"], None]
 
 INITIAL_BACKOFF_S = 0.2
 # CONNACK reason codes refusing our credentials: bad user name or password, not authorized (paho gives
@@ -50,8 +54,6 @@ TAKEOVER_STREAK = 3  # ...and this many in a row, with no failed attempt between
 # they are republished after every reconnect. At QoS 1 each periodic status stalled the next matrices
 # answer by ~40 ms, which set the game-side p99 (docs/runtime.md, "Measured").
 STATUS_QOS = 0
-WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
-MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)
 
 
 class BrokerRefused(RuntimeError):
@@ -115,6 +117,16 @@ class DeliveringQueue(asyncio.Queue[aiomqtt.Message]):
         self._deliver(item)
 
 
+def _response_route(message: aiomqtt.Message) -> tuple[str, bytes] | None:
+    """An MQTT 5 request's response topic and correlation data (None: answer on the default topic)."""
+    props = message.properties
+    topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
+        return None
+    correlation = getattr(props, "CorrelationData", b"")
+    return topic, bytes(correlation) if isinstance(correlation, bytes | bytearray) else b""
+
+
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -137,6 +149,8 @@ class MqttLink:
         client_id: str,
         subscriptions: Mapping[str, Handler],
         will: aiomqtt.Will | None = None,
+        patterns: Mapping[str, PatternHandler] | None = None,
+        mqtt5: bool = False,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
@@ -145,6 +159,8 @@ class MqttLink:
         self.unsent = DropCounter(logger, what=f"outbound message from {client_id}")
         self.unhandled = DropCounter(logger, what=f"inbound message to {client_id}")
         self._subscriptions = dict(subscriptions)
+        self._patterns = dict(patterns or {})
+        self.mqtt5 = mqtt5  # MQTT 5: request/response (response topic, correlation data) for v2 markets
         self._will = will
         self._options = client_options(cfg)
         self._client: aiomqtt.Client | None = None
@@ -239,11 +255,12 @@ class MqttLink:
             self.cfg.port,
             identifier=self.client_id,
             will=self._will,
+            protocol=aiomqtt.ProtocolVersion.V5 if self.mqtt5 else aiomqtt.ProtocolVersion.V311,
             queue_type=cast(type[asyncio.Queue[aiomqtt.Message]], partial(DeliveringQueue, self._deliver)),
             **self._options,  # type: ignore[arg-type]
         ) as client:
             self._accepted_at = time.monotonic()
-            for topic in self._subscriptions:
+            for topic in [*self._subscriptions, *self._patterns]:
                 await client.subscribe(topic, qos=self.cfg.qos)
             self.connections += 1
             self._client = client
@@ -253,7 +270,7 @@ class MqttLink:
             logger.info(
                 "%s %s MQTT broker at %s; subscribed to %s",
                 self.client_id, "connected to" if self.connections == 1 else "reconnected to", self.address,
-                ", ".join(self._subscriptions) or "nothing",
+                ", ".join([*self._subscriptions, *self._patterns]) or "nothing",
             )  # fmt: skip
             receiving = asyncio.create_task(self._until_disconnected(client))
             stopping = asyncio.create_task(self._stopping.wait())
@@ -274,25 +291,57 @@ class MqttLink:
     def _deliver(self, message: aiomqtt.Message) -> None:
         """DeliveringQueue's callback, inside paho's read: hand the message to its topic's handler."""
         handler = self._subscriptions.get(message.topic.value)
-        if handler is None:
-            return
         try:
-            handler(message.payload, time.perf_counter(), bool(message.retain))
+            if handler is not None:
+                handler(message.payload, time.perf_counter(), bool(message.retain))
+                return
+            for pattern, receive in self._patterns.items():
+                if message.topic.matches(pattern):
+                    receive(message.topic.value, message.payload, time.perf_counter(), bool(message.retain),
+                            _response_route(message))  # fmt: skip
+                    return
         except Exception as exc:  # raised into paho it would end the connection: counted and logged instead
             self.unhandled.record("handler_error", f"{message.topic.value}: {exc!r}", exc_info=exc)
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
-        """Publish now, or return False (counted) when not connected; retained messages survive reconnects."""
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, correlation: bytes | None = None
+    ) -> bool:
+        """Publish now, or return False (counted) when not connected; retained messages survive reconnects.
+
+        ``correlation``: MQTT 5 correlation data (the answer to a request that named a response topic).
+        """
         if retain:
             self._retained[topic] = payload
         client = self._client
         if client is None:
             self.unsent.record("not_connected", f"{topic}: no connection to {self.address}")
             return False
+        properties = None
+        if correlation is not None and self.mqtt5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
         try:
-            await client.publish(topic, payload, qos=STATUS_QOS if retain else self.cfg.qos, retain=retain)
+            await client.publish(
+                topic,
+                payload,
+                qos=STATUS_QOS if retain else self.cfg.qos,
+                retain=retain,
+                properties=properties,
+            )
         except aiomqtt.MqttError as exc:
             self.unsent.record("publish_failed", f"{topic}: {exc}")
+            return False
+        return True
+
+    async def unretain(self, topic: str) -> bool:
+        """Clear a retained topic (an empty retained message) and stop re-publishing it."""
+        self._retained.pop(topic, None)
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, b"", qos=STATUS_QOS, retain=True)
+        except aiomqtt.MqttError:
             return False
         return True
 
@@ -305,46 +354,3 @@ class MqttLink:
             await asyncio.wait_for(self._finished.wait(), timeout=timeout_s)
         except TimeoutError:
             logger.warning("%s: MQTT connection did not close within %.1f s", self.client_id, timeout_s)
-
-
-class RuntimeTransport(MqttLink):
-    """The runtime's MQTT side: ticks in, one matrices message per tick out, retained status + last will."""
-
-    def __init__(
-        self,
-        cfg: MqttConfig,
-        *,
-        on_tick: Handler,
-        will_payload: bytes,
-        client_id: str | None = None,
-    ) -> None:
-        self.topics = Topics(cfg.topic_prefix)
-        if len(will_payload) > MAX_WILL_BYTES:  # refused here, not as a struct.error inside every connect
-            raise ValueError(
-                f"the last will for {self.topics.status} is {len(will_payload)} bytes, "
-                f"MQTT allows {MAX_WILL_BYTES}: keep it to the state and the process's identity"
-            )
-        super().__init__(
-            cfg,
-            client_id=client_id or runtime_client_id(cfg),
-            subscriptions={self.topics.tick: on_tick},
-            will=aiomqtt.Will(self.topics.status, will_payload, qos=WILL_QOS, retain=True),
-        )
-
-    async def publish_matrices(self, payload: bytes) -> bool:
-        return await self.publish(self.topics.matrices, payload)
-
-    async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool:
-        return await self.publish(self.topics.agent_matrix(agent_id), payload)
-
-    async def publish_status(self, payload: bytes) -> bool:
-        """Retained: a client that subscribes later learns at once whether the runtime is online."""
-        return await self.publish(self.topics.status, payload, retain=True)
-
-    async def publish_roster(self, payload: bytes) -> bool:
-        """Retained: a client that subscribes later (the simulator) reads the agents from it."""
-        return await self.publish(self.topics.roster, payload, retain=True)
-
-    async def close(self, final_status: bytes | None = None, timeout_s: float = 5.0) -> None:
-        """Publish the final (offline) status, retained, then disconnect cleanly."""
-        await self.disconnect(None if final_status is None else (self.topics.status, final_status), timeout_s)

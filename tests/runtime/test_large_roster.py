@@ -13,7 +13,7 @@ import pytest
 from blockmarket.core.config import MqttConfig, load_config
 from blockmarket.simulator.roster import discover_roster
 from blockmarket.wire.messages import encode_status
-from blockmarket.wire.transport import MAX_WILL_BYTES, RuntimeTransport
+from blockmarket.wire.runtime_link import MAX_WILL_BYTES, RuntimeTransport
 from tests.support.serving import (
     ITEMS,
     GameClient,

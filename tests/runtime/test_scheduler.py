@@ -236,7 +236,7 @@ async def test_a_bug_in_the_checks_is_counted_and_logged_not_raised_into_paho(
     """An exception escaping the handler would end the MQTT session; a codec bug is counted instead."""
     scheduler, _ = await make_scheduler(model_dir)
 
-    def broken(payload: bytes, limits: Limits) -> MarketTick:
+    def broken(payload: bytes, limits: Limits, version: int = 1) -> MarketTick:
         raise IndexError("a bug in the codec")
 
     monkeypatch.setattr(intake_module, "decode_tick", broken)

@@ -15,18 +15,15 @@ import pytest
 
 from blockmarket.core.config import load_config
 from blockmarket.models.files import discover_models
-from blockmarket.wire.limits import Limits
 from blockmarket.wire.messages import encode_roster, encode_status
+from runtime import units
 from runtime.agents import create_population
-from runtime.intake import TickIntake
-from runtime.scheduler import TickScheduler
 from runtime.server import RuntimeServer
 from tests.support.docs import section, table_rows
 from tests.support.original_format import make_network, write_original_checkpoint
 from tests.support.serving import (
     ITEMS,
     GameClient,
-    RecordingPublisher,
     check_matrices,
     runtime_process,
     stop_process,
@@ -126,13 +123,12 @@ def test_require_npu_without_qnn_is_a_startup_error(monkeypatch: pytest.MonkeyPa
     """npu.require_npu must stop a start where QNN cannot be used, never fall back to CPU quietly."""
     from blockmarket.core.config import NpuConfig
     from blockmarket.models.providers import ProviderError
-    from runtime import server as serve
 
-    monkeypatch.setattr(serve, "qnn_available", lambda: False)
-    monkeypatch.setattr(serve, "qnn_unavailable_reason", lambda: "onnxruntime_qnn is not importable")
+    monkeypatch.setattr(units, "qnn_available", lambda: False)
+    monkeypatch.setattr(units, "qnn_unavailable_reason", lambda: "onnxruntime_qnn is not importable")
     with pytest.raises(ProviderError, match="not importable"):
-        serve.serve_on_npu(NpuConfig(require_npu=True))
-    assert serve.serve_on_npu(NpuConfig(require_npu=False)) is False
+        units.serve_on_npu(NpuConfig(require_npu=True))
+    assert units.serve_on_npu(NpuConfig(require_npu=False)) is False
 
 
 async def test_status_and_roster_carry_exactly_what_protocol_md_section_6_documents(
@@ -146,11 +142,9 @@ async def test_status_and_roster_carry_exactly_what_protocol_md_section_6_docume
         )
     )
     server = RuntimeServer(config, handle_signals=False)
-    population, pool = await server.build_pool()
+    _, pool = await server.build_pool()
     try:
-        limits = Limits.from_config(config.mqtt, num_agents=len(population), num_items=len(ITEMS))
-        intake = TickIntake(population, limits, "doc/market/tick")
-        server.scheduler = TickScheduler(pool, RecordingPublisher(), intake, alpha=0.04)
+        server.serving_parts(pool, embedded_broker=False)  # scheduler and markets, as `run` serves
         status = msgpack.unpackb(encode_status(server.status("online")))
         roster = msgpack.unpackb(encode_roster(server.roster()))
     finally:

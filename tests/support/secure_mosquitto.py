@@ -79,10 +79,12 @@ class SecureMosquitto:
     passwords: dict[str, str]
 
     @classmethod
-    def start(cls, directory: Path) -> SecureMosquitto:
+    def start(cls, directory: Path, *game_servers: str) -> SecureMosquitto:
+        """With the shipped users, and a user per name in ``game_servers`` (password: <name>-secret)."""
         directory.mkdir(parents=True, exist_ok=True)
         shutil.copy(SHIPPED / "blockmarket.acl", directory / "blockmarket.acl")
         passwords = {RUNTIME_USER: "runtime-secret", GAME_USER: "game-secret"}
+        passwords.update({name: f"{name}-secret" for name in game_servers})
         for user, password in passwords.items():
             create = "" if (directory / "passwd").exists() else "-c"
             _run(f"mosquitto_passwd {create} -b {directory / 'passwd'} {user} {password}")

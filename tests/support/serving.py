@@ -476,6 +476,7 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.messages: list[bytes] = []
         self.agent_messages: list[tuple[str, bytes]] = []
+        self.market_messages: list[tuple[str, bytes]] = []
 
     async def publish_matrices(self, payload: bytes) -> bool:
         self.messages.append(payload)
@@ -483,6 +484,10 @@ class RecordingPublisher:
 
     async def publish_agent_matrix(self, agent_id: str, payload: bytes) -> bool:
         self.agent_messages.append((agent_id, payload))
+        return True
+
+    async def publish_answer(self, topic: str, payload: bytes, reply_to: tuple[str, bytes] | None) -> bool:
+        self.market_messages.append((topic, payload))
         return True
 
     def decoded(self) -> list[MatricesMessage]:

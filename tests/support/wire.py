@@ -25,7 +25,8 @@ from blockmarket.wire.messages import (
     encode_status,
 )
 from blockmarket.wire.protocol import decode_tick
-from blockmarket.wire.transport import MqttLink, RuntimeTransport
+from blockmarket.wire.runtime_link import RuntimeTransport
+from blockmarket.wire.transport import MqttLink
 from tests.support.broker import SHARED_HOST
 
 

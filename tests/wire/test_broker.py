@@ -11,7 +11,8 @@ from blockmarket.wire.broker import BrokerError, broker_answers, ensure_broker, 
 from blockmarket.wire.limits import Limits
 from blockmarket.wire.messages import encode_status, encode_tick
 from blockmarket.wire.protocol import decode_status, decode_tick
-from blockmarket.wire.transport import MqttLink, RuntimeTransport
+from blockmarket.wire.runtime_link import RuntimeTransport
+from blockmarket.wire.transport import MqttLink
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.wire import Inbox, free_port, make_tick, started
 

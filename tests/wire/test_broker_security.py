@@ -13,10 +13,13 @@ import pytest
 
 from blockmarket.core.config import MqttConfig
 from blockmarket.wire.limits import Limits
+from blockmarket.wire.markets import ControlRequest, encode_control
 from blockmarket.wire.messages import encode_status, encode_tick
 from blockmarket.wire.protocol import decode_status, decode_tick
-from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
-from tests.support.secure_mosquitto import GAME_USER, RUNTIME_USER, SecureMosquitto
+from blockmarket.wire.runtime_link import RuntimeTransport
+from blockmarket.wire.transport import BrokerRefused, MqttLink, client_options
+from tests.support.markets import MarketClient
+from tests.support.secure_mosquitto import GAME_USER, PREFIX, RUNTIME_USER, SecureMosquitto
 from tests.support.serving import (
     ITEMS,
     GameClient,
@@ -194,3 +197,60 @@ def test_a_user_without_its_password_variable_is_a_startup_error(
         )
         assert done.returncode == code and expected in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr and "serving" not in done.stderr
+
+
+async def test_the_acl_keeps_each_game_server_to_its_own_markets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Protocol v2 (docs/protocol.md §13.8): with the shipped ACL's %u patterns, a game server user opens
+    and plays markets under its own name, and another user can neither change, tick nor read them."""
+    secure = SecureMosquitto.start(tmp_path / "broker", "acme", "rival")
+    try:
+        monkeypatch.setenv(RUNTIME_PASSWORD_ENV, secure.passwords[RUNTIME_USER])
+        for name in ("acme", "rival"):
+            monkeypatch.setenv(f"BM_TEST_{name.upper()}_PASSWORD", secure.passwords[name])
+        runtime_cfg = secure.mqtt(RUNTIME_USER, RUNTIME_PASSWORD_ENV)
+        acme_cfg = secure.mqtt("acme", "BM_TEST_ACME_PASSWORD")
+        rival_cfg = secure.mqtt("rival", "BM_TEST_RIVAL_PASSWORD")
+        process = runtime_process(serving_config(tmp_path, runtime_cfg), tmp_path / "run.log")
+        try:
+            status, game_cfg = Inbox(), secure.mqtt(GAME_USER, GAME_PASSWORD_ENV)
+            monkeypatch.setenv(GAME_PASSWORD_ENV, secure.passwords[GAME_USER])
+            watcher = MqttLink(
+                game_cfg, client_id="acl-watch", subscriptions={f"{PREFIX}/runtime/status": status}
+            )
+            watching = await started(watcher)
+            while decode_status(await asyncio.wait_for(status.next(), 60), LIMITS).get("state") != "online":
+                pass
+            async with (
+                MarketClient(acme_cfg, "acme", "world") as acme,
+                MarketClient(rival_cfg, "rival", "world") as own,
+            ):
+                opened = await acme.open(["a", "b"], ["m0", "m1"])
+                assert opened.ok, opened.error
+                assert (await own.open(["a"], ["m0"])).ok  # a user's own markets: granted
+                # the rival addresses acme's market: every publish is dropped by the broker, every read empty
+                spy = MarketClient(rival_cfg, "acme", "world")
+                async with spy:
+                    await spy.link.publish(spy.topics.control, encode_control(ControlRequest("close", 99)))
+                    await spy.link.publish(spy.topics.tick, encode_tick(acme.tick(5, ("a", "b")), 2))
+                    await acme.send(acme.tick(0, ("a", "b")))
+                    answer = await acme.answer(0)
+                    check_matrices(answer.matrices, 2, len(ITEMS))
+                    await asyncio.sleep(0.5)
+                    assert not spy.answers and not spy.replies, "the rival read acme's market"
+                assert sorted(acme.answers) == [0], "a tick the rival forged was served"
+                snapshot = await acme.request("snapshot")  # the rival's close never arrived
+                assert snapshot.ok and snapshot.state is not None and snapshot.state.last_tick == 0
+                # the acme user cannot reach into the rival's market either
+                async with MarketClient(acme_cfg, "rival", "world") as reach:
+                    await reach.link.publish(reach.topics.control, encode_control(ControlRequest("close", 7)))
+                    await asyncio.sleep(0.5)
+                    assert not reach.replies
+                assert (await own.request("snapshot")).ok
+            await watcher.disconnect()
+            await watching
+        finally:
+            assert stop_process(process) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        secure.broker.stop()

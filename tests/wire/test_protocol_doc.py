@@ -9,7 +9,8 @@ import numpy as np
 from blockmarket.wire.limits import ERROR_KINDS, Limits
 from blockmarket.wire.messages import MarketTick, encode_tick
 from blockmarket.wire.protocol import decode_tick
-from blockmarket.wire.transport import STATUS_QOS, WILL_QOS
+from blockmarket.wire.runtime_link import WILL_QOS
+from blockmarket.wire.transport import STATUS_QOS
 from tests.support.docs import DOC, section, table_rows
 
 

@@ -20,8 +20,9 @@ from blockmarket.core.config import ConfigError, MqttConfig, dump_default_config
 from blockmarket.wire.limits import Limits
 from blockmarket.wire.messages import MatricesMessage, encode_matrices, encode_status, encode_tick
 from blockmarket.wire.protocol import decode_matrices, decode_status, decode_tick
+from blockmarket.wire.runtime_link import RuntimeTransport
 from blockmarket.wire.topics import Topics
-from blockmarket.wire.transport import BrokerRefused, MqttLink, RuntimeTransport, client_options
+from blockmarket.wire.transport import BrokerRefused, MqttLink, client_options
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.wire import Inbox, PrivateMosquitto, blast, make_tick, started, wait_until
 
@@ -102,7 +103,7 @@ KILLED_RUNTIME = textwrap.dedent(
     import asyncio, sys
     from blockmarket.core.config import ConfigError, MqttConfig
     from blockmarket.wire.messages import encode_status
-    from blockmarket.wire.transport import RuntimeTransport
+    from blockmarket.wire.runtime_link import RuntimeTransport
 
     async def main() -> None:
         cfg = MqttConfig(topic_prefix=sys.argv[1], keepalive_s=5)
