@@ -170,7 +170,9 @@ COLUMNS = (
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.markets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--markets", type=int, default=50, help="markets in the first play (default 50)")
     parser.add_argument("--agents", type=int, default=20, help="agents per market (default 20)")

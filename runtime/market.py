@@ -101,6 +101,8 @@ class Market:
         self.notices = NoticeGate(notice_rate_hz)
         self.last_active = time.monotonic()
         self.last_tick: int | None = None
+        # (pool generation, the agent ids ticked, their models' versions): the answers' model_versions
+        self.versions_cache: tuple[int, tuple[str, ...], dict[str, str]] | None = None
 
     @property
     def name(self) -> str:

@@ -8,6 +8,7 @@ update rule -> encode -> publish, all vectorized over agents, and records the re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -16,11 +17,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, build_states, state_dim
+from blockmarket.core.state import PROPOSAL_MAX, PROPOSAL_MIN, FloatArray, IntArray, state_dim
 from blockmarket.core.stats import percentiles
-from blockmarket.wire.limits import DropCounter
+from blockmarket.wire.limits import PROTOCOL_VERSION, DropCounter
 from blockmarket.wire.messages import MatricesMessage, encode_agent_matrices, encode_matrices
 from blockmarket.wire.topics import MARKET_VERSION
+from runtime import batching
 from runtime.intake import AcceptedTick, TickIntake
 from runtime.markets import Market, MarketRegistry
 from runtime.sessions import PoolGeneration, SessionPool
@@ -128,8 +130,8 @@ class TickScheduler:
         marks = [time.perf_counter()]  # stage boundaries: states, inference, update, encode, publish
         generation = self.pool.current  # a swap during this batch serves the next one
         states = self._state_buffer()
-        for market, accepted in batch:
-            self._states_of(market, accepted, states)
+        batching.observe(population, batch)
+        batching.states(population, batch, states)
         marks.append(time.perf_counter())
         try:
             proposals = await self.pool.infer(states, generation)
@@ -143,76 +145,55 @@ class TickScheduler:
             return [None] * len(batch)
         self.batches += 1
         marks.append(time.perf_counter())
-        answers: list[MatricesMessage | None] = []
-        spent = [0.0, 0.0, 0.0]  # update, encode, publish: summed over the batch's markets
-        served: list[float] = []
-        for market, accepted in batch:
-            tick, started = accepted.tick, time.perf_counter()
-            matrices, refused = population.update(accepted.rows, proposals, self.alpha)
-            if len(refused):
-                self._guarded(tick.tick, refused)
-            encoded = time.perf_counter()
+        answers, payloads, encode_s = [], [], 0.0
+        updated, refused = batching.update(population, batch, proposals, self.alpha)
+        if len(refused):
+            self._guarded(batch[0][1].tick.tick, refused)
+        for (market, accepted), matrices in zip(batch, updated, strict=True):  # each market's answer ...
+            tick = accepted.tick
             msg = MatricesMessage(
                 tick=tick.tick,
                 sent_at=tick.sent_at,
                 served_at=time.time(),
                 agent_ids=tick.agent_ids,
                 matrices=matrices,
-                latency_ms=(encoded - accepted.received_at) * 1e3,
-                model_versions=self._model_versions(generation),
+                latency_ms=(time.perf_counter() - accepted.received_at) * 1e3,
+                model_versions=self._model_versions(generation, market, accepted),
             )
-            published = await self._publish(market, accepted, msg, spent)
-            spent[0] += encoded - started
-            market.intake.ledger.finish("served" if published else "unpublished")
-            market.last_tick = tick.tick
-            if published:
-                self.latency.add((time.perf_counter() - accepted.received_at) * 1e3)
-                served.append(accepted.received_at)
-            else:
-                self.markets.notify(market, "unpublished", tick.tick, "the broker was unreachable at publish")
             answers.append(msg)
-        if self.observer is not None:
-            for step in spent:
-                marks.append(marks[-1] + step)
-            for received_at in served:
-                self.observer.served(received_at, marks)
-        return answers
-
-    def _states_of(self, market: Market, accepted: AcceptedTick, out: FloatArray) -> None:
-        """The market's rows of the state matrix (its market mean from its own agents only)."""
-        population, tick = self.population, accepted.tick
-        population.observe(accepted.rows, tick.inventory, tick.successful, tick.attempted)
-        if market.whole_arena():
-            population.states(tick.market_mean, out=out)
-            return
-        rows = market.rows
-        out[rows] = build_states(
-            population.inventory[rows],
-            population.desired[rows],
-            population.matrices[rows],
-            population.success_rate[rows],
-            market_mean=tick.market_mean,
-        )
+            encoding = time.perf_counter()
+            payloads.append(encode_matrices(msg, MARKET_VERSION if market.topics else PROTOCOL_VERSION))
+            encode_s += time.perf_counter() - encoding
+        done = time.perf_counter()
+        marks += [done - encode_s, done]  # update (and answers built), encode: summed over the markets
+        # ... then all answers published together: one write to the broker, not one loop round trip each
+        published = await asyncio.gather(
+            *(self._publish(market, accepted, msg, payload)
+              for (market, accepted), msg, payload in zip(batch, answers, payloads, strict=True))
+        )  # fmt: skip
+        marks.append(time.perf_counter())
+        for (market, accepted), sent in zip(batch, published, strict=True):
+            market.intake.ledger.finish("served" if sent else "unpublished")
+            market.last_tick = accepted.tick.tick
+            if not sent:
+                self.markets.notify(market, "unpublished", accepted.tick.tick, "the broker was unreachable")
+                continue
+            self.latency.add((marks[-1] - accepted.received_at) * 1e3)
+            if self.observer is not None:
+                self.observer.served(accepted.received_at, marks)
+        return list(answers)
 
     async def _publish(
-        self, market: Market, accepted: AcceptedTick, msg: MatricesMessage, spent: list[float]
+        self, market: Market, accepted: AcceptedTick, msg: MatricesMessage, payload: bytes
     ) -> bool:
-        """Encode and publish one market's answer (adding the seconds each took to ``spent``)."""
-        start = time.perf_counter()
-        v2 = market.topics is not None
-        payload = encode_matrices(msg, MARKET_VERSION) if v2 else encode_matrices(msg)
-        encoded = time.perf_counter()
+        """Publish one market's answer: a v2 market's on its topic (or the tick's MQTT 5 response topic),
+        the default market's on the v1 topic (and per agent, when configured)."""
         if market.topics is not None:
-            published = await self.publisher.publish_answer(
-                market.topics.matrices, payload, accepted.reply_to
-            )
-        else:
-            published = await self.publisher.publish_matrices(payload)
-            if self.per_agent_topics:
-                for agent_id, agent_payload in encode_agent_matrices(msg):
-                    await self.publisher.publish_agent_matrix(agent_id, agent_payload)
-        spent[1] += encoded - start
-        spent[2] += time.perf_counter() - encoded
+            return await self.publisher.publish_answer(market.topics.matrices, payload, accepted.reply_to)
+        published = await self.publisher.publish_matrices(payload)
+        if self.per_agent_topics:
+            for agent_id, agent_payload in encode_agent_matrices(msg):
+                await self.publisher.publish_agent_matrix(agent_id, agent_payload)
         return published
 
     def _guarded(self, tick: int, rows: IntArray) -> None:
@@ -233,11 +214,22 @@ class TickScheduler:
             self._states = np.zeros((len(self.population), dim), dtype=np.float32)
         return self._states
 
-    def _model_versions(self, generation: PoolGeneration) -> dict[str, str]:
-        """The versions of the generation that served the tick (cached per generation)."""
+    def _model_versions(
+        self, generation: PoolGeneration, market: Market, accepted: AcceptedTick
+    ) -> dict[str, str]:
+        """The versions of the models that answered this tick's agents (cached per generation, and per
+        market while it ticks the same agents): 20 agents of a market say 20 versions, not the pool's."""
         if self._versions[0] != generation.number:
             self._versions = (generation.number, generation.versions)
-        return self._versions[1]
+        key = (generation.number, accepted.tick.agent_ids)
+        cached = market.versions_cache
+        if cached is not None and cached[0] == key[0] and cached[1] == key[1]:
+            return cached[2]
+        keys = self.population.model_keys
+        every = self._versions[1]
+        versions = {k: every[k] for k in sorted({keys[int(r)] for r in accepted.rows}) if k in every}
+        market.versions_cache = (key[0], key[1], versions)
+        return versions
 
     def stats(self) -> dict[str, Any]:
         """The serving figures for the status message and the periodic log line (the default market's

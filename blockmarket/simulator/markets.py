@@ -18,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from blockmarket.core.config import Config
 from blockmarket.core.stats import percentiles
-from blockmarket.simulator.games import Game
+from blockmarket.simulator.games import Game, step_together
 from blockmarket.simulator.roster import CONNECT_TIMEOUT_S, _connected
 from blockmarket.wire.limits import DropCounter, Limits, ProtocolError
 from blockmarket.wire.markets import (
@@ -93,6 +95,7 @@ class MarketsSimulation:
             for i in range(markets)
         }
         self.churn_s = churn_s
+        self.seed = seed
         self.connect_timeout_s = connect_timeout_s
         self.limits = Limits(
             max_payload_bytes=config.mqtt.max_payload_bytes, num_items=config.environment.num_items
@@ -154,9 +157,7 @@ class MarketsSimulation:
             period = 1.0 / (rate_hz or self.config.simulator.tick_rate_hz)
             self._started = time.perf_counter()
             reporting = asyncio.create_task(self._report(on_report)) if on_report else None
-            await asyncio.gather(
-                *(self._play(link, game, ticks, period, k) for k, game in enumerate(self.games.values()))
-            )
+            await self._play(link, ticks, period)
             if reporting is not None:
                 reporting.cancel()
             await self._await_outstanding()
@@ -169,29 +170,39 @@ class MarketsSimulation:
             await running
         return self.summary(final=True)
 
-    async def _play(self, link: MqttLink, game: Game, ticks: int, period: float, k: int) -> None:
-        """One market's loop; markets start spread over one period so that their ticks interleave."""
-        await asyncio.sleep(period * k / max(len(self.games), 1))
-        next_at = time.perf_counter()
+    async def _play(self, link: MqttLink, ticks: int, period: float) -> None:
+        """Every period: one market step of every market (one vectorized call), then each market's tick,
+        published at its own phase of the period (market k at k/M of it), so that ticks arrive spread
+        out as independent game servers' would."""
+        games = list(self.games.values())
+        rng = np.random.default_rng([self.seed, 3])
+        start = time.perf_counter()
         tick = 0
         while not self._stop.is_set() and (ticks == 0 or tick < ticks):
-            if tick and self.churn_s > 0 and game.rng.random() < period / self.churn_s:
-                await game.churn(link)
+            period_at = start + tick * period
             if tick:
-                game.step()
-            game.sent_at[tick] = time.perf_counter()
-            game.ticks_sent += 1
-            if not await link.publish(game.topics.tick, game.tick_message(tick)):
-                del game.sent_at[tick]
-                game.ticks_sent -= 1
-            await game.view.publish_due(link, tick, game.figures)
-            expired = time.perf_counter() - self.config.simulator.reply_timeout_s
-            for old in [t for t, at in game.sent_at.items() if at < expired]:
-                del game.sent_at[old]
+                step_together(games, rng, self.config.environment)
+            for k, game in enumerate(games):
+                await asyncio.sleep(max(0.0, period_at + period * k / len(games) - time.perf_counter()))
+                if tick and self.churn_s > 0 and game.rng.random() < period / self.churn_s:
+                    await game.churn(link)
+                await self._publish(link, game, tick)
             tick += 1
-            now = time.perf_counter()
-            next_at = max(next_at + period, now)
-            await asyncio.sleep(next_at - now)
+            late = time.perf_counter() - (start + tick * period)
+            if late > period:  # fell behind by more than a period: carry on, do not burst to catch up
+                start += late
+            await asyncio.sleep(max(0.0, start + tick * period - time.perf_counter()))
+
+    async def _publish(self, link: MqttLink, game: Game, tick: int) -> None:
+        game.sent_at[tick] = time.perf_counter()
+        game.ticks_sent += 1
+        if not await link.publish(game.topics.tick, game.tick_message(tick)):
+            del game.sent_at[tick]
+            game.ticks_sent -= 1
+        await game.view.publish_due(link, tick, game.figures)
+        expired = time.perf_counter() - self.config.simulator.reply_timeout_s
+        for old in [t for t, at in game.sent_at.items() if at < expired]:
+            del game.sent_at[old]
 
     async def _report(self, on_report: Callable[[MarketsSummary], None]) -> None:
         while True:

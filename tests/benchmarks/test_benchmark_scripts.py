@@ -37,7 +37,7 @@ def read_results(path: Path, benchmark: str) -> Any:
     return document["results"]
 
 
-@pytest.mark.parametrize("module", ["inference", "plot", "end_to_end", "startup", "soak"])
+@pytest.mark.parametrize("module", ["inference", "plot", "end_to_end", "startup", "soak", "markets"])
 def test_help_describes_the_script(module: str) -> None:
     out = run_script(module, "--help").stdout
     assert "usage: python -m benchmarks." + module in out
@@ -227,3 +227,32 @@ def test_soak_accounts_for_every_message_and_every_reload(tmp_path: Path) -> Non
     assert memory["rss_growth_pct"] == pytest.approx(growth, abs=0.1)
     assert results["passed"] and all(results["checks"].values())
     assert "Dropped by kind" in done.stdout and "FAILED" not in done.stdout
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_markets_plays_many_markets_and_one_big_one_with_and_without_batching(tmp_path: Path) -> None:
+    out = tmp_path / "markets.json"
+    done = run_script(
+        "markets",
+        *("--markets", "3", "--agents", "4", "--ticks", "20", "--models", "2", "--windows", "0"),
+        *("--keep", str(tmp_path / "work"), "--out", str(out)),
+        timeout=400,
+    )
+    results = read_results(out, "markets")
+    rows = results["runs"]
+    assert [(r["batching"], r["markets"], r["agents_per_market"]) for r in rows] == [
+        (True, 3, 4),
+        (True, 1, 12),
+        (False, 3, 4),
+        (False, 1, 12),
+    ]
+    for row in rows:
+        assert (
+            row["ticks_sent"] == 20 * row["markets"] and row["answered"] + row["missing"] == row["ticks_sent"]
+        )
+        assert row["answered"] > 0 and row["rule_violations"] == 0 and row["inferences"] > 0
+        assert row["session_runs_per_s"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+    assert rows[2]["market_ticks_per_inference"] == 1.0  # batching off: one inference per market tick
+    assert rows[2]["overrides"] == {**rows[0]["overrides"], "runtime.markets.cross_market_batching": False}
+    assert "session.run/s" in done.stdout and "cpu_flags" in out.read_text()
