@@ -134,7 +134,10 @@ class AgentPopulation:
 
     def only(self, model_keys: Collection[str]) -> AgentPopulation:
         """A copy of the agents served by these models (new agents join model by model if one fails)."""
-        rows = [row for row, key in enumerate(self.model_keys) if key in model_keys]
+        return self.subset([row for row, key in enumerate(self.model_keys) if key in model_keys])
+
+    def subset(self, rows: Sequence[int]) -> AgentPopulation:
+        """A copy of these rows' agents, with their state."""
         part = AgentPopulation(
             [self.agent_ids[r] for r in rows],
             self.items,

@@ -3,7 +3,6 @@ answers, replies and notices; and an offline replay of a market's answers with p
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -30,10 +29,10 @@ from blockmarket.wire.topics import MarketTopics
 from blockmarket.wire.transport import MqttLink
 from runtime.agents import AgentPopulation
 from tests.support.serving import ITEMS
-from tests.support.wire import wait_until
+from tests.support.wire import LinkedClient, wait_until
 
 
-class MarketClient:
+class MarketClient(LinkedClient):
     """One market of one game server (``owner``), over its own MQTT connection."""
 
     def __init__(self, mqtt: MqttConfig, owner: str, market: str, answers: bool = True) -> None:
@@ -50,7 +49,6 @@ class MarketClient:
         self.link = MqttLink(
             mqtt, client_id=f"test-{owner}-{uuid.uuid4().hex[:8]}", subscriptions=subscriptions
         )
-        self._task: asyncio.Task[None] | None = None
 
     def _on_matrices(self, payload: bytes, *_: object) -> None:
         msg = decode_matrices(payload, self.limits, 2)
@@ -62,16 +60,6 @@ class MarketClient:
 
     def _on_notice(self, payload: bytes, *_: object) -> None:
         self.notices.append(decode_notice(payload, self.limits))
-
-    async def __aenter__(self) -> MarketClient:
-        self._task = asyncio.create_task(self.link.run())
-        await asyncio.wait_for(self.link.connected.wait(), 10)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.link.disconnect()
-        if self._task is not None:
-            self._task.cancel()
 
     async def request(self, op: str, timeout: float = 60.0, **fields: Any) -> Reply:
         """Send one control request and wait for its reply."""
@@ -125,18 +113,8 @@ class MarketReplay:
         self.population.extend(population_of(state))
 
     def remove(self, agent_ids: set[str]) -> None:
-        keep = [i for i, a in enumerate(self.population.agent_ids) if a not in agent_ids]
         pop = self.population
-        part = AgentPopulation(
-            [pop.agent_ids[i] for i in keep],
-            pop.items,
-            pop.desired[keep],
-            [pop.model_keys[i] for i in keep],
-            pop.matrices[keep],
-            pop.inventory[keep],
-        )
-        part.success_rate[:] = pop.success_rate[keep]
-        self.population = part
+        self.population = pop.subset([i for i, a in enumerate(pop.agent_ids) if a not in agent_ids])
 
     def step(self, tick: MarketTick) -> np.ndarray:
         pop = self.population

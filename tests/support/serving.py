@@ -9,7 +9,6 @@ converted checkpoints, without torch.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import json
@@ -42,7 +41,7 @@ from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
 from runtime.agents import create_population
 from tests.support.broker import SHARED_HOST, SHARED_PORT
-from tests.support.wire import wait_until
+from tests.support.wire import LinkedClient, wait_until
 
 ITEMS = ("diamond", "gold", "apple", "emerald", "redstone")
 REPO = Path(__file__).resolve().parents[2]
@@ -261,7 +260,7 @@ def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
 
 
-class GameClient:
+class GameClient(LinkedClient):
     """The game-server side in a test: publishes ticks, records them and the runtime's answers, status and
     roster."""
 
@@ -280,7 +279,6 @@ class GameClient:
         if record_ticks:  # another process (the simulator) plays the game: record what it sends
             subscriptions[self.topics.tick] = self._on_tick
         self.link = MqttLink(mqtt, client_id=f"test-game-{uuid.uuid4().hex[:8]}", subscriptions=subscriptions)
-        self._task: asyncio.Task[None] | None = None
 
     def _on_matrices(self, payload: bytes, *_: object) -> None:
         msg = decode_matrices(payload, self.limits)
@@ -295,16 +293,6 @@ class GameClient:
 
     def _on_roster(self, payload: bytes, *_: object) -> None:
         self.roster = decode_roster(payload, self.limits) if payload else None
-
-    async def __aenter__(self) -> GameClient:
-        self._task = asyncio.create_task(self.link.run())
-        await asyncio.wait_for(self.link.connected.wait(), 10)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.link.disconnect()
-        if self._task is not None:
-            self._task.cancel()
 
     async def online(self, timeout: float = 60.0) -> dict[str, Any]:
         """The retained status once the runtime is online and its roster (the agent ids) has arrived."""

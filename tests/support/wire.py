@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import numpy.typing as npt
@@ -215,3 +216,20 @@ class EchoRuntime:
         finally:
             await self.transport.close(encode_status({"state": "offline"}))
             await transport_task
+
+
+class LinkedClient:
+    """A test client owning an MqttLink (``self.link``): connected for the ``async with`` block."""
+
+    link: MqttLink
+    _task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self.link.run())
+        await asyncio.wait_for(self.link.connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.link.disconnect()
+        if self._task is not None:
+            self._task.cancel()
