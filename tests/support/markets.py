@@ -23,17 +23,19 @@ from blockmarket.wire.markets import (
     decode_reply,
     encode_control,
 )
-from blockmarket.wire.messages import MarketTick, MatricesMessage, encode_tick
+from blockmarket.wire.messages import MarketTick, MatricesMessage
 from blockmarket.wire.protocol import decode_matrices
 from blockmarket.wire.topics import MarketTopics
 from blockmarket.wire.transport import MqttLink
 from runtime.agents import AgentPopulation
-from tests.support.serving import ITEMS
-from tests.support.wire import LinkedClient, wait_until
+from tests.support.serving import ITEMS, TickingClient
+from tests.support.wire import wait_until
 
 
-class MarketClient(LinkedClient):
+class MarketClient(TickingClient):
     """One market of one game server (``owner``), over its own MQTT connection."""
+
+    version = 2
 
     def __init__(self, mqtt: MqttConfig, owner: str, market: str, answers: bool = True) -> None:
         self.topics = MarketTopics(mqtt.topic_prefix, owner, market)
@@ -87,17 +89,6 @@ class MarketClient(LinkedClient):
             successful=successful.astype(np.float32),
             attempted=(successful + rng.integers(0, 6, size=len(ids))).astype(np.float32),
         )
-
-    async def send(self, tick: MarketTick) -> None:
-        self.sent[tick.tick] = tick
-        assert await self.link.publish(self.topics.tick, encode_tick(tick, 2))
-
-    async def send_raw(self, payload: bytes) -> None:
-        assert await self.link.publish(self.topics.tick, payload)
-
-    async def answer(self, number: int, timeout: float = 10.0) -> MatricesMessage:
-        await wait_until(lambda: number in self.answers, timeout, f"the answer to tick {number}")
-        return self.answers[number]
 
 
 class MarketReplay:

@@ -260,7 +260,29 @@ def running(config: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
 
 
-class GameClient(LinkedClient):
+class TickingClient(LinkedClient):
+    """A game server in a test: sends ticks on ``topics.tick`` (protocol ``version``), records them and
+    waits for their answers."""
+
+    version = 1
+    topics: Any
+    sent: dict[int, MarketTick]
+    answers: dict[int, MatricesMessage]
+
+    async def send(self, tick: MarketTick) -> None:
+        self.sent[tick.tick] = tick
+        payload = encode_tick(tick, self.version)
+        assert await self.link.publish(self.topics.tick, payload), "tick not published"
+
+    async def send_raw(self, payload: bytes) -> None:
+        assert await self.link.publish(self.topics.tick, payload)
+
+    async def answer(self, number: int, timeout: float = 10.0) -> MatricesMessage:
+        await wait_until(lambda: number in self.answers, timeout, f"the answer to tick {number}")
+        return self.answers[number]
+
+
+class GameClient(TickingClient):
     """The game-server side in a test: publishes ticks, records them and the runtime's answers, status and
     roster."""
 
@@ -322,17 +344,6 @@ class GameClient(LinkedClient):
             attempted=(successful + rng.integers(0, 6, size=len(ids))).astype(np.float32),
             market_mean=rng.uniform(0.2, 5.0, size=(n, n)).astype(np.float32) if market_mean else None,
         )
-
-    async def send(self, tick: MarketTick) -> None:
-        self.sent[tick.tick] = tick
-        assert await self.link.publish(self.topics.tick, encode_tick(tick)), "tick not published"
-
-    async def send_raw(self, payload: bytes) -> None:
-        assert await self.link.publish(self.topics.tick, payload)
-
-    async def answer(self, number: int, timeout: float = 10.0) -> MatricesMessage:
-        await wait_until(lambda: number in self.answers, timeout, f"the answer to tick {number}")
-        return self.answers[number]
 
 
 class OfflineMarket:
