@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import numpy as np
 
 from blockmarket.models.files import METADATA_SUFFIX, ModelInfo, StaleMetadata, read_models
-from runtime.agents import new_agents
+from runtime.agents import AgentPopulation, new_agents
 from runtime.sessions import SessionPool
 from runtime.watchers import (
     METADATA_GRACE_S,
@@ -48,6 +48,7 @@ class ModelReloader:
         *,
         convert: Callable[[], Awaitable[object]] | None = None,
         add_new_agents: bool = False,
+        free_rows: Callable[[list[str]], AgentPopulation] | None = None,
         seed: int = 0,
         metadata_grace_s: float = METADATA_GRACE_S,
     ) -> None:
@@ -55,6 +56,7 @@ class ModelReloader:
         self.watcher = watcher
         self.convert = convert
         self.add_new_agents = add_new_agents
+        self.free_rows = free_rows  # markets' free rows for new models nobody is assigned (runtime.markets)
         self.seed = seed
         self.metadata_grace_s = metadata_grace_s
         self.reloads = 0
@@ -158,6 +160,13 @@ class ModelReloader:
                 log.warning(
                     "new model %s trades %s, the runtime %s: skipped", info.key, info.items, population.items
                 )
+        if not self.add_new_agents and self.free_rows is not None and usable:
+            # round robin draws the default market's agents at startup; markets can choose the new models
+            rows = self.free_rows([m.key for m in usable])
+            if await self.pool.add_agents(rows, {m.key: m for m in usable}):
+                self.reloads += 1
+                log.info("new models %s: markets can choose them now", ", ".join(m.key for m in usable))
+            return
         if not self.add_new_agents:
             for info in usable:
                 if info.key not in self._unassigned:

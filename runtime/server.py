@@ -259,6 +259,13 @@ class RuntimeServer:
         self.population, self.pool = population, pool
         return population, pool
 
+    def _spare_rows(self, models: list[str]) -> AgentPopulation:
+        """runtime.markets.spare_rows free rows for each of these new models (hot reload)."""
+        assert self.markets is not None
+        return self.markets.spares(
+            [key for key in models for _ in range(self.config.runtime.markets.spare_rows)]
+        )
+
     def _on_market(
         self,
         topic: str,
@@ -277,7 +284,7 @@ class RuntimeServer:
 
     def reloader(self, pool: SessionPool) -> ModelReloader:
         cfg = self.config
-        converts = cfg.runtime.convert_on_startup
+        converts, markets = cfg.runtime.convert_on_startup, cfg.runtime.markets
         files = WatchedFiles(
             cfg.model_dir, Path(cfg.training.model_save_path) if converts else None, cfg.onnx_dir
         )
@@ -286,6 +293,7 @@ class RuntimeServer:
             model_watcher(files, cfg.runtime.reload_watcher, cfg.runtime.reload_poll_s),
             convert=self.convert if converts else None,
             add_new_agents=cfg.runtime.assignment == "one_per_checkpoint",
+            free_rows=self._spare_rows if markets.enabled and markets.spare_rows else None,
             seed=cfg.runtime.seed,
         )
 

@@ -386,12 +386,42 @@ async def test_simulate_plays_many_markets_with_agents_coming_and_going(
             output, _ = await asyncio.wait_for(simulate.communicate(), 120)
             assert simulate.returncode == 0, output.decode()[-3000:]
             summary = json.loads(report.read_text())
-            assert summary["markets"] == 4 and summary["ticks_sent"] == summary["answered"] == 240
-            assert summary["missing"] == summary["rule_violations"] == summary["refused_requests"] == 0
-            assert summary["joins"] >= 4 and summary["leaves"] >= 4  # ~12 expected at one per 0.5 s each
-            assert summary["agents"] == 20 and summary["notices"] == {}
+            # Every tick is answered, or, if the runtime got two of a market's ticks before serving the first
+            # (a CPU stall on this shared machine), the overtaken one is noticed as skipped: none is lost
+            skipped = summary["notices"].get("skipped", 0)
+            assert (
+                summary["markets"] == 4
+                and summary["ticks_sent"] == 240
+                and set(summary["notices"]) <= {"skipped"}
+            )
+            assert summary["answered"] + skipped == 240 and summary["missing"] == skipped and skipped <= 12
+            assert summary["rule_violations"] == summary["refused_requests"] == 0
+            assert summary["joins"] >= 4 and summary["leaves"] >= 4  # ~24 expected at one per 0.5 s each
+            assert summary["agents"] == 20
             await wait_status(game, lambda s: not s["markets"]["open"] and s["markets"]["closed"])
             closed = game.status["markets"]["closed"]
-            assert closed["ticks_received"] == closed["ticks_served"] == 240
+            assert closed["ticks_received"] == 240 and closed["ticks_served"] == summary["answered"]
+            assert closed["ticks_skipped"] == skipped
         finally:
             await game.__aexit__()
+
+
+async def test_a_model_converted_while_serving_can_be_chosen_by_a_market(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Round robin draws the default market at startup; a model that arrives later (hot reload) gets a free
+    row, so a market can name it at once, and an unknown name is refused until then."""
+    config, _ = config_for(tmp_path, model_dir, spare_rows=1)
+    with running(config, tmp_path):
+        await (await online(config)).__aexit__()
+        async with MarketClient(mqtt_of(config), "late", "m") as client:
+            early = await client.open(["a"], ["m9"])
+            assert not early.ok and early.error.startswith("unknown_model")  # type: ignore[union-attr]
+            write_model(model_dir, "m9", trading_weights(seed=99))  # as the converter writes it
+            deadline = asyncio.get_running_loop().time() + 30
+            while not (opened := await client.open(["a"], ["m9"])).ok:
+                assert asyncio.get_running_loop().time() < deadline, opened.error
+                await asyncio.sleep(0.5)
+            assert opened.state is not None and opened.state.models == ("m9",)
+            await client.send(client.tick(0, ("a",)))
+            assert (await client.answer(0)).model_versions.keys() == {"m9"}
