@@ -20,6 +20,7 @@ import numpy as np
 from blockmarket.wire.limits import DropCounter, Limits, ProtocolError
 from blockmarket.wire.markets import (
     ControlRequest,
+    MarketState,
     Notice,
     Reply,
     decode_control,
@@ -149,25 +150,27 @@ class MarketControl:
 
     # ------------------------------------------------------------------------------------- operations
 
-    async def _open(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> Any:
+    async def _open(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> MarketState:
         if key in self.registry.markets:
             raise MarketError(
                 "exists", f"market {key[0]}/{key[1]} is open: add agents, or restore to replace it"
             )
         return await self._join(key, topics, request)
 
-    async def _add(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> Any:
+    async def _add(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> MarketState:
         market = self._market(key)
         if clash := set(request.agent_ids) & set(market.agent_ids):
             raise MarketError("exists", f"agents already in the market: {sorted(clash)[:5]}")
         return await self._join(key, topics, request)
 
-    async def _restore(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> Any:
+    async def _restore(
+        self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest
+    ) -> MarketState:
         if key in self.registry.markets:
             await self._close(key, topics, request, publish=False)
         return await self._join(key, topics, request)
 
-    async def _join(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> Any:
+    async def _join(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> MarketState:
         """Agents into a market (opened if needed): checked, their models resolved, rows leased."""
         registry = self.registry
         registry.check_open(key, len(request.agent_ids))
@@ -212,7 +215,9 @@ class MarketControl:
                 )
         return [free[key].pop(0) for key in models]
 
-    async def _remove(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> Any:
+    async def _remove(
+        self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest
+    ) -> MarketState:
         market = self._market(key)
         if unknown := sorted(set(request.agent_ids) - set(market.agent_ids)):
             raise MarketError("unknown_agent", f"not in market {market.name}: {unknown[:5]}")
@@ -225,16 +230,17 @@ class MarketControl:
 
     async def _close(
         self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest | None, publish: bool = True
-    ) -> Any:
+    ) -> None:
         market = self._market(key)
         async with self.registry.lock:
             self.registry.close(market)
             self.closed.update({k: v for k, v in market.summary().items() if isinstance(v, int)})
         if publish:
             await self.publisher.clear_retained(topics.roster)
-        return None
 
-    async def _snapshot(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> Any:
+    async def _snapshot(
+        self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest
+    ) -> MarketState:
         market = self._market(key)
         market.last_active = time.monotonic()
         async with self.registry.lock:
@@ -248,7 +254,7 @@ class MarketControl:
 
     # ------------------------------------------------------------------------------------- outbound
 
-    async def _publish_roster(self, market: Market, state: Any) -> None:
+    async def _publish_roster(self, market: Market, state: MarketState) -> None:
         if market.topics is not None:
             payload = encode_market_roster(
                 market.key[0], market.key[1], self.client_id, self.registry.arena.items, state

@@ -10,7 +10,6 @@ every moment ``received == served + skipped + unpublished + inference_errors + d
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -47,30 +46,22 @@ class Roster(Protocol):
 
 
 class TickSlot:
-    """A one-place mailbox: put never blocks and replaces what is unread; take waits for the newest."""
+    """A one-place mailbox: put never blocks and replaces what is unread; the scheduler, told by
+    ``on_put``, takes the newest (runtime.markets.MarketRegistry.take_batch)."""
 
     def __init__(self, on_put: Callable[[], None] | None = None) -> None:
         self._item: AcceptedTick | None = None
-        self._ready = asyncio.Event()
-        self._on_put = on_put  # told of every put (the markets' scheduler waits for any slot)
+        self.on_put = on_put  # told of every put: the scheduler waits for any market's slot
 
     def put(self, item: AcceptedTick) -> AcceptedTick | None:
         """Hold ``item``; returns the unread tick it overtook, if any."""
         overtaken, self._item = self._item, item
-        self._ready.set()
-        if self._on_put is not None:
-            self._on_put()
+        if self.on_put is not None:
+            self.on_put()
         return overtaken
 
     def take_now(self) -> AcceptedTick | None:
-        """The waiting tick, if any, without waiting."""
-        item, self._item = self._item, None
-        return item
-
-    async def take(self) -> AcceptedTick:
-        while self._item is None:
-            self._ready.clear()
-            await self._ready.wait()
+        """The waiting tick, if any (it is gone from the slot)."""
         item, self._item = self._item, None
         return item
 
@@ -91,6 +82,11 @@ class TickLedger:
             self.skipped += 1
         else:
             self.in_flight += 1
+
+    def skip_waiting(self) -> None:
+        """A tick taken from the slot will never be served (its market closed): skipped."""
+        self.in_flight -= 1
+        self.skipped += 1
 
     def finish(self, outcome: Outcome) -> None:
         """A tick taken from the slot was served, could not be published, or failed in inference."""

@@ -17,13 +17,14 @@ import numpy as np
 
 from blockmarket.core.state import IntArray, initial_inventory, initial_matrices
 from blockmarket.models.files import ModelInfo
-from blockmarket.wire.limits import Limits
+from blockmarket.wire.limits import PROTOCOL_VERSION, Limits
 from blockmarket.wire.markets import VERSION, MarketState, Notice
 from blockmarket.wire.topics import MarketTopics
 from runtime.agents import AgentPopulation, RosterError
 from runtime.intake import TickIntake
 
-FREE = "\x00free:"  # the label of a row no agent leases (unprintable: no tick can name it)
+UNNAMEABLE = "\x00"  # starts every arena label that is not a default-market agent id (unprintable)
+FREE = f"{UNNAMEABLE}free:"  # the label of a row no agent leases
 DEFAULT_KEY = ("", "default")
 
 
@@ -60,7 +61,6 @@ class NoticeGate:
         self._tokens = rate_hz
         self._at = time.monotonic()
         self.suppressed = 0
-        self.sent = 0
 
     def admit(self, kind: str, tick: int | None, detail: str) -> Notice | None:
         now = time.monotonic()
@@ -72,7 +72,6 @@ class NoticeGate:
         self._tokens -= 1.0
         notice = Notice(kind, tick, detail, self.suppressed, time.time())
         self.suppressed = 0
-        self.sent += 1
         return notice
 
 
@@ -87,7 +86,12 @@ class Market:
         limits: Limits,
         on_put: Callable[[], None],
         notice_rate_hz: float,
+        *,
+        intake: TickIntake | None = None,
+        topic: str | None = None,
     ) -> None:
+        """``intake``: an existing one to serve (a single-market scheduler's); else one is made, for
+        ``topics.tick`` (v2) or ``topic`` (the default market's v1 tick topic)."""
         self.key = key
         self.topics = topics  # None: the v1 default market
         self.arena = arena
@@ -95,9 +99,12 @@ class Market:
         self.rows: IntArray = np.empty(0, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._cache: tuple[tuple[str, ...], IntArray] | None = None
-        topic = topics.tick if topics is not None else "v1 tick topic"
-        version = VERSION if topics is not None else 1
-        self.intake = TickIntake(self, limits, topic, version=version, on_put=on_put)
+        if intake is None:
+            name = topics.tick if topics is not None else topic or "v1 tick topic"
+            version = VERSION if topics is not None else PROTOCOL_VERSION
+            intake = TickIntake(self, limits, name, version=version)
+        intake.slot.on_put = on_put
+        self.intake = intake
         self.notices = NoticeGate(notice_rate_hz)
         self.last_active = time.monotonic()
         self.last_tick: int | None = None
@@ -134,7 +141,7 @@ class Market:
     def arena_id(self, agent_id: str) -> str:
         """The row label of one of this market's agents (the default market's are the plain ids)."""
         owner, market = self.key
-        return f"\x00{owner}/{market}/{agent_id}" if self.topics is not None else agent_id
+        return f"{UNNAMEABLE}{owner}/{market}/{agent_id}" if self.topics is not None else agent_id
 
     def whole_arena(self) -> bool:
         """True when this market's agents are every arena row in order (the v1 fast path)."""

@@ -19,6 +19,7 @@ unprintable prefix, which no tick can name.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import Counter
@@ -35,7 +36,16 @@ from blockmarket.wire.markets import ROUND_ROBIN, ControlRequest, Notice
 from blockmarket.wire.topics import MarketTopics, Topics
 from runtime.agents import AgentPopulation
 from runtime.intake import AcceptedTick, TickIntake
-from runtime.market import DEFAULT_KEY, FREE, Market, MarketError, MarketLimits, free_rows, spare_models
+from runtime.market import (
+    DEFAULT_KEY,
+    FREE,
+    UNNAMEABLE,
+    Market,
+    MarketError,
+    MarketLimits,
+    free_rows,
+    spare_models,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,6 @@ class MarketRegistry:
     def __init__(
         self,
         arena: AgentPopulation,
-        default: Market | None,
         *,
         limits: MarketLimits,
         tick_limits: Limits,
@@ -62,9 +71,7 @@ class MarketRegistry:
         self.pending: dict[tuple[str, str], Market] = {}
         self.wakeup = asyncio.Event()
         self.lock = asyncio.Lock()  # held while a batch is served and while a request changes rows
-        self.default = default
-        if default is not None:
-            self.markets[DEFAULT_KEY] = default
+        self.default: Market | None = None  # the v1 tick topic's (set_default)
         self._known_rows = len(arena)
         self.on_notice: Callable[[Market, Notice], None] | None = None  # publishes (runtime.control)
 
@@ -74,24 +81,36 @@ class MarketRegistry:
         arena = intake.population
         if not isinstance(arena, AgentPopulation):
             raise TypeError("a single-market registry serves an AgentPopulation")
-        registry = cls(arena, None, limits=MarketLimits(), tick_limits=intake.limits)
-        market = Market(DEFAULT_KEY, None, arena, intake.limits, lambda: None, 20.0)
-        market.intake = intake
-        market.set_agents(arena.agent_ids, range(len(arena)))
-        intake.slot._on_put = lambda: registry.mark_pending(market)
-        registry.default = market
-        registry.markets[DEFAULT_KEY] = market
+        registry = cls(arena, limits=MarketLimits(), tick_limits=intake.limits)
+        registry.set_default(registry.new_market(DEFAULT_KEY, None, intake=intake), len(arena))
         return registry
 
-    def new_market(self, key: tuple[str, str], topics: MarketTopics | None) -> Market:
+    def new_market(
+        self,
+        key: tuple[str, str],
+        topics: MarketTopics | None,
+        *,
+        intake: TickIntake | None = None,
+        limits: Limits | None = None,
+        topic: str | None = None,
+    ) -> Market:
+        """A market whose ticks wake the scheduler and whose refusals become notices (not yet open:
+        the caller registers it)."""
         market: Market
 
         def pending() -> None:
             self.mark_pending(market)
 
-        market = Market(key, topics, self.arena, self.tick_limits, pending, self.notice_rate_hz)
+        market = Market(key, topics, self.arena, limits or self.tick_limits, pending, self.notice_rate_hz,
+                        intake=intake, topic=topic)  # fmt: skip
         market.intake.on_refused = lambda kind, tick, detail: self.notify(market, kind, tick, detail)
         return market
+
+    def set_default(self, market: Market, rows: int) -> None:
+        """``market`` serves the v1 tick topic with the arena's first ``rows`` rows."""
+        market.set_agents(self.arena.agent_ids[:rows], range(rows))
+        self.default = market
+        self.markets[DEFAULT_KEY] = market
 
     def notify(self, market: Market, kind: str, tick: int | None, detail: str) -> None:
         """A tick of ``market`` gets no answer: a notice, if the market's rate allows (else counted)."""
@@ -107,8 +126,7 @@ class MarketRegistry:
         del self.markets[market.key]
         self.pending.pop(market.key, None)
         if market.intake.slot.take_now() is not None:
-            market.intake.ledger.skipped += 1
-            market.intake.ledger.in_flight -= 1
+            market.intake.ledger.skip_waiting()
 
     def mark_pending(self, market: Market) -> None:
         self.pending[market.key] = market
@@ -140,7 +158,8 @@ class MarketRegistry:
         count = len(self.arena)
         if count == self._known_rows:
             return
-        fresh = [r for r in range(self._known_rows, count) if not self.arena.agent_ids[r].startswith("\x00")]
+        labels = self.arena.agent_ids
+        fresh = [r for r in range(self._known_rows, count) if not labels[r].startswith(UNNAMEABLE)]
         self._known_rows = count
         default = self.default
         if fresh and default is not None:
@@ -165,23 +184,24 @@ class MarketRegistry:
     def resolve_models(self, selectors: Sequence[str], repository: Sequence[str]) -> list[str]:
         """Model names for selectors: a name of the repository, or ROUND_ROBIN (the model with the fewest
         live agents, first in repository order on a tie)."""
+        known = set(repository)
+        if unknown := sorted({s for s in selectors if s != ROUND_ROBIN and s not in known}):
+            raise MarketError("unknown_model", f"no model {unknown[0]!r} in the repository (nor a selector)")
         live = Counter(
             key
             for label, key in zip(self.arena.agent_ids, self.arena.model_keys, strict=True)
             if not label.startswith(FREE)
         )
-        known = set(repository)
+        live.update(s for s in selectors if s != ROUND_ROBIN)  # named ones count before any is drawn
+        fewest = [(live[key], order, key) for order, key in enumerate(repository)]
+        heapq.heapify(fewest)
         chosen = []
         for selector in selectors:
-            if selector == ROUND_ROBIN:
-                key = min(repository, key=lambda k: live[k])
-            elif selector in known:
-                key = selector
-            else:
-                raise MarketError(
-                    "unknown_model", f"no model {selector!r} in the repository (nor a selector)"
-                )
-            live[key] += 1
+            if selector != ROUND_ROBIN:
+                chosen.append(selector)
+                continue
+            count, order, key = heapq.heappop(fewest)
+            heapq.heappush(fewest, (count + 1, order, key))
             chosen.append(key)
         return chosen
 
@@ -237,7 +257,7 @@ class MarketRegistry:
     def release(self, market: Market, agent_ids: Sequence[str]) -> None:
         """Free the rows of these agents of ``market`` (the rest keep their rows and state)."""
         gone = set(agent_ids)
-        rows = [market._row_of[a] for a in agent_ids]
+        rows = [int(r) for r in market.rows_for(tuple(agent_ids))]
         self.arena.relabel(rows, [f"{FREE}{r}" for r in rows])
         keep = [(a, r) for a, r in zip(market.agent_ids, market.rows, strict=True) if a not in gone]
         market.set_agents([a for a, _ in keep], [int(r) for _, r in keep])
@@ -276,17 +296,11 @@ def open_markets(config: Config, arena: AgentPopulation, default_rows: int) -> M
     limits = Limits.from_config(config.mqtt, num_agents=default_rows, num_items=arena.num_items)
     registry = MarketRegistry(
         arena,
-        None,
         limits=MarketLimits(markets.max_markets, markets.max_agents_per_market, markets.max_agents),
         tick_limits=replace(limits, max_agents=markets.max_agents_per_market),
         notice_rate_hz=markets.notice_rate_hz,
         seed=config.runtime.seed,
     )
-    default = registry.new_market(DEFAULT_KEY, None)
-    default.intake = TickIntake(
-        default, limits, Topics(config.mqtt.topic_prefix).tick, on_put=lambda: registry.mark_pending(default)
-    )
-    default.set_agents(arena.agent_ids[:default_rows], range(default_rows))
-    registry.default = default
-    registry.markets[DEFAULT_KEY] = default
+    v1_topic = Topics(config.mqtt.topic_prefix).tick
+    registry.set_default(registry.new_market(DEFAULT_KEY, None, limits=limits, topic=v1_topic), default_rows)
     return registry

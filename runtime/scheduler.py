@@ -109,13 +109,6 @@ class TickScheduler:
         answers = await self.serve_batch(await self.markets.take_batch(self.window_s, self.batching))
         return answers[0] if answers else None
 
-    async def serve(self, accepted: AcceptedTick) -> MatricesMessage | None:
-        """One tick of the default market end to end."""
-        default = self.markets.default
-        if default is None:
-            raise RuntimeError("no default market")
-        return (await self.serve_batch([(default, accepted)]))[0]
-
     async def serve_batch(self, batch: Sequence[tuple[Market, AcceptedTick]]) -> list[MatricesMessage | None]:
         """Ticks of several markets: one inference, then each market's update and answer. A failed
         inference is counted for every tick of the batch and logged, never raised."""
@@ -148,7 +141,7 @@ class TickScheduler:
         answers, payloads, encode_s = [], [], 0.0
         updated, refused = batching.update(population, batch, proposals, self.alpha)
         if len(refused):
-            self._guarded(batch[0][1].tick.tick, refused)
+            self._guarded(batch, refused)
         for (market, accepted), matrices in zip(batch, updated, strict=True):  # each market's answer ...
             tick = accepted.tick
             msg = MatricesMessage(
@@ -196,14 +189,17 @@ class TickScheduler:
                 await self.publisher.publish_agent_matrix(agent_id, agent_payload)
         return published
 
-    def _guarded(self, tick: int, rows: IntArray) -> None:
+    def _guarded(self, batch: Sequence[tuple[Market, AcceptedTick]], rows: IntArray) -> None:
         """Count and log (rate-limited) the agents whose proposal the output guard refused."""
         self.guarded_outputs += len(rows)
         row = int(rows[0])
         agent, model = self.population.agent_ids[row], self.population.model_keys[row]
+        ticks = ", ".join(f"{m.name} {a.tick.tick}" for m, a in batch[:3]) + (
+            " ..." if len(batch) > 3 else ""
+        )
         self._guard_log.record(
             "refused",
-            f"tick {tick}: {len(rows)} agent(s) keep their matrix, e.g. {agent!r} (model {model}): "
+            f"tick(s) {ticks}: {len(rows)} agent(s) keep their matrix, e.g. {agent!r} (model {model}): "
             f"a proposal non-finite or outside [{PROPOSAL_MIN:g}, {PROPOSAL_MAX:g}]",
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -71,6 +71,11 @@ class Limits:
         mqtt.max_payload_bytes, e.g. a runtime's status read before its roster is known)."""
         max_agents = mqtt.max_payload_bytes if num_agents is None else num_agents
         return cls(max_payload_bytes=mqtt.max_payload_bytes, max_agents=max_agents, num_items=num_items)
+
+    def wordy(self) -> Limits:
+        """These limits for messages whose strings may be longer than agent ids (status, rosters,
+        replies and notices: EP names, model file names, error text)."""
+        return replace(self, max_id_len=max(self.max_id_len, STATUS_MAX_STR_LEN))
 
     def announce(self) -> dict[str, Any]:
         """The limits as the status announces them (docs/protocol.md §6, §7)."""

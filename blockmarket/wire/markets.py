@@ -10,7 +10,7 @@ restarts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
 from blockmarket.core.state import MATRIX_MAX, MATRIX_MIN, FloatArray
@@ -172,14 +172,9 @@ def encode_reply(reply: Reply) -> bytes:
     return pack_message("reply", body, VERSION)
 
 
-def _wordy(limits: Limits) -> Limits:
-    """Replies, notices and rosters may carry longer strings (errors, model names) than agent ids."""
-    return replace(limits, max_id_len=max(limits.max_id_len, STATUS_MAX_STR_LEN))
-
-
 def decode_reply(payload: bytes, limits: Limits) -> Reply:
     """Parse a reply (game-server side); raises :class:`ProtocolError`."""
-    wordy = _wordy(limits)
+    wordy = limits.wordy()
     data = unpack(payload, wordy, "reply", frozenset({"op", "request", "ok", "error"}), None, VERSION)
     state = None
     if "agent_ids" in data:
@@ -225,7 +220,7 @@ def encode_notice(notice: Notice) -> bytes:
 
 def decode_notice(payload: bytes, limits: Limits) -> Notice:
     keys = frozenset({"kind", "tick", "detail", "suppressed", "at"})
-    data = unpack(payload, _wordy(limits), "notice", keys, frozenset(), VERSION)
+    data = unpack(payload, limits.wordy(), "notice", keys, frozenset(), VERSION)
     tick = data["tick"]
     return Notice(
         str_field(data, "kind"),
@@ -257,7 +252,7 @@ def decode_market_roster(payload: bytes, limits: Limits) -> dict[str, Any]:
     keys = frozenset(
         {"owner", "market", "client_id", "items", "agent_ids", "desired", "models", "model_versions"}
     )
-    data = unpack(payload, _wordy(limits), "market_roster", keys, frozenset(), VERSION)
+    data = unpack(payload, limits.wordy(), "market_roster", keys, frozenset(), VERSION)
     count = len(agent_ids_field(data))
     strings_field(data, "desired", count)
     strings_field(data, "models", count)

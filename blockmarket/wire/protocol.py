@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ from blockmarket.wire.codec import (
     strings_field,
     unpack,
 )
-from blockmarket.wire.limits import PROTOCOL_VERSION, STATUS_MAX_STR_LEN, Limits, ProtocolError
+from blockmarket.wire.limits import PROTOCOL_VERSION, Limits, ProtocolError
 from blockmarket.wire.messages import AgentMatrix, MarketTick, MatricesMessage, RosterMessage
 
 _TICK_REQUIRED = frozenset({"tick", "sent_at", "agent_ids", "inventory", "successful", "attempted"})
@@ -121,14 +120,9 @@ def decode_agent_matrix(payload: bytes, limits: Limits) -> AgentMatrix:
     )
 
 
-def _wordy(limits: Limits) -> Limits:
-    """Status and roster strings may be longer than agent ids (EP names, model file names)."""
-    return replace(limits, max_id_len=max(limits.max_id_len, STATUS_MAX_STR_LEN))
-
-
 def decode_status(payload: bytes, limits: Limits) -> dict[str, Any]:
     """Parse the runtime status (without ``v``/``type``); ``state`` is required, other keys are open."""
-    data = unpack(payload, _wordy(limits), "status", frozenset({"state"}), None)
+    data = unpack(payload, limits.wordy(), "status", frozenset({"state"}), None)
     if data["state"] not in ("online", "offline"):
         raise ProtocolError("schema", f"status state {data['state']!r} is not 'online' or 'offline'")
     return {k: v for k, v in data.items() if k not in ("v", "type")}
@@ -151,7 +145,7 @@ _ROSTER_KEYS = frozenset(
 
 def decode_roster(payload: bytes, limits: Limits) -> RosterMessage:
     """Parse the runtime's roster (game-server side); raises :class:`ProtocolError`."""
-    wordy = _wordy(limits)
+    wordy = limits.wordy()
     data = unpack(payload, wordy, "roster", _ROSTER_KEYS, frozenset())
     ids = agent_ids_field(data)
     items = strings_field(data, "items")

@@ -89,18 +89,17 @@ def offline_step(matrices: np.ndarray, desired, seeds, tick: MarketTick) -> np.n
     return apply_update(matrices.copy(), out.astype(np.float32), ALPHA)
 
 
-async def test_slot_keeps_only_the_newest_tick_and_says_what_it_overtook() -> None:
-    slot = TickSlot()
+def test_slot_keeps_only_the_newest_tick_and_says_what_it_overtook() -> None:
+    puts: list[int] = []
+    slot = TickSlot(on_put=lambda: puts.append(1))
     ticks = [AcceptedTick(make_tick(i, ("a",)), np.zeros(1, np.int64), float(i)) for i in range(6)]
     assert slot.put(ticks[0]) is None
     for i in range(1, 5):
         assert slot.put(ticks[i]) is ticks[i - 1]
-    assert await slot.take() is ticks[4]
-    waiter = asyncio.create_task(slot.take())
-    await asyncio.sleep(0.01)
-    assert not waiter.done()  # nothing queued behind the newest
-    assert slot.put(ticks[5]) is None
-    assert await asyncio.wait_for(waiter, 1) is ticks[5]
+    assert len(puts) == 5  # the scheduler is told of every put
+    assert slot.take_now() is ticks[4]
+    assert slot.take_now() is None  # nothing queued behind the newest
+    assert slot.put(ticks[5]) is None and slot.take_now() is ticks[5]
 
 
 async def test_ticks_are_answered_with_the_update_rule(model_dir: Path) -> None:

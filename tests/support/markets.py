@@ -28,7 +28,7 @@ from blockmarket.wire.protocol import decode_matrices
 from blockmarket.wire.topics import MarketTopics
 from blockmarket.wire.transport import MqttLink
 from runtime.agents import AgentPopulation
-from tests.support.serving import ITEMS, TickingClient
+from tests.support.serving import ITEMS, TickingClient, offline_step
 from tests.support.wire import wait_until
 
 
@@ -108,15 +108,7 @@ class MarketReplay:
         self.population = pop.subset([i for i, a in enumerate(pop.agent_ids) if a not in agent_ids])
 
     def step(self, tick: MarketTick) -> np.ndarray:
-        pop = self.population
-        rows = pop.rows_for(tick.agent_ids)
-        pop.observe(rows, tick.inventory, tick.successful, tick.attempted)
-        states = pop.states(tick.market_mean)
-        proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
-        for key, group in pop.groups().items():
-            proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
-        matrices, _ = pop.update(rows, proposals, self.alpha)
-        return matrices.copy()
+        return offline_step(self.population, self.sessions, tick, self.alpha)[0]
 
 
 def population_of(state: MarketState) -> AgentPopulation:

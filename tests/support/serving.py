@@ -39,7 +39,7 @@ from blockmarket.wire.messages import MarketTick, MatricesMessage, RosterMessage
 from blockmarket.wire.protocol import decode_matrices, decode_roster, decode_status, decode_tick
 from blockmarket.wire.topics import Topics
 from blockmarket.wire.transport import MqttLink
-from runtime.agents import create_population
+from runtime.agents import AgentPopulation, create_population
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.wire import LinkedClient, wait_until
 
@@ -409,16 +409,29 @@ class OfflineMarket:
         )
 
     def step(self, tick: MarketTick) -> np.ndarray:
-        pop = self.population
-        rows = pop.rows_for(tick.agent_ids)
-        pop.observe(rows, tick.inventory, tick.successful, tick.attempted)
-        states = pop.states(tick.market_mean)
-        proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
-        for key, group in self.groups.items():
-            proposals[group] = self.sessions[key].run(None, {"state_vector": states[group]})[0]
-        self.proposals = proposals
-        matrices, self.refused = pop.update(rows, proposals, self.alpha)  # refused: the output guard's rows
-        return matrices.copy()
+        matrices, self.proposals, self.refused = offline_step(
+            self.population, self.sessions, tick, self.alpha, self.groups
+        )  # refused: the output guard's rows
+        return matrices
+
+
+def offline_step(
+    pop: AgentPopulation,
+    sessions: Mapping[str, ort.InferenceSession],
+    tick: MarketTick,
+    alpha: float,
+    groups: Mapping[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One tick recomputed with plain CPU sessions, one per model group: the ticked agents' new matrices
+    (a copy), every agent's proposals and the rows the output guard refused."""
+    rows = pop.rows_for(tick.agent_ids)
+    pop.observe(rows, tick.inventory, tick.successful, tick.attempted)
+    states = pop.states(tick.market_mean)
+    proposals = np.empty((len(pop), pop.num_items**2), dtype=np.float32)
+    for key, group in (pop.groups() if groups is None else groups).items():
+        proposals[group] = sessions[key].run(None, {"state_vector": states[group]})[0]
+    matrices, refused = pop.update(rows, proposals, alpha)
+    return matrices.copy(), proposals, refused
 
 
 class CpuPressure:
