@@ -62,6 +62,14 @@ def status(
             report["agents"] = len(default)  # the v1 roster's; the markets' are in their own rosters
     if control is not None:
         report["markets"] = control.stats()
+    if config.mqtt.shared_group is not None and control is not None:  # replica mode: this one's share
+        markets = [m for m in control.registry.markets.values() if m.topics is not None]
+        report["replica"] = {
+            "group": config.mqtt.shared_group,
+            "markets_open": len(markets),
+            "models": len(control.pool.models),  # hot reload reaches every replica: each counts the new one
+            "ticks_served": sum(m.intake.ledger.outcomes["served"] for m in markets),
+        }
     return report
 
 

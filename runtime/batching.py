@@ -21,7 +21,11 @@ Batch = Sequence[tuple[Market, AcceptedTick]]
 
 
 def observe(population: AgentPopulation, batch: Batch) -> None:
-    """Every tick's inventories and trade counters into the arena (one assignment for the batch)."""
+    """Every tick's inventories and trade counters into the arena (one assignment for the batch), and
+    the matrices of the ticks that carry them (replica mode: the game server holds the state)."""
+    for _, accepted in batch:
+        if accepted.tick.matrices is not None:
+            population.matrices[accepted.rows] = accepted.tick.matrices
     if len(batch) == 1:
         accepted = batch[0][1]
         tick = accepted.tick

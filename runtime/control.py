@@ -13,7 +13,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +25,13 @@ from blockmarket.wire.markets import (
     Notice,
     Reply,
     decode_control,
-    encode_market_roster,
+    decode_market_roster,
     encode_notice,
     encode_reply,
 )
 from blockmarket.wire.topics import MarketTopics
-from runtime.market import Market, MarketError, NoticeGate
+from runtime.announcer import ControlPublisher, MarketAnnouncer
+from runtime.market import Market, MarketError
 from runtime.markets import MarketRegistry
 from runtime.sessions import SessionPool
 
@@ -38,16 +40,16 @@ log = logging.getLogger(__name__)
 CONTROL_QUEUE = 256  # requests waiting at most; more are refused as overload
 
 
-class ControlPublisher(Protocol):
-    """What the control side publishes (blockmarket.wire.runtime_link.RuntimeTransport satisfies it)."""
+@dataclass(frozen=True)
+class _Queued:
+    """A message waiting for the control task: a request, a replica's roster, or a tick behind them."""
 
-    async def publish_answer(
-        self, topic: str, payload: bytes, reply_to: tuple[str, bytes] | None
-    ) -> bool: ...
-
-    async def publish_retained(self, topic: str, payload: bytes) -> bool: ...
-
-    async def clear_retained(self, topic: str) -> bool: ...
+    leaf: str  # control, roster or tick
+    topics: MarketTopics
+    payload: bytes
+    reply_to: tuple[str, bytes] | None
+    received_at: float
+    retained: bool
 
 
 class MarketControl:
@@ -70,15 +72,12 @@ class MarketControl:
         self.prefix = prefix
         self.client_id = client_id
         self.control_limits = control_limits  # requests may name up to max_agents_per_market agents
-        self.queue: asyncio.Queue[tuple[MarketTopics, bytes, tuple[str, bytes] | None]] = asyncio.Queue(
-            CONTROL_QUEUE
-        )
+        self.queue: asyncio.Queue[_Queued] = asyncio.Queue(CONTROL_QUEUE)
+        self._waiting: Counter[tuple[str, str]] = Counter()  # queued messages per market
         self.requests: Counter[str] = Counter()  # received, done, refused, dropped
         self.drops = DropCounter(log, what="v2 message")  # unknown markets, unreadable requests, overload
         self.closed: Counter[str] = Counter()  # the counters of closed markets, kept in the totals
-        self._orphan_gates: dict[tuple[str, str], NoticeGate] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        registry.on_notice = self._send_notice
+        self.out = MarketAnnouncer(registry, publisher, client_id)  # notices and rosters
 
     # ---------------------------------------------------------------------------------- inbound
 
@@ -90,47 +89,96 @@ class MarketControl:
         retained: bool,
         reply_to: tuple[str, bytes] | None,
     ) -> None:
-        """The transport's handler for ``{prefix}/v2/+/+/tick`` and ``/control``: never blocks or raises."""
+        """The transport's handler for ``{prefix}/v2/+/+/tick`` and ``/control`` (and, for a replica, the
+        markets' ``/roster``): never blocks or raises. A tick waits behind the requests of its market that
+        arrived before it (they are applied first, as a single runtime would)."""
         parsed = MarketTopics.parse(self.prefix, topic)
         if parsed is None:
             self.drops.record("bad_topic", f"{topic}: not a market topic of {self.prefix}/v2")
             return
         topics, leaf = parsed
+        key = (topics.owner, topics.market)
         if leaf == "tick":
-            market = self.registry.markets.get((topics.owner, topics.market))
-            if market is None:
-                self.drops.record(
-                    "unknown_market", f"{topic}: market {topics.owner}/{topics.market} is not open"
-                )
-                self._orphan_notice(
-                    topics, "unknown_market", "this market is not open: send an open request first"
-                )
-                return
-            market.intake.receive(payload, received_at, retained, reply_to)
+            if self._waiting[key]:
+                self._enqueue(_Queued("tick", topics, payload, reply_to, received_at, retained))
+            else:
+                self._tick(topics, payload, received_at, retained, reply_to)
+            return
+        if leaf == "roster":  # another replica changed the market (or closed it: an empty payload)
+            self._enqueue(_Queued("roster", topics, payload, None, received_at, retained))
             return
         self.requests["received"] += 1
         if retained:
             self.requests["dropped"] += 1
             self.drops.record("retained", f"{topic}: a retained request replays the past; not applied")
             return
-        try:
-            self.queue.put_nowait((topics, payload, reply_to))
-        except asyncio.QueueFull:
-            self.requests["dropped"] += 1
-            self.drops.record("overload", f"{topic}: {CONTROL_QUEUE} requests already wait")
-            self._orphan_notice(
-                topics, "overload", f"{CONTROL_QUEUE} requests already wait: this one was dropped"
+        self._enqueue(_Queued("control", topics, payload, reply_to, received_at, retained))
+
+    def _tick(
+        self,
+        topics: MarketTopics,
+        payload: bytes,
+        received_at: float,
+        retained: bool,
+        reply_to: tuple[str, bytes] | None,
+    ) -> None:
+        market = self.registry.markets.get((topics.owner, topics.market))
+        if market is None:
+            self.drops.record(
+                "unknown_market", f"{topics.tick}: market {topics.owner}/{topics.market} is not open"
             )
+            self.out.orphan_notice(
+                topics, "unknown_market", "this market is not open: send an open request first"
+            )
+            return
+        market.intake.receive(payload, received_at, retained, reply_to)
+
+    def _enqueue(self, item: _Queued) -> None:
+        key = (item.topics.owner, item.topics.market)
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            if item.leaf == "control":
+                self.requests["dropped"] += 1
+            what = {"control": "request", "tick": "tick", "roster": "replica's roster"}[item.leaf]
+            self.drops.record(
+                "overload", f"{item.topics.leaf(item.leaf)}: {CONTROL_QUEUE} messages already wait"
+            )
+            self.out.orphan_notice(
+                item.topics, "overload", f"{CONTROL_QUEUE} requests already wait: this {what} was dropped"
+            )
+            return
+        self._waiting[key] += 1
 
     async def run(self) -> None:
-        """Apply queued requests in arrival order, forever."""
+        """Apply queued requests (and replicas' rosters) in arrival order, forever; a tick queued behind
+        them goes to its market once they are applied."""
         while True:
-            topics, payload, reply_to = await self.queue.get()
-            reply = await self.apply(topics, payload)
-            self.requests["done" if reply.ok else "refused"] += 1
-            await self.publisher.publish_answer(topics.reply, encode_reply(reply), reply_to)
-            if not reply.ok and reply.error is not None:  # also where the market's notices go
-                self._orphan_notice(topics, "refused", f"{reply.op} request {reply.request}: {reply.error}")
+            item = await self.queue.get()
+            key = (item.topics.owner, item.topics.market)
+            try:
+                if item.leaf == "tick":
+                    self._tick(item.topics, item.payload, item.received_at, item.retained, item.reply_to)
+                elif item.leaf == "roster":
+                    await self.follow(item.topics, item.payload)
+                else:
+                    await self._answer(item)
+            finally:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+
+    async def _answer(self, item: _Queued) -> None:
+        reply = await self.apply(item.topics, item.payload)
+        self.requests["done" if reply.ok else "refused"] += 1
+        await self.publisher.publish_answer(item.topics.reply, encode_reply(reply), item.reply_to)
+        if not reply.ok and reply.error is not None:  # also where the market's notices go
+            detail = f"{reply.op} request {reply.request}: {reply.error}"
+            self.out.orphan_notice(item.topics, "refused", detail)
+
+    def busy(self) -> bool:
+        """Requests, rosters or ticks wait in the queue, or one is being applied."""
+        return bool(self._waiting)
 
     async def apply(self, topics: MarketTopics, payload: bytes) -> Reply:
         """One request, decoded, checked and applied; refused requests say why."""
@@ -166,12 +214,23 @@ class MarketControl:
     async def _restore(
         self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest
     ) -> MarketState:
+        seq = 0
         if key in self.registry.markets:
+            seq = self.registry.markets[key].seq
             await self._close(key, topics, request, publish=False)
-        return await self._join(key, topics, request)
+        return await self._join(key, topics, request, seq=seq)
 
-    async def _join(self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest) -> MarketState:
-        """Agents into a market (opened if needed): checked, their models resolved, rows leased."""
+    async def _join(
+        self,
+        key: tuple[str, str],
+        topics: MarketTopics,
+        request: ControlRequest,
+        *,
+        seq: int = 0,
+        publish: bool = True,
+    ) -> MarketState:
+        """Agents into a market (opened if needed): checked, their models resolved, rows leased.
+        ``seq``: a replaced market's roster number (a restore's roster must be newer)."""
         registry = self.registry
         registry.check_open(key, len(request.agent_ids))
         items = registry.arena.items
@@ -193,19 +252,24 @@ class MarketControl:
             market = registry.markets.get(key)
             if market is None:
                 market = registry.new_market(key, topics)
+                market.seq = seq
                 registry.markets[key] = market
             registry.lease(market, request, models, rows)
             market.last_active = time.monotonic()
             state = market.state(self.pool.current.versions)
-        await self._publish_roster(market, state)
+        if publish:
+            await self.out.roster(market, state)
         return state
 
     async def _free_rows(self, models: Sequence[str]) -> list[int]:
-        """One free arena row per model; the pool grows (off the loop) for models with none left."""
+        """One free arena row per model; the pool grows (off the loop) for models with none left, by as
+        many rows as markets lease of the model already (at least what is missing)."""
         free = self.registry.free_by_model()
         short = Counter(models) - Counter({key: len(rows) for key, rows in free.items()})
-        if short:
-            spares = self.registry.spares(list(short.elements()))
+        if short:  # grown geometrically: markets opening one after another rebuild units O(log n) times
+            leased = self.registry.leased_by_model()
+            grow = Counter({key: max(count, leased[key]) for key, count in short.items()})
+            spares = self.registry.spares(list(grow.elements()))
             log.info("markets: %d new row(s) for %s", len(spares), ", ".join(sorted(short)))
             await self.pool.add_agents(spares, {key: self.pool.models[key] for key in short})
             free = self.registry.free_by_model()
@@ -225,7 +289,7 @@ class MarketControl:
             self.registry.release(market, request.agent_ids)
             market.last_active = time.monotonic()
             state = market.state(self.pool.current.versions)
-        await self._publish_roster(market, state)
+        await self.out.roster(market, state)
         return state
 
     async def _close(
@@ -237,6 +301,52 @@ class MarketControl:
             self.closed.update({k: v for k, v in market.summary().items() if isinstance(v, int)})
         if publish:
             await self.publisher.clear_retained(topics.roster)
+
+    async def follow(self, topics: MarketTopics, payload: bytes) -> None:
+        """Replica mode: another replica's roster of a market (newer than ours) becomes ours: agents it
+        no longer has are released, new ones leased (their matrices come with every tick), the order
+        made its. An empty payload: the market was closed."""
+        key = (topics.owner, topics.market)
+        market = self.registry.markets.get(key)
+        if not payload:
+            if market is not None and market.topics is not None:
+                await self._close(key, topics, None, publish=False)
+            return
+        try:
+            roster = decode_market_roster(payload, self.control_limits)
+        except ProtocolError as exc:
+            self.drops.record_error(exc, topics.roster)
+            return
+        seq = int(roster.get("seq", 0))
+        if roster["client_id"] == self.client_id or (market is not None and seq <= market.seq):
+            return  # our own, or one we are past
+        agents = list(zip(roster["agent_ids"], roster["desired"], roster["models"], strict=True))
+        try:
+            await self._become(key, topics, agents)
+        except MarketError as exc:
+            log.warning("cannot follow market %s/%s as another replica changed it: %s", *key, exc)
+            return
+        self.registry.markets[key].seq = seq
+
+    async def _become(
+        self, key: tuple[str, str], topics: MarketTopics, agents: list[tuple[str, str, str]]
+    ) -> None:
+        market = self.registry.markets.get(key)
+        have: set[tuple[str, str, str]] = set()
+        if market is not None:
+            state = market.state({})
+            have = set(zip(state.agent_ids, state.desired, state.models, strict=True))
+            if gone := [a for a, _, _ in have - set(agents)]:
+                async with self.registry.lock:
+                    self.registry.release(market, gone)
+        new = [agent for agent in agents if agent not in have]
+        if new or market is None:
+            ids, desired, models = zip(*new, strict=True) if new else ((), (), ())
+            await self._join(key, topics, ControlRequest("add", 0, ids, desired, models), publish=False)
+        market = self.registry.markets[key]
+        order = tuple(a for a, _, _ in agents)
+        async with self.registry.lock:  # the roster's order: the market mean sums in it
+            market.set_agents(order, [int(r) for r in market.rows_for(order)])
 
     async def _snapshot(
         self, key: tuple[str, str], topics: MarketTopics, request: ControlRequest
@@ -251,35 +361,6 @@ class MarketControl:
         if market is None or market.topics is None:
             raise MarketError("unknown_market", f"market {key[0]}/{key[1]} is not open")
         return market
-
-    # ------------------------------------------------------------------------------------- outbound
-
-    async def _publish_roster(self, market: Market, state: MarketState) -> None:
-        if market.topics is not None:
-            payload = encode_market_roster(
-                market.key[0], market.key[1], self.client_id, self.registry.arena.items, state
-            )
-            await self.publisher.publish_retained(market.topics.roster, payload)
-
-    def _send_notice(self, market: Market, notice: Notice) -> None:
-        if market.topics is not None:
-            self._spawn(self.publisher.publish_answer(market.topics.notice, encode_notice(notice), None))
-
-    def _orphan_notice(self, topics: MarketTopics, kind: str, detail: str) -> None:
-        key = (topics.owner, topics.market)
-        gate = self._orphan_gates.get(key)
-        if gate is None:
-            if len(self._orphan_gates) > 4 * self.registry.limits.max_markets:
-                self._orphan_gates.clear()  # bounded: a client inventing market names cannot grow it
-            gate = self._orphan_gates[key] = NoticeGate(self.registry.notice_rate_hz)
-        notice = gate.admit(kind, None, detail)
-        if notice is not None:
-            self._spawn(self.publisher.publish_answer(topics.notice, encode_notice(notice), None))
-
-    def _spawn(self, publishing: Any) -> None:
-        task = asyncio.get_running_loop().create_task(publishing)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def close_idle(self, idle_close_s: float) -> None:
         """Close markets with no tick or request for ``idle_close_s`` (each told by a notice), forever."""

@@ -134,6 +134,7 @@ class TickIntake:
         self.ledger = TickLedger(DropCounter(log, what=f"tick on {topic}"))
         self.on_decoded: Callable[[float], None] | None = None  # seconds a valid tick took to check
         self.on_refused: Refusal | None = None  # told of every refused or overtaken tick (notices)
+        self.carried_state = False  # replica mode: ticks must carry the agents' matrices (check_carried)
 
     def receive(
         self, payload: bytes, received_at: float, retained: bool, reply_to: tuple[str, bytes] | None = None
@@ -148,6 +149,8 @@ class TickIntake:
         try:
             tick = decode_tick(payload, self._tick_limits(), self.version)
             rows = self.population.rows_for(tick.agent_ids)
+            if self.carried_state:
+                self._check_carried(tick)
         except ProtocolError as exc:
             ledger.drops.record_error(exc, self.topic)
             self._refused(exc.kind, None, exc.detail)
@@ -168,6 +171,20 @@ class TickIntake:
             )
         if self.on_decoded is not None:
             self.on_decoded(time.perf_counter() - received_at)
+
+    def _check_carried(self, tick: MarketTick) -> None:
+        """Replica mode: the answer must not depend on state one replica holds, so the tick carries its
+        agents' matrices, and names all of the market's agents when the market mean is theirs."""
+        if tick.matrices is None:
+            raise ProtocolError(
+                "schema", f"tick {tick.tick}: replicas serve this market: a tick carries its agents' matrices"
+            )
+        if tick.market_mean is None and len(tick.agent_ids) != len(self.population):
+            raise ProtocolError(
+                "shape",
+                f"tick {tick.tick}: names {len(tick.agent_ids)} of the market's {len(self.population)} "
+                "agents with market_mean nil: replicas need them all (or give market_mean)",
+            )
 
     def _refused(self, kind: str, tick: int | None, detail: str) -> None:
         if self.on_refused is not None:

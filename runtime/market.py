@@ -108,6 +108,7 @@ class Market:
         self.notices = NoticeGate(notice_rate_hz)
         self.last_active = time.monotonic()
         self.last_tick: int | None = None
+        self.seq = 0  # roster changes so far (the retained roster's seq: replicas take newer ones)
         # (pool generation, the agent ids ticked, their models' versions): the answers' model_versions
         self.versions_cache: tuple[int, tuple[str, ...], dict[str, str]] | None = None
 

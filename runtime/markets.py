@@ -74,6 +74,7 @@ class MarketRegistry:
         self.default: Market | None = None  # the v1 tick topic's (set_default)
         self._known_rows = len(arena)
         self.on_notice: Callable[[Market, Notice], None] | None = None  # publishes (runtime.control)
+        self.carried_state = False  # replica mode: v2 ticks carry their agents' matrices (docs/deploy.md)
 
     @classmethod
     def single(cls, intake: TickIntake) -> MarketRegistry:
@@ -104,6 +105,7 @@ class MarketRegistry:
         market = Market(key, topics, self.arena, limits or self.tick_limits, pending, self.notice_rate_hz,
                         intake=intake, topic=topic)  # fmt: skip
         market.intake.on_refused = lambda kind, tick, detail: self.notify(market, kind, tick, detail)
+        market.intake.carried_state = self.carried_state and topics is not None
         return market
 
     def set_default(self, market: Market, rows: int) -> None:
@@ -180,6 +182,11 @@ class MarketRegistry:
             if label.startswith(FREE):
                 free.setdefault(key, []).append(row)
         return free
+
+    def leased_by_model(self) -> Counter[str]:
+        """Model key -> the rows of it that v2 markets' agents lease."""
+        keys = self.arena.model_keys
+        return Counter(keys[int(r)] for m in self.markets.values() if m.topics is not None for r in m.rows)
 
     def resolve_models(self, selectors: Sequence[str], repository: Sequence[str]) -> list[str]:
         """Model names for selectors: a name of the repository, or ROUND_ROBIN (the model with the fewest

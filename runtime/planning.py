@@ -91,8 +91,10 @@ def plan_units(
     return plans
 
 
-def pack_slots(plan: PackPlan) -> tuple[IntArray, int]:
-    """Pack input row of each agent row: model k (in plan order) owns rows k*B .. k*B+B-1, B = largest group.
+def pack_slots(plan: PackPlan, padded: bool = False) -> tuple[IntArray, int]:
+    """Pack input row of each agent row: model k (in plan order) owns rows k*B .. k*B+B-1, B = largest group
+    (``padded``: one more, and at least 2, so that every model's last slot is padding: see
+    runtime.units.UnitBuilder.batch_invariant).
 
     One weight set per model, not per agent: agents sharing a model share its rows, so a pack's weights
     do not grow with the number of agents (on CPU that is what keeps it a fast GEMM, not a memory scan).
@@ -100,6 +102,8 @@ def pack_slots(plan: PackPlan) -> tuple[IntArray, int]:
     keys = np.asarray(plan.row_keys)
     groups = [np.flatnonzero(keys == key) for key in plan.models]
     per_model = max(len(g) for g in groups)
+    if padded:
+        per_model = max(2, per_model + 1)
     slots = np.empty(len(keys), dtype=np.int64)
     for k, group in enumerate(groups):
         slots[group] = k * per_model + np.arange(len(group))

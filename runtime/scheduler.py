@@ -104,6 +104,13 @@ class TickScheduler:
         while True:
             await self.serve_next()
 
+    async def warm_up(self) -> None:
+        """One inference of the whole arena, answering nothing: fresh sessions' first run (allocations,
+        thread start) is slow, and should not fall on a tick."""
+        async with self.markets.lock:
+            self.markets.adopt_new_rows()
+            await self.pool.infer(self._state_buffer())
+
     async def serve_next(self) -> MatricesMessage | None:
         """Wait for waiting ticks and serve them together; the first market's answer (None: not served)."""
         answers = await self.serve_batch(await self.markets.take_batch(self.window_s, self.batching))

@@ -25,15 +25,16 @@ from blockmarket.core.config import Config, ConfigError
 from blockmarket.models.files import ModelError, ModelInfo, discover_models
 from blockmarket.models.providers import ProviderError
 from blockmarket.wire.broker import BrokerError, ensure_broker
+from blockmarket.wire.connection import client_options, runtime_client_id
 from blockmarket.wire.messages import RosterMessage, encode_roster, encode_status
 from blockmarket.wire.runtime_link import RuntimeTransport
 from blockmarket.wire.topics import DEFAULT_MARKET
-from blockmarket.wire.transport import BrokerRefused, client_options, runtime_client_id
-from runtime import announcements
+from blockmarket.wire.transport import BrokerRefused
+from runtime import announcements, replica
 from runtime.agents import AgentPopulation, create_population
 from runtime.arguments import add_config_arguments, config_overrides
 from runtime.control import MarketControl
-from runtime.housekeeping import freeze_startup_heap
+from runtime.housekeeping import cancel_all, freeze_startup_heap
 from runtime.http import Telemetry
 from runtime.markets import MarketRegistry, open_markets, with_spare_rows
 from runtime.planning import PoolError
@@ -106,10 +107,18 @@ class RuntimeServer:
     async def _serve(self) -> int:
         mqtt = self.config.mqtt
         client_options(mqtt)  # first: MQTT credentials and TLS files are checked now, not after conversion
+        if mqtt.shared_group is not None and not self.config.runtime.markets.enabled:
+            raise StartupError("mqtt.shared_group shares the v2 markets: set runtime.markets.enabled: true")
         await self.prepare_models()
         population, pool = await self.build_pool()
         self._check_message_sizes(population, pool)
         broker = await ensure_broker(mqtt)
+        if mqtt.shared_group is not None and broker is not None:
+            await broker.stop()
+            raise StartupError(
+                f"mqtt.shared_group is set but no MQTT broker answers at {mqtt.host}:{mqtt.port}: replicas "
+                "share a real broker (an embedded one would serve this process alone)"
+            )
         transport, scheduler, control = self.serving_parts(pool, broker is not None)
         markets = self.config.runtime.markets
         reloader = self.reloader(pool) if self.config.runtime.hot_reload else None
@@ -133,9 +142,11 @@ class RuntimeServer:
             try:
                 return await self._until_stopped([connection, *serving])
             finally:
-                await _cancel(serving)  # no tick is served after this: the offline status is final
+                if transport.replica and self._stop.is_set():
+                    await replica.drain(transport, control, mqtt.shared_group)
+                await cancel_all(serving)  # no tick is served after this: the offline status is final
                 await transport.close(final_status=encode_status(self.status("offline")))
-                await _cancel([connection])
+                await cancel_all([connection])
                 if broker is not None:
                     await broker.stop()
                 pool.close()
@@ -148,6 +159,7 @@ class RuntimeServer:
         mqtt, markets, registry = self.config.mqtt, self.config.runtime.markets, self.markets
         assert registry is not None and registry.default is not None
         intake = registry.default.intake
+        registry.carried_state = mqtt.shared_group is not None
         transport = RuntimeTransport(
             mqtt,
             on_tick=intake.receive,
@@ -245,6 +257,7 @@ class RuntimeServer:
             use_npu=use_npu,
             cpu_pack_precision=cfg.runtime.cpu_pack_precision,
         )
+        pool.builder.batch_invariant = cfg.runtime.batch_invariant or cfg.mqtt.shared_group is not None
         await pool.start()
         self.markets = open_markets(cfg, population, default_rows)
         log.info(
@@ -266,16 +279,10 @@ class RuntimeServer:
             [key for key in models for _ in range(self.config.runtime.markets.spare_rows)]
         )
 
-    def _on_market(
-        self,
-        topic: str,
-        payload: bytes,
-        received_at: float,
-        retained: bool,
-        reply_to: tuple[str, bytes] | None,
-    ) -> None:
+    def _on_market(self, *message: Any) -> None:
+        """The transport's v2 handler (a PatternHandler): the control side exists once the transport does."""
         if self.control is not None:
-            self.control.receive(topic, payload, received_at, retained, reply_to)
+            self.control.receive(*message)
 
     async def discover(self) -> tuple[list[ModelInfo], list[str]]:
         """The servable models, read and hashed on a thread (a large repository takes seconds)."""
@@ -324,12 +331,13 @@ class RuntimeServer:
 
     async def report_status(self, transport: RuntimeTransport) -> None:
         """Publish the retained roster (again whenever the pool generation changes) and the retained
-        status, once connected and every runtime.status_interval_s, with a log line."""
-        await transport.connected.wait()
+        status, once ready (a replica: once it takes ticks) and every runtime.status_interval_s, with a
+        log line."""
+        await self.ready.wait()
         announced = -1
         while True:
-            if self.pool is not None and self.pool.current.number != announced:
-                announced = self.pool.current.number
+            if self.pool is not None and self.pool.current.number != announced and not transport.replica:
+                announced = self.pool.current.number  # (replicas serve no v1 default market)
                 await transport.publish_roster(encode_roster(self.roster()))
             await transport.publish_status(encode_status(self.status("online")))
             await asyncio.sleep(self.config.runtime.status_interval_s)
@@ -337,6 +345,8 @@ class RuntimeServer:
 
     async def _announce_ready(self, transport: RuntimeTransport) -> None:
         await transport.connected.wait()
+        if transport.replica and self.control is not None:
+            await replica.join_group(transport, self.control, self.scheduler, self.config.mqtt.shared_group)
         self.ready.set()
 
     async def _until_stopped(self, tasks: list[asyncio.Task[None]]) -> int:
@@ -360,12 +370,6 @@ class RuntimeServer:
             return 0
         finally:
             stop.cancel()
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

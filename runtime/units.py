@@ -96,6 +96,7 @@ class InferenceUnit:
     batch_size: int | None  # static batch of the session's input; None = dynamic
     slots: IntArray | None = None  # input row of each agent row in a static batch (None: the first M)
     pack_weights: PackPrecision | None = None  # a pack's stored weights (int8: runtime.cpu_pack_precision)
+    pad_rows: int = 0  # zero rows after the agents' in a dynamic batch (batch-invariant serving)
     input_name: str = field(init=False)
     output_name: str = field(init=False)
 
@@ -105,7 +106,16 @@ class InferenceUnit:
         object.__setattr__(self, "output_name", MATRIX_OUTPUT if MATRIX_OUTPUT in outputs else outputs[0])
 
     def run(self, states: FloatArray) -> FloatArray:
-        """Proposed matrices [M, n^2] for the unit's M agents' states [M, D]; called off the loop thread."""
+        """Proposed matrices [M, n^2] for the unit's M agents' states [M, D]; called off the loop thread.
+
+        ``pad_rows`` (batch-invariant serving, UnitBuilder.batch_invariant) zero rows are appended to a
+        dynamic batch, so that no agent's row is computed at the end of the tensor, see there.
+        """
+        if self.batch_size is None and self.pad_rows:
+            padded = np.concatenate([states, np.zeros((self.pad_rows, states.shape[1]), np.float32)])
+            return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[
+                : len(states)
+            ]
         if self.batch_size is None or (self.slots is None and self.batch_size == len(states)):
             return np.asarray(self.session.run([self.output_name], {self.input_name: states})[0])
         slots = np.arange(len(states)) if self.slots is None else self.slots
@@ -151,6 +161,12 @@ class UnitBuilder:
         self.model_dir = model_dir
         self.use_npu = use_npu
         self.cpu_pack_precision = cpu_pack_precision
+        # An agent's answer independent of the other rows in its session run, bit for bit (replicas must
+        # agree: docs/deploy.md). ORT's CPU kernels compute one row another way (a GEMV) than several, and
+        # a vectorized transcendental (the Softplus head) rounds the tensor's last elements, past the last
+        # full SIMD register, in scalar code. So every run ends in padding: a dynamic batch gets a zero row
+        # appended, a pack one slot more per model (and at least two).
+        self.batch_invariant = False
         self._builder: ProcessPoolExecutor | None = None
         self._builder_lock = threading.Lock()
 
@@ -177,7 +193,7 @@ class UnitBuilder:
         if not isinstance(plan, PackPlan):
             path, prefer_npu = self._model_file(next(iter(plan.models.values())), len(plan.rows))
             return self._validated_unit(plan, path, prefer_npu, None, None, watch)
-        slots, per_model = pack_slots(plan)
+        slots, per_model = pack_slots(plan, padded=self.batch_invariant)
         if self.use_npu:  # NPU packs: the fp32 conv form
             path = self._pack_file(plan, per_model, "fp32", watch)
             return self._validated_unit(plan, path, True, slots, "fp32", watch)
@@ -215,8 +231,9 @@ class UnitBuilder:
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
         unit = InferenceUnit(
-            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots, weights
-        )
+            plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots, weights,
+            pad_rows=1 if self.batch_invariant and slots is None else 0,
+        )  # fmt: skip
         with watch.phase("validation"):
             states, out = validate_unit(unit, self.num_items)
         if isinstance(plan, PackPlan):

@@ -137,6 +137,24 @@ class MqttConfig(_Section):
     reconnect_max_backoff_s: float = Field(1.0, ge=0.1, le=60.0)
     protocol: Literal["auto", "3.1.1", "5"] = "auto"  # auto: 5; 3.1.1 with the embedded broker
     max_auth_failures: int = Field(3, ge=1)  # credentials refused this many times in a row: the command exits
+    # Replica mode (docs/deploy.md): runtimes with the same group share the v2 markets' ticks and requests
+    # through MQTT 5 shared subscriptions ($share/<group>/...); null: this runtime serves alone
+    shared_group: str | None = None
+
+    @model_validator(mode="after")
+    def _replicas_speak_mqtt5(self) -> MqttConfig:
+        group = self.shared_group
+        if group is None:
+            return self
+        if not group or any(c in group for c in "/+#\0"):
+            raise ValueError(f"shared_group {group!r} must be a non-empty name without '/', '+' or '#'")
+        if self.protocol == "3.1.1":
+            raise ValueError("shared_group needs MQTT 5 (shared subscriptions): set protocol to auto or 5")
+        if self.embedded_broker == "always":
+            raise ValueError(
+                "shared_group needs a real broker that replicas share: embedded_broker is always"
+            )
+        return self
 
 
 class HttpConfig(_Section):
@@ -172,6 +190,9 @@ class RuntimeConfig(_Section):
     # CPU population packs' weights: int8 (per-agent scales, a quarter of the bytes), fp32, or auto: int8
     # when the pack passes its per-agent check on this CPU's kernels, else fp32 (logged)
     cpu_pack_precision: Literal["auto", "fp32", "int8"] = "auto"
+    # every answer independent of the other agents in its session run, bit for bit (one padding row per
+    # run; a pack one slot more per model). Always on in replica mode (mqtt.shared_group): docs/deploy.md
+    batch_invariant: bool = False
     intra_op_threads: int = Field(1, ge=0)
     allow_spinning: bool = False  # ORT intra-op threads busy-wait between calls: a core burnt between ticks
     convert_on_startup: bool = True

@@ -83,6 +83,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="with --markets: every this many seconds on average, per market, one agent leaves and one "
         "joins (0: a fixed roster; default 5)",
     )  # fmt: skip
+    parser.add_argument(
+        "--carry-matrices", action="store_true",
+        help="with --markets: every tick carries its agents' current matrices, the state that runtime "
+        "replicas (mqtt.shared_group) do not keep (docs/deploy.md)",
+    )  # fmt: skip
     parser.add_argument("--owner", default=None, help="with --markets: the game server's name in the topics "
                         "(default sim-<pid>; with a broker ACL, the MQTT user name)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="market seed (default: simulator.seed)")
@@ -151,8 +156,9 @@ async def simulate_markets(config: Config, args: argparse.Namespace) -> MarketsS
     agents = args.agents or config.simulator.num_agents
     seed = config.simulator.seed if args.seed is None else args.seed
     simulation = MarketsSimulation(
-        config, args.markets, agents, owner=args.owner, churn_s=args.churn, seed=seed
-    )
+        config, args.markets, agents, owner=args.owner, churn_s=args.churn, seed=seed,
+        carry_matrices=args.carry_matrices,
+    )  # fmt: skip
     ticks = config.simulator.ticks if args.ticks is None else args.ticks
     report = None if args.quiet else (lambda s: print(s.line(), flush=True))
     with contextlib.ExitStack() as stops:

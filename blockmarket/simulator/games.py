@@ -59,6 +59,7 @@ class Game:
         self.request_number = 0
         self.ticks_sent = self.answered = self.joins = self.leaves = self.refused = self.trades = 0
         self.violations = 0
+        self.carry_matrices = False  # ticks carry the agents' matrices (runtime replicas keep none)
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -184,6 +185,7 @@ class Game:
                 pop.inventory,
                 pop.successful.astype(np.float32),
                 pop.attempted.astype(np.float32),
+                matrices=pop.matrices if self.carry_matrices else None,
             ),
             MARKET_VERSION,
         )

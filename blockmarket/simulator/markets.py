@@ -86,7 +86,9 @@ class MarketsSimulation:
         churn_s: float = 5.0,
         seed: int = 0,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        carry_matrices: bool = False,
     ) -> None:
+        """``carry_matrices``: every tick carries its agents' matrices (what runtime replicas need)."""
         self.config = config
         self.owner = owner or f"sim-{os.getpid()}"
         prefix = config.mqtt.topic_prefix
@@ -94,6 +96,8 @@ class MarketsSimulation:
             f"game-{i:03d}": Game(config, MarketTopics(prefix, self.owner, f"game-{i:03d}"), agents, seed + i)
             for i in range(markets)
         }
+        for game in self.games.values():
+            game.carry_matrices = carry_matrices
         self.churn_s = churn_s
         self.seed = seed
         self.connect_timeout_s = connect_timeout_s

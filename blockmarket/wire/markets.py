@@ -232,10 +232,14 @@ def decode_notice(payload: bytes, limits: Limits) -> Notice:
 
 
 def encode_market_roster(
-    owner: str, market: str, client_id: str, items: tuple[str, ...], state: MarketState
+    owner: str, market: str, client_id: str, items: tuple[str, ...], state: MarketState, seq: int = 0
 ) -> bytes:
-    """The market's retained roster: who its agents are and which model (and version) each runs."""
+    """The market's retained roster: who its agents are and which model (and version) each runs.
+
+    ``seq`` counts the market's roster changes: replicas take a roster newer than theirs (docs/deploy.md).
+    """
     body = {
+        "seq": seq,
         "owner": owner,
         "market": market,
         "client_id": client_id,
@@ -252,8 +256,11 @@ def decode_market_roster(payload: bytes, limits: Limits) -> dict[str, Any]:
     keys = frozenset(
         {"owner", "market", "client_id", "items", "agent_ids", "desired", "models", "model_versions"}
     )
-    data = unpack(payload, limits.wordy(), "market_roster", keys, frozenset(), VERSION)
+    data = unpack(payload, limits.wordy(), "market_roster", keys, frozenset({"seq"}), VERSION)
     count = len(agent_ids_field(data))
+    if "seq" in data:
+        int_field(data, "seq", limits.max_tick)
+    str_field(data, "client_id")
     strings_field(data, "desired", count)
     strings_field(data, "models", count)
     return {k: v for k, v in data.items() if k not in ("v", "type")}

@@ -32,6 +32,7 @@ class MarketTick:
     successful: FloatArray  # [N] successful trades so far
     attempted: FloatArray  # [N] attempted trades so far
     market_mean: FloatArray | None = None  # [n, n] market rates; None: the runtime uses the other agents'
+    matrices: FloatArray | None = None  # [N, n, n] the agents' current matrices (v2 only; replicas need it)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ def encode_tick(tick: MarketTick, version: int = PROTOCOL_VERSION) -> bytes:
             "successful": _wire_array(tick.successful),
             "attempted": _wire_array(tick.attempted),
             "market_mean": None if tick.market_mean is None else _wire_array(tick.market_mean),
+            **({} if tick.matrices is None else {"matrices": _wire_array(tick.matrices)}),
         },
         version,
     )

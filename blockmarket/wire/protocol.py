@@ -37,14 +37,17 @@ from blockmarket.wire.messages import AgentMatrix, MarketTick, MatricesMessage, 
 
 _TICK_REQUIRED = frozenset({"tick", "sent_at", "agent_ids", "inventory", "successful", "attempted"})
 _TICK_OPTIONAL = frozenset({"market_mean"})
+_TICK_OPTIONAL_V2 = frozenset({"market_mean", "matrices"})  # a v2 tick may carry its agents' matrices
 
 
 def decode_tick(payload: bytes, limits: Limits, version: int = PROTOCOL_VERSION) -> MarketTick:
     """Parse and check a tick from the game server; raises :class:`ProtocolError`.
 
-    Version 2 ticks (a market's topic) have exactly the keys of version 1.
+    Version 2 ticks (a market's topic) have the keys of version 1 and may carry the agents' current
+    matrices (``matrices``, [N, n, n] in [0.1, 10] with diagonal 1: the state replicas do not keep).
     """
-    data = unpack(payload, limits, "tick", _TICK_REQUIRED, _TICK_OPTIONAL, version)
+    optional = _TICK_OPTIONAL if version == PROTOCOL_VERSION else _TICK_OPTIONAL_V2
+    data = unpack(payload, limits, "tick", _TICK_REQUIRED, optional, version)
     ids = agent_ids_field(data)
     count = len(ids)
     inventory = array_field(data, "inventory", (count, None), limits)
@@ -58,6 +61,13 @@ def decode_tick(payload: bytes, limits: Limits, version: int = PROTOCOL_VERSION)
         check_within(name, values, 0.0, limits.max_count)
     if market_mean is not None:
         check_market_rates(market_mean)
+    matrices = None
+    if data.get("matrices") is not None:
+        matrices = array_field(data, "matrices", (count, None, None), limits)
+        check_item_count(inventory, matrices, matrices.transpose(0, 2, 1))
+        check_within("matrices", matrices, MATRIX_MIN, MATRIX_MAX)
+        if not (np.diagonal(matrices, axis1=1, axis2=2) == 1.0).all():
+            raise ProtocolError("range", "matrices must have 1 on the diagonal")
     if (successful > attempted).any():
         rows = np.flatnonzero(successful > attempted)
         raise ProtocolError(
@@ -71,6 +81,7 @@ def decode_tick(payload: bytes, limits: Limits, version: int = PROTOCOL_VERSION)
         successful=successful,
         attempted=attempted,
         market_mean=market_mean,
+        matrices=matrices,
     )
 
 

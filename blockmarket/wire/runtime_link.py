@@ -6,8 +6,9 @@ from __future__ import annotations
 import aiomqtt
 
 from blockmarket.core.config import MqttConfig
+from blockmarket.wire.connection import runtime_client_id
 from blockmarket.wire.topics import MarketTopics, Topics
-from blockmarket.wire.transport import Handler, MqttLink, PatternHandler, runtime_client_id
+from blockmarket.wire.transport import Handler, MqttLink, PatternHandler
 
 WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
 MAX_WILL_BYTES = 65_535  # MQTT encodes the will payload's length in two bytes (paho fails at connect beyond)
@@ -26,18 +27,34 @@ class RuntimeTransport(MqttLink):
         on_market: PatternHandler | None = None,
         mqtt5: bool = False,
     ) -> None:
+        """``cfg.shared_group`` set (replica mode): the v2 markets' ticks and requests come through a shared
+        subscription, the v1 tick topic is not served, and the status is this replica's own topic."""
         self.topics = Topics(cfg.topic_prefix)
+        client_id = client_id or runtime_client_id(cfg)
+        self.replica = cfg.shared_group is not None
+        self.status_topic = self.topics.replica_status(client_id) if self.replica else self.topics.status
+        self.shared = (
+            [
+                p
+                for p in MarketTopics.patterns(cfg.topic_prefix, cfg.shared_group).values()
+                if p.startswith("$")
+            ]
+            if on_market
+            else []
+        )
         if len(will_payload) > MAX_WILL_BYTES:  # refused here, not as a struct.error inside every connect
             raise ValueError(
-                f"the last will for {self.topics.status} is {len(will_payload)} bytes, "
+                f"the last will for {self.status_topic} is {len(will_payload)} bytes, "
                 f"MQTT allows {MAX_WILL_BYTES}: keep it to the state and the process's identity"
             )
         super().__init__(
             cfg,
-            client_id=client_id or runtime_client_id(cfg),
-            subscriptions={self.topics.tick: on_tick},
-            will=aiomqtt.Will(self.topics.status, will_payload, qos=WILL_QOS, retain=True),
-            patterns={p: on_market for p in MarketTopics.patterns(cfg.topic_prefix).values()}
+            client_id=client_id,
+            subscriptions={} if self.replica else {self.topics.tick: on_tick},
+            will=aiomqtt.Will(self.status_topic, will_payload, qos=WILL_QOS, retain=True),
+            patterns={
+                p: on_market for p in MarketTopics.patterns(cfg.topic_prefix, cfg.shared_group).values()
+            }
             if on_market
             else None,
             mqtt5=mqtt5,
@@ -56,14 +73,16 @@ class RuntimeTransport(MqttLink):
         return await self.publish(topic, payload)
 
     async def publish_retained(self, topic: str, payload: bytes) -> bool:
-        return await self.publish(topic, payload, retain=True)
+        """A market's roster. Replicas do not publish it again after a reconnect: another replica may have
+        changed the market since (the broker keeps the newest)."""
+        return await self.publish(topic, payload, retain=True, remember=not self.replica)
 
     async def clear_retained(self, topic: str) -> bool:
         return await self.unretain(topic)
 
     async def publish_status(self, payload: bytes) -> bool:
         """Retained: a client that subscribes later learns at once whether the runtime is online."""
-        return await self.publish(self.topics.status, payload, retain=True)
+        return await self.publish(self.status_topic, payload, retain=True)
 
     async def publish_roster(self, payload: bytes) -> bool:
         """Retained: a client that subscribes later (the simulator) reads the agents from it."""
@@ -71,4 +90,13 @@ class RuntimeTransport(MqttLink):
 
     async def close(self, final_status: bytes | None = None, timeout_s: float = 5.0) -> None:
         """Publish the final (offline) status, retained, then disconnect cleanly."""
-        await self.disconnect(None if final_status is None else (self.topics.status, final_status), timeout_s)
+        await self.disconnect(None if final_status is None else (self.status_topic, final_status), timeout_s)
+
+    async def join_group(self) -> None:
+        """Replica mode, once the markets' retained rosters are applied: take ticks and requests."""
+        await self.subscribe(self.shared)
+
+    async def leave_group(self) -> None:
+        """Replica mode, stopping: no new ticks or requests for this replica (the group's others take
+        them); what was already delivered is still served (drain)."""
+        await self.unsubscribe(self.shared)

@@ -37,6 +37,10 @@ class Topics:
     def roster(self) -> str:
         return f"{self.prefix}/runtime/roster"
 
+    def replica_status(self, client_id: str) -> str:
+        """Replica mode: a replica's retained status (the group: ``{prefix}/runtime/replicas/+/status``)."""
+        return f"{self.prefix}/runtime/replicas/{client_id}/status"
+
     def agent_matrix(self, agent_id: str) -> str:
         return f"{self.prefix}/agents/{agent_id}/matrix"
 
@@ -101,17 +105,32 @@ class MarketTopics:
         return self.leaf("roster")
 
     @staticmethod
-    def patterns(prefix: str) -> dict[str, str]:
-        """Inbound leaf -> the wildcard subscription that receives it from every game server's markets."""
-        return {leaf: f"{prefix}/v{MARKET_VERSION}/+/+/{leaf}" for leaf in INBOUND}
+    def patterns(prefix: str, shared_group: str | None = None) -> dict[str, str]:
+        """Leaf -> the wildcard subscription that receives it from every game server's markets.
+
+        ``shared_group`` (replica mode): ticks and requests through an MQTT 5 shared subscription, each
+        to one replica of the group, and every market's retained roster to every replica, first (so a
+        replica knows a market before its ticks reach it)."""
+        every = f"{prefix}/v{MARKET_VERSION}/+/+"
+        if shared_group is None:
+            return {leaf: f"{every}/{leaf}" for leaf in INBOUND}
+        return {
+            "roster": f"{every}/roster",
+            **{leaf: f"$share/{shared_group}/{every}/{leaf}" for leaf in INBOUND},
+        }
 
     @classmethod
     def parse(cls, prefix: str, topic: str) -> tuple[MarketTopics, str] | None:
-        """(the market, the leaf) of an inbound topic under ``prefix``; None when it is not one."""
+        """(the market, the leaf) of an inbound topic (or a replica's roster) under ``prefix``; None when
+        it is not one."""
         head = f"{prefix}/v{MARKET_VERSION}/"
         if not topic.startswith(head):
             return None
         parts = topic[len(head) :].split("/")
-        if len(parts) != 3 or parts[2] not in INBOUND or not (valid_name(parts[0]) and valid_name(parts[1])):
+        if (
+            len(parts) != 3
+            or parts[2] not in (*INBOUND, "roster")
+            or not (valid_name(parts[0]) and valid_name(parts[1]))
+        ):
             return None
         return cls(prefix, parts[0], parts[1]), parts[2]

@@ -16,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import cast
 
 import aiomqtt
@@ -30,7 +27,8 @@ from paho.mqtt import client as mqtt_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from blockmarket.core.config import ConfigError, MqttConfig
+from blockmarket.core.config import MqttConfig
+from blockmarket.wire.connection import client_options, refuses_credentials
 from blockmarket.wire.limits import DropCounter
 
 logger = logging.getLogger(__name__)
@@ -44,9 +42,6 @@ Handler = Callable[[bytes, float, bool], None]
 PatternHandler = Callable[[str, bytes, float, bool, "tuple[str, bytes] | None"], None]
 
 INITIAL_BACKOFF_S = 0.2
-# CONNACK reason codes refusing our credentials: bad user name or password, not authorized (paho gives
-# MQTT 3.1.1's codes 4 and 5 these MQTT 5 numbers).
-AUTH_REFUSALS = frozenset({134, 135})
 # A client id in use elsewhere: each reconnect takes the connection over from the other client, so the
 # broker closes ours again right after accepting it (MQTT 3.1.1 and Mosquitto 2.0 give no reason for it).
 SHORT_SESSION_S = 2.0  # a connection the broker ends sooner than this after accepting it is suspect...
@@ -60,45 +55,6 @@ STATUS_QOS = 0
 class BrokerRefused(RuntimeError):
     """The broker will not keep this client connected and retrying cannot change that (the message says
     what to change): its credentials, or another client connected with the same client id."""
-
-
-def runtime_client_id(cfg: MqttConfig) -> str:
-    """The runtime's MQTT client id: ``mqtt.client_id`` or one per process (named in its status and will)."""
-    return cfg.client_id or f"blockmarket-runtime-{os.getpid()}"
-
-
-def client_options(cfg: MqttConfig) -> dict[str, object]:
-    """aiomqtt.Client keyword arguments for auth and TLS (the password comes from ``cfg.password_env``).
-
-    A user without a password in the environment, or a missing CA file, is a :class:`ConfigError` now
-    rather than refused connections later.
-    """
-    # TCP_NODELAY: ticks and answers are latency-bound single writes; Nagle's algorithm may hold a write
-    # that follows an unacknowledged one until the peer's delayed ACK (up to 40 ms on Linux).
-    options: dict[str, object] = {
-        "keepalive": cfg.keepalive_s,
-        "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-    }
-    if cfg.username:
-        password = os.environ.get(cfg.password_env)
-        if password is None:
-            raise ConfigError(
-                f"mqtt.username is {cfg.username!r} but ${cfg.password_env} (named by mqtt.password_env) is "
-                "not set: export the user's password in it, or set mqtt.username: null for a broker that "
-                "takes anonymous clients"
-            )
-        options.update(username=cfg.username, password=password)
-    if cfg.tls:
-        if cfg.ca_file is not None and not Path(cfg.ca_file).is_file():
-            raise ConfigError(f"mqtt.ca_file: {cfg.ca_file}: no such file (the CA bundle for TLS)")
-        options["tls_params"] = aiomqtt.TLSParameters(ca_certs=cfg.ca_file)
-    return options
-
-
-def _refuses_credentials(exc: aiomqtt.MqttError) -> bool:
-    """Whether ``exc`` is the broker's CONNACK refusing our user name or password."""
-    code = getattr(getattr(exc, "rc", None), "value", None)
-    return isinstance(exc, aiomqtt.MqttCodeError) and code in AUTH_REFUSALS
 
 
 class DeliveringQueue(asyncio.Queue[aiomqtt.Message]):
@@ -152,7 +108,9 @@ class MqttLink:
         will: aiomqtt.Will | None = None,
         patterns: Mapping[str, PatternHandler] | None = None,
         mqtt5: bool = False,
+        deferred: Sequence[str] = (),
     ) -> None:
+        """``deferred``: patterns not subscribed at connect, only once :meth:`subscribe` names them."""
         self.cfg = cfg
         self.client_id = client_id
         self.connected = asyncio.Event()
@@ -162,6 +120,7 @@ class MqttLink:
         self._subscriptions = dict(subscriptions)
         self._patterns = dict(patterns or {})
         self._matched: dict[str, PatternHandler | None] = {}  # topic -> its pattern's handler
+        self._deferred = set(deferred)  # patterns not subscribed (yet)
         self.mqtt5 = mqtt5  # MQTT 5: request/response (response topic, correlation data) for v2 markets
         self._will = will
         self._options = client_options(cfg)
@@ -204,7 +163,7 @@ class MqttLink:
                     if lived_s is not None:  # the broker had accepted us: a fresh outage starts from scratch
                         backoff, state = INITIAL_BACKOFF_S, "lost the connection to"
                     else:
-                        state = "was refused by" if _refuses_credentials(exc) else "cannot reach"
+                        state = "was refused by" if refuses_credentials(exc) else "cannot reach"
                     delay = backoff * random.uniform(0.8, 1.2)
                     logger.warning(
                         "%s %s MQTT broker at %s (%s); retrying in %.1f s",
@@ -225,7 +184,7 @@ class MqttLink:
         """
         if lived_s is None:
             self._short_sessions = 0  # an outage between two connections: not a takeover
-            if not _refuses_credentials(exc):
+            if not refuses_credentials(exc):
                 return None
             self._auth_refusals += 1
             if self._auth_refusals < self.cfg.max_auth_failures:
@@ -262,17 +221,19 @@ class MqttLink:
             **self._options,  # type: ignore[arg-type]
         ) as client:
             self._accepted_at = time.monotonic()
+            self._client = client  # messages arrive during the subscribes below: their answers can go out
             for topic in [*self._subscriptions, *self._patterns]:
-                await client.subscribe(topic, qos=self.cfg.qos)
+                if topic not in self._deferred:
+                    await client.subscribe(topic, qos=self.cfg.qos)
             self.connections += 1
-            self._client = client
             self.connected.set()
             for topic in list(self._retained):  # read at call time: a concurrent newer publish stays last
                 await client.publish(topic, self._retained[topic], qos=STATUS_QOS, retain=True)
             logger.info(
                 "%s %s MQTT broker at %s; subscribed to %s",
                 self.client_id, "connected to" if self.connections == 1 else "reconnected to", self.address,
-                ", ".join([*self._subscriptions, *self._patterns]) or "nothing",
+                ", ".join(t for t in [*self._subscriptions, *self._patterns] if t not in self._deferred)
+                or "nothing",
             )  # fmt: skip
             receiving = asyncio.create_task(self._until_disconnected(client))
             stopping = asyncio.create_task(self._stopping.wait())
@@ -316,13 +277,20 @@ class MqttLink:
         return found
 
     async def publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, correlation: bytes | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation: bytes | None = None,
+        remember: bool = True,
     ) -> bool:
-        """Publish now, or return False (counted) when not connected; retained messages survive reconnects.
+        """Publish now, or return False (counted) when not connected; retained messages survive reconnects
+        (published again after each one) unless ``remember`` is false.
 
         ``correlation``: MQTT 5 correlation data (the answer to a request that named a response topic).
         """
-        if retain:
+        if retain and remember:
             self._retained[topic] = payload
         client = self._client
         if client is None:
@@ -360,6 +328,29 @@ class MqttLink:
             self.unsent.record("publish_failed", f"{topic}: {mqtt_client.error_string(info.rc)}")
             return False
         return True
+
+    async def subscribe(self, patterns: list[str]) -> None:
+        """Subscribe to these deferred patterns now (and after any reconnect)."""
+        self._deferred.difference_update(patterns)
+        client = self._client
+        if client is None:
+            return
+        for pattern in patterns:
+            try:
+                await client.subscribe(pattern, qos=self.cfg.qos)
+            except aiomqtt.MqttError as exc:  # the reconnect subscribes it
+                logger.warning("%s: subscribing to %s failed: %s", self.client_id, pattern, exc)
+
+    async def unsubscribe(self, patterns: list[str]) -> None:
+        """Stop receiving these (wildcard) subscriptions, now and after any reconnect. Their handlers stay:
+        what the broker sent before it unsubscribed us is still delivered."""
+        self._deferred.update(patterns)
+        client = self._client
+        if client is not None and patterns:
+            try:
+                await client.unsubscribe(patterns)
+            except aiomqtt.MqttError as exc:
+                logger.warning("%s: unsubscribing from %s failed: %s", self.client_id, patterns, exc)
 
     async def unretain(self, topic: str) -> bool:
         """Clear a retained topic (an empty retained message) and stop re-publishing it."""

@@ -191,3 +191,16 @@ def test_no_file_means_the_built_in_defaults_said_once(
 def test_a_config_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^x\.yaml: the top level must be a mapping of sections$"):
         parse_config(["environment"], "x.yaml")
+
+
+def test_a_replica_group_needs_mqtt5_a_real_broker_and_a_plain_name() -> None:
+    """mqtt.shared_group (docs/deploy.md "Replicas"): refused with what to change, naming the key."""
+    assert parse_config({"mqtt": {"shared_group": "blockmarket"}}).config.mqtt.shared_group == "blockmarket"
+    for mqtt, reason in (
+        ({"shared_group": "g", "protocol": "3.1.1"}, "needs MQTT 5"),
+        ({"shared_group": "g", "embedded_broker": "always"}, "needs a real broker"),
+        ({"shared_group": "a/b"}, "without '/'"),
+        ({"shared_group": ""}, "non-empty"),
+    ):
+        with pytest.raises(ConfigError, match=rf"mqtt.*{reason}"):
+            parse_config({"mqtt": mqtt})

@@ -170,6 +170,15 @@ async def test_agents_join_and_leave_between_ticks(tmp_path: Path, model_dir: Pa
             await client.send(client.tick(12, ("a", "b")))  # b left: the whole tick is refused, and said so
             gone = await wait_notice(client, "unknown_agent")
             assert gone.tick == 12 and "b" in gone.detail
+            # an add (of agents with no free rows: the pool grows, off the loop) and a tick naming the new
+            # agents, back to back: the tick waits behind the request
+            new = tuple(f"n{k}" for k in range(900))
+            add = ControlRequest("add", 99, new, ("gold",) * 900, ("m2",) * 900)
+            await client.link.publish(client.topics.control, encode_control(add))
+            await client.send(client.tick(13, ("a", "c", "d", *new)))
+            assert (await client.answer(13)).agent_ids == ("a", "c", "d", *new)
+            await wait_until(lambda: 99 in client.replies, 10, "the add's reply")
+            assert client.replies[99].ok
 
 
 def _only(state, ids: set[str]):

@@ -6,18 +6,21 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiomqtt
+import numpy as np
 import pytest
 
 from blockmarket.core.config import MqttConfig
+from blockmarket.wire.connection import client_options
 from blockmarket.wire.limits import Limits
 from blockmarket.wire.markets import ControlRequest, encode_control
 from blockmarket.wire.messages import encode_status, encode_tick
 from blockmarket.wire.protocol import decode_status, decode_tick
 from blockmarket.wire.runtime_link import RuntimeTransport
-from blockmarket.wire.transport import BrokerRefused, MqttLink, client_options
+from blockmarket.wire.transport import BrokerRefused, MqttLink
 from tests.support.markets import MarketClient
 from tests.support.secure_mosquitto import GAME_USER, PREFIX, RUNTIME_USER, SecureMosquitto
 from tests.support.serving import (
@@ -30,7 +33,7 @@ from tests.support.serving import (
     write_config,
     write_model,
 )
-from tests.support.wire import Inbox, make_tick, started
+from tests.support.wire import Inbox, make_tick, started, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -253,4 +256,57 @@ async def test_the_acl_keeps_each_game_server_to_its_own_markets(
         finally:
             assert stop_process(process) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
+        secure.broker.stop()
+
+
+async def test_replicas_serve_a_game_server_under_the_shipped_acl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica mode (docs/deploy.md "Replicas") with the shipped ACL: two replicas of the runtime user take
+    a game server's requests and ticks through the shared subscriptions, and each follows the rosters the
+    other publishes (a tick is answered whichever replica the broker hands it to)."""
+    secure = SecureMosquitto.start(tmp_path / "broker", "acme")
+    monkeypatch.setenv(RUNTIME_PASSWORD_ENV, secure.passwords[RUNTIME_USER])
+    monkeypatch.setenv("BM_TEST_ACME_PASSWORD", secure.passwords["acme"])
+    config = serving_config(
+        tmp_path, secure.mqtt(RUNTIME_USER, RUNTIME_PASSWORD_ENV), shared_group="acl", protocol="5"
+    )
+    replicas = [runtime_process(config, tmp_path / f"run-{k}.log") for k in range(2)]
+    try:
+        statuses: dict[str, dict[str, object]] = {}
+
+        def on_status(topic: str, payload: bytes, *_: object) -> None:
+            statuses[topic] = decode_status(payload, LIMITS.wordy())
+
+        game_cfg = secure.mqtt(GAME_USER, GAME_PASSWORD_ENV)
+        monkeypatch.setenv(GAME_PASSWORD_ENV, secure.passwords[GAME_USER])
+        pattern = f"{PREFIX}/runtime/replicas/+/status"
+        watcher = MqttLink(game_cfg, client_id="acl-watch", subscriptions={}, patterns={pattern: on_status})
+        watching = await started(watcher)
+        await wait_until(
+            lambda: sum(s.get("state") == "online" for s in statuses.values()) == 2, 60, "two replicas online"
+        )
+        async with MarketClient(secure.mqtt("acme", "BM_TEST_ACME_PASSWORD"), "acme", "world") as acme:
+            opened = await acme.open(["a", "b"], ["m0", "m1"])
+            assert opened.ok and opened.state is not None, opened.error
+            matrices = np.array(opened.state.matrices)
+            for number in range(6):  # the broker alternates them between the two replicas
+                tick = replace(acme.tick(number, ("a", "b")), matrices=matrices)
+                await acme.send(tick)
+                matrices = np.array((await acme.answer(number)).matrices)
+                check_matrices(matrices, 2, len(ITEMS))
+            await acme.send(acme.tick(6, ("a", "b")))  # no matrices: refused with a notice, by either
+            await wait_until(lambda: any(n.kind == "schema" for n in acme.notices), 10, "a schema notice")
+            assert 6 not in acme.answers
+
+        def served() -> list[int]:
+            return [int(s["replica"]["ticks_served"]) for s in statuses.values() if "replica" in s]  # type: ignore[index]
+
+        await wait_until(lambda: sum(served()) == 6, 30, "6 ticks served")
+        assert len(served()) == 2 and min(served()) > 0, served()  # both replicas answered ticks
+        await watcher.disconnect()
+        await watching
+    finally:
+        for process in replicas:
+            assert stop_process(process) == 0
         secure.broker.stop()

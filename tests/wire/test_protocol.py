@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -65,6 +66,29 @@ def test_tick_without_market_mean() -> None:
     )
     assert decode_tick(payload, LIMITS).market_mean is None
     assert msgpack.unpackb(payload)["market_mean"] is None
+
+
+def test_a_v2_tick_may_carry_its_agents_matrices_and_only_valid_ones() -> None:
+    """Replica mode's state in the tick (docs/protocol.md §14): [N, n, n], in [0.1, 10], diagonal 1."""
+    tick = make_tick(count=3)
+    matrices = np.full((3, 5, 5), 2.0, np.float32)
+    np.einsum("kii->ki", matrices)[:] = 1.0
+    carried = replace(tick, matrices=matrices)
+    back = decode_tick(encode_tick(carried, 2), LIMITS, 2)
+    assert back.matrices is not None and back.matrices.tobytes() == matrices.tobytes()
+    assert decode_tick(encode_tick(tick, 2), LIMITS, 2).matrices is None
+    with pytest.raises(ProtocolError) as refused:  # version 1 has no such key
+        decode_tick(encode_tick(carried), LIMITS)
+    assert refused.value.kind == "schema"
+    for bad, kind in (
+        (matrices * 20, "range"),  # beyond 10
+        (np.where(np.eye(5, dtype=bool), 2.0, matrices).astype(np.float32), "range"),  # diagonal not 1
+        (matrices[:2], "shape"),  # not one per agent
+        (matrices[:, :4, :4], "shape"),  # not the tick's items
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            decode_tick(encode_tick(replace(tick, matrices=bad), 2), LIMITS, 2)
+        assert refused.value.kind == kind, (kind, refused.value)
 
 
 def test_matrices_round_trip() -> None:

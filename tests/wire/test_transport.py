@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from blockmarket.core.config import ConfigError, MqttConfig, dump_default_config, parse_config
+from blockmarket.wire.connection import client_options
 from blockmarket.wire.limits import Limits
 from blockmarket.wire.messages import MatricesMessage, encode_matrices, encode_status, encode_tick
 from blockmarket.wire.protocol import decode_matrices, decode_status, decode_tick
 from blockmarket.wire.runtime_link import RuntimeTransport
 from blockmarket.wire.topics import Topics
-from blockmarket.wire.transport import BrokerRefused, MqttLink, client_options
+from blockmarket.wire.transport import BrokerRefused, MqttLink
 from tests.support.broker import SHARED_HOST, SHARED_PORT
 from tests.support.wire import Inbox, PrivateMosquitto, blast, make_tick, started, wait_until
 
