@@ -11,13 +11,17 @@ models, a fixed roster), the simulator unpinned:
 2. ``1 replica``: one runtime in replica mode pinned to core 0 (``taskset -c 0``), ticks carrying matrices;
 3. ``2 replicas``: two runtimes in replica mode, one pinned to core 0, one to core 1.
 
+Before each measured play, an unmeasured one of --warmup-ticks opens and closes as many markets: the
+runtimes grow their session pools for them then (a market's rows stay free for the next market after
+it closes), as they do when a deployment's game servers first arrive.
+
 Reported per run: market ticks answered of those sent, game-side p50/p99, and the throughput in agent
-ticks per second (answered market ticks x agents per market / duration). A deployment *serves* a load when
-it answers >= 99 % of the ticks with p99 <= 50 ms; the largest such load is its capacity, and the scaling
-ratio is the 2-replica capacity over the 1-replica one. Also: the bytes a tick costs with and without the
-carried matrices (the price of replica mode on the wire). On a 2-core machine the simulator, the broker
-and the replicas share the two cores: the scaling measured here is a floor, not the ratio on machines
-where the game side runs elsewhere.
+ticks per second (answered market ticks x agents per market / duration). A deployment *serves* a load
+when it answers >= 99 % of the ticks with p99 <= 50 ms; the largest such load is its capacity, and the
+scaling ratio is the 2-replica capacity over the 1-replica one. Also: the bytes a tick costs with and
+without the carried matrices (the price of replica mode on the wire). On a 2-core machine the simulator,
+the broker and the replicas share the two cores: the scaling measured here is a floor, not the ratio on
+machines where the game side runs elsewhere.
 """
 
 from __future__ import annotations
@@ -138,13 +142,12 @@ async def online(config: Config, replica: bool, count: int, timeout: float) -> N
 
 
 def play(
-    work: Path, config_path: Path, label: str, markets: int, carry: bool, args: argparse.Namespace
+    work: Path, config_path: Path, name: str, markets: int, ticks: int, carry: bool, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One `simulate --markets` run; the game side's figures."""
-    name = f"{label.replace(' ', '-')}-{markets}"
     summary_path = work / f"simulate-{name}.json"
     command = [*blockmarket(), "simulate", "--config", str(config_path), "--markets", str(markets)]
-    command += ["--agents", str(args.agents), "--ticks", str(args.ticks), "--rate", str(args.rate)]
+    command += ["--agents", str(args.agents), "--ticks", str(ticks), "--rate", str(args.rate)]
     command += ["--churn", "0", "--json", str(summary_path), "--quiet", "--owner", name]
     if carry:
         command.append("--carry-matrices")
@@ -194,7 +197,11 @@ def deploy(args: argparse.Namespace, work: Path, models: Path, label: str) -> li
                 file=sys.stderr,
                 flush=True,
             )
-            figures = play(work, config_path, label, markets, replica, args)
+            name = f"{label.replace(' ', '-')}-{markets}"
+            # a first, shorter play opens (and at its end closes) as many markets: the runtimes grow their
+            # pools for them once, as a deployment does when its game servers first come; measured: the second
+            play(work, config_path, f"{name}-warmup", markets, args.warmup_ticks, replica, args)
+            figures = play(work, config_path, name, markets, args.ticks, replica, args)
             rows.append({"deployment": label, "cores": cores, "overrides": changed, **figures})
     return rows
 
@@ -231,6 +238,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--ticks", type=int, default=300, help="ticks per market per play (default 300: 15 s)"
     )
     parser.add_argument("--rate", type=float, default=20.0, help="ticks per second per market (default 20)")
+    parser.add_argument(
+        "--warmup-ticks", type=int, default=40,
+        help="ticks of the unmeasured play before each load, whose markets make the pools grow (default 40)",
+    )  # fmt: skip
     parser.add_argument("--models", type=int, default=8, help="checkpoints converted for real (default 8)")
     parser.add_argument("--distinct", type=int, default=200, help="distinct models served (default 200)")
     parser.add_argument(

@@ -37,7 +37,9 @@ def read_results(path: Path, benchmark: str) -> Any:
     return document["results"]
 
 
-@pytest.mark.parametrize("module", ["inference", "plot", "end_to_end", "startup", "soak", "markets"])
+@pytest.mark.parametrize(
+    "module", ["inference", "plot", "end_to_end", "startup", "soak", "markets", "scale_out"]
+)
 def test_help_describes_the_script(module: str) -> None:
     out = run_script(module, "--help").stdout
     assert "usage: python -m benchmarks." + module in out
@@ -256,3 +258,31 @@ def test_markets_plays_many_markets_and_one_big_one_with_and_without_batching(tm
     assert rows[2]["market_ticks_per_inference"] == 1.0  # batching off: one inference per market tick
     assert rows[2]["overrides"] == {**rows[0]["overrides"], "runtime.markets.cross_market_batching": False}
     assert "session.run/s" in done.stdout and "cpu_flags" in out.read_text()
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_scale_out_plays_every_deployment_and_prices_the_carried_matrices(tmp_path: Path) -> None:
+    out = tmp_path / "scale_out.json"
+    done = run_script(
+        "scale_out",
+        *("--loads", "2", "--agents", "4", "--ticks", "20", "--warmup-ticks", "5", "--models", "2"),
+        *("--distinct", "12", "--keep", str(tmp_path / "work"), "--out", str(out)),
+        timeout=400,
+    )
+    results = read_results(out, "scale_out")
+    rows = results["runs"]
+    assert [(r["deployment"], r["markets"]) for r in rows] == [
+        ("1 process", 2),
+        ("1 replica", 2),
+        ("2 replicas", 2),
+    ]
+    assert [r["cores"] for r in rows] == [["0-1"], ["0"], ["0", "1"]]
+    for row in rows:
+        assert row["ticks_sent"] == 40 and 0 < row["answered"] <= 40 and row["agent_ticks_per_s"] > 0
+        assert row["served"] == (row["answered_share"] >= 0.99 and row["latency_p99_ms"] <= 50)
+    assert rows[1]["overrides"]["mqtt.shared_group"] == "scale-out"
+    assert "mqtt.shared_group" not in rows[0]["overrides"]
+    wire = results["wire"]  # 4 agents x 5 x 5 float32 more, plus the key and array header
+    assert 400 < wire["extra_bytes_per_tick"] == wire["tick_bytes_carried"] - wire["tick_bytes"] < 450
+    assert "capacity" in done.stdout and "cpu_flags" in out.read_text()
