@@ -318,8 +318,8 @@ class MarketControl:
             self.drops.record_error(exc, topics.roster)
             return
         seq = int(roster.get("seq", 0))
-        if roster["client_id"] == self.client_id or (market is not None and seq <= market.seq):
-            return  # our own, or one we are past
+        if market is not None and seq <= market.seq:
+            return  # one we are past, our own included (a restarted replica's own earlier ones are not)
         agents = list(zip(roster["agent_ids"], roster["desired"], roster["models"], strict=True))
         try:
             await self._become(key, topics, agents)
