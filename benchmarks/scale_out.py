@@ -15,8 +15,10 @@ Before each measured play, an unmeasured one of --warmup-ticks opens and closes 
 runtimes grow their session pools for them then (a market's rows stay free for the next market after
 it closes), as they do when a deployment's game servers first arrive.
 
-Reported per run: market ticks answered of those sent, game-side p50/p99, and the throughput in agent
-ticks per second (answered market ticks x agents per market / duration). A deployment *serves* a load
+Reported per run: market ticks answered of those sent, game-side p50/p99, the throughput in agent
+ticks per second (answered market ticks x agents per market / duration), and the runtimes' CPU (summed
+over the replicas) and CPU milliseconds per answered market tick: whether replicas split the work or
+repeat it. A deployment *serves* a load
 when it answers >= 99 % of the ticks with p99 <= 50 ms; the largest such load is its capacity, and the
 scaling ratio is the 2-replica capacity over the 1-replica one. Also: the bytes a tick costs with and
 without the carried matrices (the price of replica mode on the wire). On a 2-core machine the simulator,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -44,6 +47,7 @@ import numpy as np
 from benchmarks._harness import (
     STATUS_LIMITS,
     HarnessError,
+    ResourceSampler,
     add_run_arguments,
     add_setting_arguments,
     announce_settings,
@@ -201,7 +205,13 @@ def deploy(args: argparse.Namespace, work: Path, models: Path, label: str) -> li
             # a first, shorter play opens (and at its end closes) as many markets: the runtimes grow their
             # pools for them once, as a deployment does when its game servers first come; measured: the second
             play(work, config_path, f"{name}-warmup", markets, args.warmup_ticks, replica, args)
-            figures = play(work, config_path, name, markets, args.ticks, replica, args)
+            with contextlib.ExitStack() as sampling:
+                samplers = [sampling.enter_context(ResourceSampler(p.pid)) for p in processes]
+                figures = play(work, config_path, name, markets, args.ticks, replica, args)
+            cpu = sum(s.cpu_percent for s in samplers)  # taskset execs: the pid is the runtime's
+            figures["runtime_cpu_percent"] = round(cpu, 1)
+            answered = max(figures["answered"], 1)
+            figures["runtime_cpu_ms_per_tick"] = round(cpu / 100 * samplers[0].wall_s / answered * 1e3, 3)
             rows.append({"deployment": label, "cores": cores, "overrides": changed, **figures})
     return rows
 
@@ -220,6 +230,8 @@ COLUMNS = (
     ("p99 ms", "latency_p99_ms"),
     ("agent ticks/s", "agent_ticks_per_s"),
     ("served", "served"),
+    ("runtime CPU %", "runtime_cpu_percent"),
+    ("CPU ms/tick", "runtime_cpu_ms_per_tick"),
     ("sim CPU %", "simulator_cpu_percent"),
 )
 

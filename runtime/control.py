@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from runtime.sessions import SessionPool
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = 256  # requests waiting at most; more are refused as overload
+HELD_TICKS = 64  # ticks of one market waiting behind its requests at most; the oldest are dropped
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class _Queued:
     reply_to: tuple[str, bytes] | None
     received_at: float
     retained: bool
+    seq: int = 0  # its place among its market's queued messages
 
 
 class MarketControl:
@@ -73,13 +75,13 @@ class MarketControl:
         self.client_id = client_id
         self.control_limits = control_limits  # requests may name up to max_agents_per_market agents
         self.queue: asyncio.Queue[_Queued] = asyncio.Queue(CONTROL_QUEUE)
-        self._waiting: Counter[tuple[str, str]] = Counter()  # queued messages per market
+        self._waiting: Counter[tuple[str, str]] = Counter()  # queued requests and rosters per market
+        self._queued: Counter[tuple[str, str]] = Counter()  # ... ever queued while some waited (seq)
+        self._held: dict[tuple[str, str], deque[tuple[int, _Queued]]] = {}  # ticks behind them
         self.requests: Counter[str] = Counter()  # received, done, refused, dropped
         self.drops = DropCounter(log, what="v2 message")  # unknown markets, unreadable requests, overload
         self.closed: Counter[str] = Counter()  # the counters of closed markets, kept in the totals
         self.out = MarketAnnouncer(registry, publisher, client_id)  # notices and rosters
-
-    # ---------------------------------------------------------------------------------- inbound
 
     def receive(
         self,
@@ -99,10 +101,11 @@ class MarketControl:
         topics, leaf = parsed
         key = (topics.owner, topics.market)
         if leaf == "tick":
+            tick = _Queued("tick", topics, payload, reply_to, received_at, retained)
             if self._waiting[key]:
-                self._enqueue(_Queued("tick", topics, payload, reply_to, received_at, retained))
+                self._hold(key, tick)
             else:
-                self._tick(topics, payload, received_at, retained, reply_to)
+                self._tick(tick)
             return
         if leaf == "roster":  # another replica changed the market (or closed it: an empty payload)
             self._enqueue(_Queued("roster", topics, payload, None, received_at, retained))
@@ -114,41 +117,40 @@ class MarketControl:
             return
         self._enqueue(_Queued("control", topics, payload, reply_to, received_at, retained))
 
-    def _tick(
-        self,
-        topics: MarketTopics,
-        payload: bytes,
-        received_at: float,
-        retained: bool,
-        reply_to: tuple[str, bytes] | None,
-    ) -> None:
+    def _tick(self, tick: _Queued) -> None:
+        topics = tick.topics
         market = self.registry.markets.get((topics.owner, topics.market))
         if market is None:
-            self.drops.record(
-                "unknown_market", f"{topics.tick}: market {topics.owner}/{topics.market} is not open"
-            )
-            self.out.orphan_notice(
-                topics, "unknown_market", "this market is not open: send an open request first"
-            )
+            detail = "this market is not open: send an open request first"
+            self.drops.record("unknown_market", f"{topics.tick}: {detail}")
+            self.out.orphan_notice(topics, "unknown_market", detail)
             return
-        market.intake.receive(payload, received_at, retained, reply_to)
+        market.intake.receive(tick.payload, tick.received_at, tick.retained, tick.reply_to)
 
     def _enqueue(self, item: _Queued) -> None:
         key = (item.topics.owner, item.topics.market)
         try:
-            self.queue.put_nowait(item)
+            self.queue.put_nowait(replace(item, seq=self._queued[key] + 1))
         except asyncio.QueueFull:
             if item.leaf == "control":
                 self.requests["dropped"] += 1
-            what = {"control": "request", "tick": "tick", "roster": "replica's roster"}[item.leaf]
-            self.drops.record(
-                "overload", f"{item.topics.leaf(item.leaf)}: {CONTROL_QUEUE} messages already wait"
-            )
-            self.out.orphan_notice(
-                item.topics, "overload", f"{CONTROL_QUEUE} requests already wait: this {what} was dropped"
-            )
+            what = "request" if item.leaf == "control" else "replica's roster"
+            self._overload(item, f"{CONTROL_QUEUE} requests already wait: this {what} was dropped")
             return
+        self._queued[key] += 1
         self._waiting[key] += 1
+
+    def _hold(self, key: tuple[str, str], tick: _Queued) -> None:
+        """A tick behind requests of its market: it goes to the market once those before it are applied
+        (its market's latest-wins slot then counts the overtaken ones). Bounded per market."""
+        held = self._held.setdefault(key, deque())
+        if len(held) >= HELD_TICKS:
+            self._overload(held.popleft()[1], f"{HELD_TICKS} ticks already wait for requests: dropped")
+        held.append((self._queued[key], tick))
+
+    def _overload(self, item: _Queued, detail: str) -> None:
+        self.drops.record("overload", f"{item.topics.leaf(item.leaf)}: {detail}")
+        self.out.orphan_notice(item.topics, "overload", detail)
 
     async def run(self) -> None:
         """Apply queued requests (and replicas' rosters) in arrival order, forever; a tick queued behind
@@ -157,16 +159,18 @@ class MarketControl:
             item = await self.queue.get()
             key = (item.topics.owner, item.topics.market)
             try:
-                if item.leaf == "tick":
-                    self._tick(item.topics, item.payload, item.received_at, item.retained, item.reply_to)
-                elif item.leaf == "roster":
+                if item.leaf == "roster":
                     await self.follow(item.topics, item.payload)
                 else:
                     await self._answer(item)
             finally:
                 self._waiting[key] -= 1
+                held = self._held.get(key, deque())
+                while held and held[0][0] <= item.seq:  # the ticks that arrived before the next request
+                    self._tick(held.popleft()[1])
                 if not self._waiting[key]:
-                    del self._waiting[key]
+                    del self._waiting[key], self._queued[key]
+                    self._held.pop(key, None)
 
     async def _answer(self, item: _Queued) -> None:
         reply = await self.apply(item.topics, item.payload)
@@ -178,7 +182,7 @@ class MarketControl:
 
     def busy(self) -> bool:
         """Requests, rosters or ticks wait in the queue, or one is being applied."""
-        return bool(self._waiting)
+        return bool(self._waiting or self._held)
 
     async def apply(self, topics: MarketTopics, payload: bytes) -> Reply:
         """One request, decoded, checked and applied; refused requests say why."""

@@ -281,6 +281,7 @@ def test_scale_out_plays_every_deployment_and_prices_the_carried_matrices(tmp_pa
     for row in rows:
         assert row["ticks_sent"] == 40 and 0 < row["answered"] <= 40 and row["agent_ticks_per_s"] > 0
         assert row["served"] == (row["answered_share"] >= 0.99 and row["latency_p99_ms"] <= 50)
+        assert row["runtime_cpu_percent"] > 0 and row["runtime_cpu_ms_per_tick"] > 0
     assert rows[1]["overrides"]["mqtt.shared_group"] == "scale-out"
     assert "mqtt.shared_group" not in rows[0]["overrides"]
     wire = results["wire"]  # 4 agents x 5 x 5 float32 more, plus the key and array header

@@ -75,6 +75,7 @@ async def test_three_replicas_share_thirty_markets_through_join_kill_drain_and_r
                 await game.open(f"m{k}", AGENTS, MODELS)
 
             async def join() -> None:  # a third replica mid-run: it learns the markets from their rosters
+                moments["join"] = asyncio.get_running_loop().time()
                 replicas["c"] = runtime_process(config, tmp_path / "c.log")
 
             async def reload() -> None:  # a model written while serving reaches every replica
@@ -89,6 +90,7 @@ async def test_three_replicas_share_thirty_markets_through_join_kill_drain_and_r
 
             await play(game, range(0, 40), {10: join})
             await wait_until(lambda: len(game.online()) == 3, 120, "replica c online")
+            moments["joined"] = asyncio.get_running_loop().time()
             await play(game, range(40, 80), {50: reload})
             await wait_until(
                 lambda: all(s.get("replica", {}).get("models") == 4 for s in game.statuses.values()),
@@ -101,9 +103,18 @@ async def test_three_replicas_share_thirty_markets_through_join_kill_drain_and_r
             served = game.served  # each replica, the one that joined mid-run included, served ticks
             assert len(served) == 3 and all(count > 0 for count in served.values()), served
 
-            # only ticks already delivered to the killed replica went unanswered: at most one per market,
-            # all sent within a period or two of the kill (none around the drain)
-            lost = {name: ticks for name, ticks in game.unanswered().items() if ticks}
+            # Only ticks already delivered to the killed replica went unanswered unnoticed: at most one per
+            # market, sent within a period or two of the kill (none around the drain). The others were
+            # noticed as skipped (overtaken in a slot), and only while the third replica started: its
+            # start-up takes CPU from the other two on these two shared cores.
+            skipped = {(name, n.tick) for name, n in game.notices if n.kind == "skipped"}
+            lost: dict[str, list[tuple[int, float]]] = {}
+            for name, ticks in game.unanswered().items():
+                for number, sent_at in ticks:
+                    if (name, number) in skipped:
+                        assert moments["join"] <= sent_at <= moments["joined"] + 1.0, (name, number, moments)
+                    else:
+                        lost.setdefault(name, []).append((number, sent_at))
             assert sum(len(t) for t in lost.values()) <= MARKETS + 1, lost
             for ticks in lost.values():
                 assert len(ticks) == 1, lost
