@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,7 +114,7 @@ def runtimes(
     finally:
         for process in processes:
             if process.poll() is None:
-                process.send_signal(2)
+                process.send_signal(signal.SIGINT)
         for process in processes:
             try:
                 process.wait(timeout=30)

@@ -68,7 +68,8 @@ def status(
             "group": config.mqtt.shared_group,
             "markets_open": len(markets),
             "models": len(control.pool.models),  # hot reload reaches every replica: each counts the new one
-            "ticks_served": sum(m.intake.ledger.outcomes["served"] for m in markets),
+            "ticks_served": control.closed["ticks_served"]
+            + sum(m.intake.ledger.outcomes["served"] for m in markets),
         }
     return report
 

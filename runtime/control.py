@@ -343,9 +343,8 @@ class MarketControl:
             if gone := [a for a, _, _ in have - set(agents)]:
                 async with self.registry.lock:
                     self.registry.release(market, gone)
-        new = [agent for agent in agents if agent not in have]
-        if new or market is None:
-            ids, desired, models = zip(*new, strict=True) if new else ((), (), ())
+        if new := [agent for agent in agents if agent not in have]:  # (all of them for a market not open)
+            ids, desired, models = zip(*new, strict=True)
             await self._join(key, topics, ControlRequest("add", 0, ids, desired, models), publish=False)
         market = self.registry.markets[key]
         order = tuple(a for a, _, _ in agents)

@@ -93,7 +93,7 @@ def plan_units(
 
 def pack_slots(plan: PackPlan, padded: bool = False) -> tuple[IntArray, int]:
     """Pack input row of each agent row: model k (in plan order) owns rows k*B .. k*B+B-1, B = largest group
-    (``padded``: one more, and at least 2, so that every model's last slot is padding: see
+    (``padded``: one more, so that every model has at least two slots and its last one is padding: see
     runtime.units.UnitBuilder.batch_invariant).
 
     One weight set per model, not per agent: agents sharing a model share its rows, so a pack's weights
@@ -101,9 +101,7 @@ def pack_slots(plan: PackPlan, padded: bool = False) -> tuple[IntArray, int]:
     """
     keys = np.asarray(plan.row_keys)
     groups = [np.flatnonzero(keys == key) for key in plan.models]
-    per_model = max(len(g) for g in groups)
-    if padded:
-        per_model = max(2, per_model + 1)
+    per_model = max(len(g) for g in groups) + (1 if padded else 0)
     slots = np.empty(len(keys), dtype=np.int64)
     for k, group in enumerate(groups):
         slots[group] = k * per_model + np.arange(len(group))

@@ -165,7 +165,7 @@ class UnitBuilder:
         # agree: docs/deploy.md). ORT's CPU kernels compute one row another way (a GEMV) than several, and
         # a vectorized transcendental (the Softplus head) rounds the tensor's last elements, past the last
         # full SIMD register, in scalar code. So every run ends in padding: a dynamic batch gets a zero row
-        # appended, a pack one slot more per model (and at least two).
+        # appended, a pack one slot more per model.
         self.batch_invariant = False
         self._builder: ProcessPoolExecutor | None = None
         self._builder_lock = threading.Lock()

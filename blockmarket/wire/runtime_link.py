@@ -7,7 +7,7 @@ import aiomqtt
 
 from blockmarket.core.config import MqttConfig
 from blockmarket.wire.connection import runtime_client_id
-from blockmarket.wire.topics import MarketTopics, Topics
+from blockmarket.wire.topics import INBOUND, MarketTopics, Topics
 from blockmarket.wire.transport import Handler, MqttLink, PatternHandler
 
 WILL_QOS = 1  # the broker publishes the will itself, on a connection the runtime no longer has
@@ -33,15 +33,8 @@ class RuntimeTransport(MqttLink):
         client_id = client_id or runtime_client_id(cfg)
         self.replica = cfg.shared_group is not None
         self.status_topic = self.topics.replica_status(client_id) if self.replica else self.topics.status
-        self.shared = (
-            [
-                p
-                for p in MarketTopics.patterns(cfg.topic_prefix, cfg.shared_group).values()
-                if p.startswith("$")
-            ]
-            if on_market
-            else []
-        )
+        patterns = MarketTopics.patterns(cfg.topic_prefix, cfg.shared_group) if on_market else {}
+        self.shared = [patterns[leaf] for leaf in INBOUND] if self.replica and patterns else []
         if len(will_payload) > MAX_WILL_BYTES:  # refused here, not as a struct.error inside every connect
             raise ValueError(
                 f"the last will for {self.status_topic} is {len(will_payload)} bytes, "
@@ -52,11 +45,8 @@ class RuntimeTransport(MqttLink):
             client_id=client_id,
             subscriptions={} if self.replica else {self.topics.tick: on_tick},
             will=aiomqtt.Will(self.status_topic, will_payload, qos=WILL_QOS, retain=True),
-            patterns={
-                p: on_market for p in MarketTopics.patterns(cfg.topic_prefix, cfg.shared_group).values()
-            }
-            if on_market
-            else None,
+            patterns={pattern: on_market for pattern in patterns.values()} if on_market else None,
+            deferred=self.shared,  # join_group subscribes them once this replica knows the markets
             mqtt5=mqtt5,
         )
 
