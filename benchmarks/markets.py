@@ -112,6 +112,9 @@ def play(
         "units": after["units"],
         "session_runs_per_s": round(batches * after["units"] / game["duration_s"], 1),
         "market_ticks_per_inference": round(game["answered"] / max(batches, 1), 2),
+        # receive -> publish inside the runtime, over its last 1,024 answered ticks (the status's window)
+        "runtime_p50_ms": after["latency_p50_ms"],
+        "runtime_p99_ms": after["latency_p99_ms"],
         "rule_violations": game["rule_violations"],
         "simulator_cpu_percent": round(game_usage.cpu_percent, 1),
     }
@@ -163,6 +166,8 @@ COLUMNS = (
     ("worst market p99", "worst_market_p99_ms"),
     ("session.run/s", "session_runs_per_s"),
     ("ticks/inference", "market_ticks_per_inference"),
+    ("rt p50 ms", "runtime_p50_ms"),
+    ("rt p99 ms", "runtime_p99_ms"),
     ("rt CPU %", "runtime_cpu_percent"),
     ("sim CPU %", "simulator_cpu_percent"),
 )

@@ -40,6 +40,13 @@ def observe(population: AgentPopulation, batch: Batch) -> None:
     )
 
 
+def ticked_rows(batch: Batch) -> IntArray:
+    """The arena rows of the batch's ticked agents, ascending: the only proposals the update reads."""
+    if len(batch) == 1:
+        return np.sort(batch[0][1].rows)
+    return np.sort(np.concatenate([accepted.rows for _, accepted in batch]))
+
+
 def states(population: AgentPopulation, batch: Batch, out: FloatArray) -> None:
     """The rows of the batch's markets in the state matrix ``out`` [len(arena), D]."""
     if len(batch) == 1 and batch[0][0].whole_arena():  # the v1 default market alone: no copies

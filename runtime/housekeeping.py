@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PACK_GRACE_S = 120.0
 # runtime.sessions names packs pack-<form>-<models>x<rows>-<16 hex>.onnx; save_pack writes .<name>.tmp
 # first, and a QNN context cache adds <stem>_ctx.onnx, <stem>_ctx_qnn.bin and <stem>_ctx.json
-_PACK_STEM = re.compile(r"^\.?(pack-[a-z0-9_]+-\d+x\d+-[0-9a-f]{16})")
+_PACK_STEM = re.compile(r"^\.?(pack-[a-z0-9_]+-\d+x\d+-(?:sel-)?[0-9a-f]{16})")
 
 
 def prune_packs(pack_dir: Path, keep: Collection[Path], grace_s: float | None = None) -> list[Path]:

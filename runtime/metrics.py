@@ -32,8 +32,9 @@ from prometheus_client.registry import Collector
 from blockmarket.wire.topics import DEFAULT_MARKET
 
 if TYPE_CHECKING:
+    from runtime.inference import InferenceUnit
     from runtime.intake import TickLedger
-    from runtime.sessions import InferenceUnit, PoolGeneration, SessionPool
+    from runtime.sessions import PoolGeneration, SessionPool
 
 log = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ class TickScheduler:
         batching.states(population, batch, states)
         marks.append(time.perf_counter())
         try:
-            proposals = await self.pool.infer(states, generation)
+            proposals = await self.pool.infer(states, generation, batching.ticked_rows(batch))
         except Exception:  # an ORT failure on one batch must not stop serving the next
             for market, accepted in batch:
                 market.intake.ledger.finish("inference_errors")
@@ -245,6 +245,6 @@ class TickScheduler:
             "latency_p99_ms": p99,
             "reload_failures": self.pool.reload_failures,
             "pool_generation": self.pool.current.number,
-            "inference_batches": self.batches,  # each ran every unit once: session.run calls = this x units
+            "inference_batches": self.batches,  # each ran every unit with a ticked agent once
             "units": len(self.pool.current.units),
         }

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from blockmarket.core.state import FloatArray
+from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo
 from runtime.agents import AgentPopulation
 from runtime.housekeeping import prune_packs, release_free_memory
+from runtime.inference import InferenceUnit
 from runtime.planning import UnitPlan, plan_units
-from runtime.units import PACK_DIR, InferenceUnit, PackChoice, SessionFactory, UnitBuilder
+from runtime.units import PACK_DIR, PackChoice, SessionFactory, UnitBuilder
 
 log = logging.getLogger(__name__)
 
@@ -97,29 +98,37 @@ class SessionPool:
         self._clean_up_later()
         return self.current
 
-    async def infer(self, states: FloatArray, generation: PoolGeneration | None = None) -> FloatArray:
-        """Proposals [N, n^2] for all agents: one call per unit, units concurrently, off the loop thread.
+    async def infer(
+        self, states: FloatArray, generation: PoolGeneration | None = None, rows: IntArray | None = None
+    ) -> FloatArray:
+        """Proposals [N, n^2] for the agents' states [N, D]: one call per unit, units concurrently, off the
+        loop thread. ``rows`` (ascending; default: all): only these agents' proposals are computed, the
+        others' are left undefined, and a unit with none of them is not run.
 
         ``generation`` (default: the current one) is what the caller reports as having served the tick.
         """
         units = (generation or self.current).units
         loop = asyncio.get_running_loop()
-        if len(units) == 1 and len(units[0].rows) == len(states):
-            return await loop.run_in_executor(self.executor, self._run, units[0], states)
+        if rows is not None and len(rows) == len(states):
+            rows = None  # every agent
+        if rows is None and len(units) == 1 and len(units[0].rows) == len(states):
+            return await loop.run_in_executor(self.executor, self._run, units[0], states, None)
+        work = [(unit, take) for unit in units if (take := _taken(unit.rows, rows)) is None or len(take)]
         outputs = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, self._run, unit, states[unit.rows]) for unit in units)
-        )
-        proposals = np.empty((len(states), outputs[0].shape[1]), dtype=np.float32)
-        for unit, out in zip(units, outputs, strict=True):
-            proposals[unit.rows] = out
+            *(loop.run_in_executor(self.executor, self._run, unit, _of(states, unit.rows, take), take)
+              for unit, take in work)
+        )  # fmt: skip
+        proposals = np.empty((len(states), self.population.num_items**2), dtype=np.float32)
+        for (unit, take), out in zip(work, outputs, strict=True):
+            proposals[unit.rows if take is None else unit.rows[take]] = out
         return proposals
 
-    def _run(self, unit: InferenceUnit, states: FloatArray) -> FloatArray:
+    def _run(self, unit: InferenceUnit, states: FloatArray, take: IntArray | None) -> FloatArray:
         """One unit's inference on an executor thread, timed for the metrics when they are on."""
         if self.on_unit_run is None:
-            return unit.run(states)
+            return unit.run(states, take)
         start = time.perf_counter()
-        out = unit.run(states)
+        out = unit.run(states, take)
         self.on_unit_run(unit.name, time.perf_counter() - start)
         return out
 
@@ -226,3 +235,14 @@ class SessionPool:
             task.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.builder.close()
+
+
+def _taken(unit_rows: IntArray, rows: IntArray | None) -> IntArray | None:
+    """Positions in ``unit_rows`` (ascending) of the wanted ``rows`` (ascending; None: all of them)."""
+    if rows is None:
+        return None
+    return np.flatnonzero(np.isin(unit_rows, rows, assume_unique=True))
+
+
+def _of(states: FloatArray, unit_rows: IntArray, take: IntArray | None) -> FloatArray:
+    return states[unit_rows] if take is None else states[unit_rows[take]]

@@ -1,5 +1,6 @@
-"""Inference units: one live session and the population rows it answers for, built from a plan and
-validated before it can serve (realistic states; a pack row by row against its models run alone)."""
+"""Building inference units (runtime.inference) from plans: sessions created, packs written by a worker
+process, and each unit validated before it can serve (realistic states; a pack row by row against its
+models run alone)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,23 @@ import multiprocessing
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from blockmarket.core.config import NpuConfig
-from blockmarket.core.contract import MATRIX_OUTPUT, PACK_TOLERANCE, VALIDATION_SEED, ModelContract
+from blockmarket.core.contract import PACK_TOLERANCE, VALIDATION_SEED, ModelContract
 from blockmarket.core.files import atomic_target
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
 from blockmarket.models.packcheck import each_alone_on_cpu, kernel_fingerprint, row_errors
 from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.housekeeping import lower_priority, touch
+from runtime.inference import InferenceUnit, PackPrecision
 from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ CHECKED_SUFFIX = ".checked.json"  # beside a pack: the content and machine it pa
 
 # (model file, prefer the NPU) -> (an onnxruntime-like session, the EP(s) running it)
 SessionFactory = Callable[[Path, bool], tuple[Any, str]]
-PackPrecision = Literal["fp32", "int8"]  # the weights a pack stores
 PackChoice = Literal["auto", "fp32", "int8"]  # runtime.cpu_pack_precision: auto = int8 where it validates
 _T = TypeVar("_T")
 
@@ -80,48 +80,6 @@ def serve_on_npu(npu: NpuConfig) -> bool:
         )
         return False
     return True
-
-
-@dataclass(frozen=True)
-class InferenceUnit:
-    """One live session and the population rows it answers for (a model group or a pack)."""
-
-    name: str
-    rows: IntArray  # ascending population rows, in the session's input row order
-    row_keys: tuple[str, ...]  # the model key of each of those rows
-    models: Mapping[str, ModelInfo]  # model key -> the version this unit was built from
-    session: Any
-    provider: str
-    model_path: Path
-    batch_size: int | None  # static batch of the session's input; None = dynamic
-    slots: IntArray | None = None  # input row of each agent row in a static batch (None: the first M)
-    pack_weights: PackPrecision | None = None  # a pack's stored weights (int8: runtime.cpu_pack_precision)
-    pad_rows: int = 0  # zero rows after the agents' in a dynamic batch (batch-invariant serving)
-    input_name: str = field(init=False)
-    output_name: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        outputs = [o.name for o in self.session.get_outputs()]
-        object.__setattr__(self, "input_name", self.session.get_inputs()[0].name)
-        object.__setattr__(self, "output_name", MATRIX_OUTPUT if MATRIX_OUTPUT in outputs else outputs[0])
-
-    def run(self, states: FloatArray) -> FloatArray:
-        """Proposed matrices [M, n^2] for the unit's M agents' states [M, D]; called off the loop thread.
-
-        ``pad_rows`` (batch-invariant serving, UnitBuilder.batch_invariant) zero rows are appended to a
-        dynamic batch, so that no agent's row is computed at the end of the tensor, see there.
-        """
-        if self.batch_size is None and self.pad_rows:
-            padded = np.concatenate([states, np.zeros((self.pad_rows, states.shape[1]), np.float32)])
-            return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[
-                : len(states)
-            ]
-        if self.batch_size is None or (self.slots is None and self.batch_size == len(states)):
-            return np.asarray(self.session.run([self.output_name], {self.input_name: states})[0])
-        slots = np.arange(len(states)) if self.slots is None else self.slots
-        padded = np.zeros((self.batch_size, states.shape[1]), dtype=np.float32)
-        padded[slots] = states
-        return np.asarray(self.session.run([self.output_name], {self.input_name: padded})[0])[slots]
 
 
 class Stopwatch:
@@ -196,14 +154,14 @@ class UnitBuilder:
         slots, per_model = pack_slots(plan, padded=self.batch_invariant)
         if self.use_npu:  # NPU packs: the fp32 conv form
             path = self._pack_file(plan, per_model, "fp32", watch)
-            return self._validated_unit(plan, path, True, slots, "fp32", watch)
+            return self._validated_unit(plan, path, True, slots, "fp32", watch, per_model)
         if self.cpu_pack_precision != "auto":
             weights = self.cpu_pack_precision
             path = self._pack_file(plan, per_model, weights, watch)
-            return self._validated_unit(plan, path, False, slots, weights, watch)
+            return self._validated_unit(plan, path, False, slots, weights, watch, per_model)
         try:
             path = self._pack_file(plan, per_model, "int8", watch)
-            return self._validated_unit(plan, path, False, slots, "int8", watch)
+            return self._validated_unit(plan, path, False, slots, "int8", watch, per_model)
         except PoolError as exc:
             log.warning(
                 "%s; serving %s with fp32 pack weights instead (runtime.cpu_pack_precision: auto)",
@@ -211,7 +169,7 @@ class UnitBuilder:
                 plan.name,
             )
             path = self._pack_file(plan, per_model, "fp32", watch)
-            return self._validated_unit(plan, path, False, slots, "fp32", watch)
+            return self._validated_unit(plan, path, False, slots, "fp32", watch, per_model)
 
     def _validated_unit(
         self,
@@ -221,24 +179,31 @@ class UnitBuilder:
         slots: IntArray | None,
         weights: PackPrecision | None,
         watch: Stopwatch,
+        per_model: int = 0,
     ) -> InferenceUnit:
+        """A session of ``path`` for the plan, validated (and a pack checked) before it may serve.
+
+        ``per_model``: a pack's rows per model; a selectable pack (dynamic rows) serves models x per_model.
+        """
         with watch.phase("session"):
             session, provider = self.factory(path, prefer_npu)
         for info in plan.models.values():
             if path == info.onnx_path:  # the session read the file: was it still this version?
                 _check_version(info)
-        static = _static_batch(session)
+        static = _static_batch(session) or (len(plan.models) * per_model if per_model else None)
         if static is not None and static < len(plan.rows):
             raise PoolError(f"{path}: static batch {static} is smaller than its {len(plan.rows)} agents")
         unit = InferenceUnit(
             plan.name, plan.rows, plan.row_keys, plan.models, session, provider, path, static, slots, weights,
             pad_rows=1 if self.batch_invariant and slots is None else 0,
+            per_model=per_model,
         )  # fmt: skip
         with watch.phase("validation"):
             states, out = validate_unit(unit, self.num_items)
         if isinstance(plan, PackPlan):
             with watch.phase("pack check"):
                 self._check_pack_once(unit, states, out)
+                check_selected(unit, states, out, exact=self.batch_invariant)
         return unit
 
     def _check_pack_once(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
@@ -305,15 +270,18 @@ class UnitBuilder:
         from blockmarket.models.pack import PackForm, write_pack
 
         form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
+        selectable = not self.use_npu  # CPU packs run only the models that ticked (InferenceUnit.run)
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
-        digest = hashlib.sha256("|".join([form, str(per_model), *versions]).encode()).hexdigest()[:16]
-        path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{digest}.onnx"
+        kind = f"{form}-selectable" if selectable else form
+        digest = hashlib.sha256("|".join([kind, str(per_model), *versions]).encode()).hexdigest()[:16]
+        mark = "sel-" if selectable else ""
+        path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{mark}{digest}.onnx"
         if path.is_file():
             touch(path)
             return path
         sources = [(info.onnx_path, info.version) for info in plan.models.values()]
         with watch.phase(f"{form} pack written"):
-            self._in_builder(write_pack, sources, path, form, per_model)
+            self._in_builder(write_pack, sources, path, form, per_model, selectable)
         return path
 
     def _in_builder(self, work: Callable[..., _T], *args: Any) -> _T:
@@ -365,3 +333,25 @@ def validate_unit(unit: InferenceUnit, num_items: int) -> tuple[FloatArray, Floa
     if (out <= 0).any():
         raise PoolError(f"{unit.model_path}: non-positive exchange rates on realistic states")
     return states, out
+
+
+def check_selected(unit: InferenceUnit, states: FloatArray, out: FloatArray, exact: bool) -> None:
+    """A selectable pack's runs of a few models (the gathering branch) must give those rows what the
+    checked run of the whole pack gave: each model alone, then every seventh model together.
+
+    ``exact`` (batch-invariant serving, whose padding ends every run): bit for bit. Otherwise a row
+    computed last in the tensor may round its last elements in scalar code (UnitBuilder.batch_invariant),
+    so within float32 rounding.
+    """
+    if not unit.per_model:
+        return
+    models = unit.slots // unit.per_model if unit.slots is not None else np.zeros(0, np.int64)
+    for chosen in ([0], [len(unit.models) - 1], range(0, len(unit.models), 7)):
+        take = np.flatnonzero(np.isin(models, list(chosen)))
+        got = unit.run(states[take], take)
+        same = np.array_equal(got, out[take]) if exact else np.allclose(got, out[take], rtol=1e-5, atol=1e-6)
+        if not same:
+            raise PoolError(
+                f"{unit.model_path}: models {list(chosen)[:5]} run alone in the pack gave other values "
+                "than in the whole pack"
+            )

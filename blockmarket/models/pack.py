@@ -25,15 +25,16 @@ import hashlib
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-from blockmarket.core.contract import INPUT_NAME, MATRIX_OUTPUT, OUTPUT_FLOOR
+from blockmarket.core.contract import INPUT_NAME, MATRIX_OUTPUT, MODELS_INPUT, OUTPUT_FLOOR
 from blockmarket.core.files import atomic_target
+from blockmarket.models.graph import GraphBuilder
 
 PackForm = Literal["matmul", "conv", "matmul_int8"]
 Weights = Sequence[npt.NDArray[np.floating]]
@@ -48,6 +49,7 @@ WEIGHT_LEVELS = 63
 UINT8_MAX = 255  # activation levels: every input is >= 0 (state features and ReLU outputs)
 IR_VERSION = 10  # readable by every ONNX Runtime >= 1.17
 META_PREFIX = "blockmarket.pack."
+SELECTABLE_FORMS = ("matmul", "matmul_int8")
 
 
 class PackError(ValueError):
@@ -129,6 +131,7 @@ def build_pack(
     form: PackForm,
     batch_per_agent: int = 1,
     dtype: type[np.floating] = np.float32,
+    selectable: bool = False,
 ) -> onnx.ModelProto:
     """One static-shape graph evaluating agent i's network on its own B rows, for all N agents at once.
 
@@ -150,15 +153,21 @@ def build_pack(
     graph = model.graph
     graph.name = f"population_pack_{form}_{agents}x{batch}"
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    graph.input.append(helper.make_tensor_value_info(INPUT_NAME, elem, [agents * batch, in_dim]))
-    graph.output.append(helper.make_tensor_value_info(MATRIX_OUTPUT, elem, [agents * batch, out_dim]))
-    _FORMS[form](_GraphBuilder(graph, np.dtype(dtype)), weight_sets, shapes, batch)
+    if selectable and form not in SELECTABLE_FORMS:
+        raise PackError(f"a {form} pack has static shapes; selectable ones: {', '.join(SELECTABLE_FORMS)}")
+    rows: int | str = "rows" if selectable else agents * batch
+    graph.input.append(helper.make_tensor_value_info(INPUT_NAME, elem, [rows, in_dim]))
+    if selectable:
+        graph.input.append(helper.make_tensor_value_info(MODELS_INPUT, onnx.TensorProto.INT64, ["models"]))
+    graph.output.append(helper.make_tensor_value_info(MATRIX_OUTPUT, elem, [rows, out_dim]))
+    _FORMS[form](GraphBuilder(graph, np.dtype(dtype), selectable), weight_sets, shapes, batch)
     helper.set_model_props(
         model,
         {
             f"{META_PREFIX}agents": str(agents),
             f"{META_PREFIX}form": form,
             f"{META_PREFIX}batch_per_agent": str(batch),
+            **({f"{META_PREFIX}selectable": MODELS_INPUT} if selectable else {}),
         },
     )
     return model
@@ -188,7 +197,7 @@ def _quantized(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _matmul_graph(
-    builder: _GraphBuilder,
+    builder: GraphBuilder,
     weight_sets: Sequence[Weights],
     shapes: list[tuple[int, int]],
     batch: int,
@@ -199,26 +208,68 @@ def _matmul_graph(
 
     ``int8``: the weights are int8 with per-agent, per-channel scales, multiplied by MatMulInteger
     without ever being widened to fp32 in memory (:func:`_int8_product`).
+
+    A selectable pack holds the same chain twice, over the same initializers, under an If on the size of
+    its ``models`` input: all N -> the whole pack, as above; K < N -> each parameter's K selected weight
+    sets gathered first, so the run reads and computes only those (its rows bit for bit the same: each
+    weight set is multiplied on its own, with the same kernel).
     """
-    agents, in_dim, out_dim = len(weight_sets), shapes[0][1], shapes[-1][0]
-    hidden = builder.reshape(INPUT_NAME, (agents, batch, in_dim))
-    for layer in range(len(shapes)):
-        if int8:
-            weight = _stacked(weight_sets, 2 * layer, np.dtype(np.float32))
-            product = _int8_product(builder, hidden, layer, *_quantized(weight))
-        else:
-            weight = _stacked(weight_sets, 2 * layer, builder.dtype, transpose=True)  # [N, in, out]
-            product = builder.node("MatMul", [hidden, builder.const(f"w{layer}", weight)])
-        bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)
-        hidden = builder.node("Add", [product, builder.const(f"b{layer}", bias[:, None, :])])  # [N, 1, out]
-        hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
-    builder.reshape(hidden, (agents * batch, out_dim), output=MATRIX_OUTPUT)
+    agents = len(weight_sets)
+    params = [_layer_params(builder, weight_sets, layer, int8) for layer in range(len(shapes))]
+    if not builder.selectable:
+        _matmul_chain(builder, params, shapes, batch, agents, output=MATRIX_OUTPUT)
+        return
+    every, some = builder.branch("every_", gather=False), builder.branch("some_", gather=True)
+    branches = [
+        branch.subgraph(_matmul_chain(branch, params, shapes, batch, rows), shapes[-1][0])
+        for branch, rows in ((every, agents), (some, -1))
+    ]
+    count = builder.node("Shape", [MODELS_INPUT])
+    every_model = builder.const("all_models", np.array([agents]), np.dtype(np.int64))
+    whole = builder.node("Equal", [count, every_model])
+    builder.node("If", [whole], output=MATRIX_OUTPUT, then_branch=branches[0], else_branch=branches[1])
 
 
-def _int8_product(
-    builder: _GraphBuilder, hidden: str, layer: int, weight: np.ndarray, weight_scale: np.ndarray
+def _layer_params(
+    builder: GraphBuilder, weight_sets: Sequence[Weights], layer: int, int8: bool
+) -> tuple[str, ...]:
+    """One layer's stacked initializers: (weight [N, in, out], bias [N, 1, out]) or, int8, (int8 weight,
+    its scales [N, 1, out], bias)."""
+    bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)[:, None, :]
+    if int8:
+        weight, scale = _quantized(_stacked(weight_sets, 2 * layer, np.dtype(np.float32)))
+        return (
+            builder.const(f"w{layer}", weight, weight.dtype),
+            builder.const(f"s{layer}", scale),
+            builder.const(f"b{layer}", bias),
+        )
+    weight = _stacked(weight_sets, 2 * layer, builder.dtype, transpose=True)
+    return builder.const(f"w{layer}", weight), builder.const(f"b{layer}", bias)
+
+
+def _matmul_chain(
+    builder: GraphBuilder,
+    params: Sequence[tuple[str, ...]],
+    shapes: list[tuple[int, int]],
+    batch: int,
+    rows: int,
+    output: str | None = None,
 ) -> str:
-    """``hidden`` [N, B, in] (every value >= 0) times int8 ``weight`` [N, in, out], in fp32 [N, B, out].
+    """The layers over ``rows`` weight sets of B rows each (-1: as many as the input holds)."""
+    hidden = builder.reshape(INPUT_NAME, (rows, batch, shapes[0][1]))
+    for layer, names in enumerate(params):
+        picked = [builder.pick(name) for name in names]
+        if len(picked) == 3:
+            product = _int8_product(builder, hidden, layer, picked[0], picked[1])
+        else:
+            product = builder.node("MatMul", [hidden, picked[0]])
+        hidden = builder.node("Add", [product, picked[-1]])
+        hidden = _activation(builder, hidden, last=layer == len(shapes) - 1)
+    return builder.reshape(hidden, (rows * batch if rows > 0 else -1, shapes[-1][0]), output=output)
+
+
+def _int8_product(builder: GraphBuilder, hidden: str, layer: int, weight: str, weight_scale: str) -> str:
+    """``hidden`` [N, B, in] (every value >= 0) times the int8 ``weight`` [N, in, out], in fp32 [N, B, out].
 
     Each row is quantized to uint8 with its own scale, peak / 255, computed in the graph: unlike a
     per-call scale (DynamicQuantizeMatMul's), a row's rounding never depends on the other rows, so an
@@ -232,14 +283,14 @@ def _int8_product(
     bounds = [builder.const(f"lo{layer}", np.array(0.0)), builder.const(f"hi{layer}", np.array(UINT8_MAX))]
     levels = builder.node("Clip", [levels, *bounds])
     quantized = builder.node("Cast", [levels], to=onnx.TensorProto.UINT8)
-    integer = builder.node("MatMulInteger", [quantized, builder.const(f"w{layer}", weight, weight.dtype)])
+    integer = builder.node("MatMulInteger", [quantized, weight])
     product = builder.node("Cast", [integer], to=onnx.TensorProto.FLOAT)
     product = builder.node("Mul", [product, row_scale])
-    return builder.node("Mul", [product, builder.const(f"s{layer}", weight_scale)])
+    return builder.node("Mul", [product, weight_scale])
 
 
 def _conv_graph(
-    builder: _GraphBuilder, weight_sets: Sequence[Weights], shapes: list[tuple[int, int]], batch: int
+    builder: GraphBuilder, weight_sets: Sequence[Weights], shapes: list[tuple[int, int]], batch: int
 ) -> None:
     """Agents as channel groups of [1, N*D, B, 1], one grouped 1x1 Conv per layer (matches on HTP)."""
     agents, in_dim, out_dim = len(weight_sets), shapes[0][1], shapes[-1][0]
@@ -260,7 +311,7 @@ def _conv_graph(
     builder.reshape(hidden, (agents * batch, out_dim), output=MATRIX_OUTPUT)
 
 
-def _activation(builder: _GraphBuilder, value: str, *, last: bool) -> str:
+def _activation(builder: GraphBuilder, value: str, *, last: bool) -> str:
     """ReLU between layers; softplus + 0.1 after the head (the TradingNetwork output)."""
     if not last:
         return builder.node("Relu", [value])
@@ -269,35 +320,7 @@ def _activation(builder: _GraphBuilder, value: str, *, last: bool) -> str:
     )
 
 
-class _GraphBuilder:
-    """Appends nodes and initializers with unique names straight into the model's graph."""
-
-    def __init__(self, graph: onnx.GraphProto, dtype: np.dtype) -> None:
-        self.graph = graph
-        self.dtype = dtype
-
-    def const(self, name: str, value: npt.ArrayLike, dtype: np.dtype | None = None) -> str:
-        """An initializer whose raw bytes are written once (little-endian, as every target is)."""
-        array = np.ascontiguousarray(value, dtype=dtype or self.dtype)
-        tensor = self.graph.initializer.add()
-        tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
-        tensor.raw_data = array.tobytes()
-        return name
-
-    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
-        name = f"{op.lower()}_{len(self.graph.node)}"
-        out = output or f"{name}_out"
-        self.graph.node.append(helper.make_node(op, inputs, [out], name=name, **attrs))
-        return out
-
-    def reshape(self, value: str, shape: tuple[int, ...], output: str | None = None) -> str:
-        target = self.const(f"shape_{len(self.graph.initializer)}", np.array(shape), dtype=np.dtype(np.int64))
-        return self.node("Reshape", [value, target], output=output)
-
-
-_FORMS: dict[str, Callable[[_GraphBuilder, Sequence[Weights], list[tuple[int, int]], int], None]] = {
+_FORMS: dict[str, Callable[[GraphBuilder, Sequence[Weights], list[tuple[int, int]], int], None]] = {
     "matmul": _matmul_graph,
     "conv": _conv_graph,
     "matmul_int8": partial(_matmul_graph, int8=True),
@@ -313,7 +336,13 @@ def pack_metadata(model: onnx.ModelProto) -> dict[str, str]:
     }
 
 
-def write_pack(sources: Sequence[tuple[Path, str]], path: Path, form: PackForm, batch_per_agent: int) -> Path:
+def write_pack(
+    sources: Sequence[tuple[Path, str]],
+    path: Path,
+    form: PackForm,
+    batch_per_agent: int,
+    selectable: bool = False,
+) -> Path:
     """The pack of these fp32 model files, each of the version (start of its content's sha256) given,
     written to ``path``: what the serving process has a worker process do, since parsing, assembling,
     serializing and checking a large model hold the GIL (for 200 MB of weights 0.3-0.5 s each, in which
@@ -328,7 +357,8 @@ def write_pack(sources: Sequence[tuple[Path, str]], path: Path, form: PackForm, 
                 "which the pack was to hold"
             )
         weights.append(extract_trading_weights(source, content))
-    return save_pack(build_pack(weights, form=form, batch_per_agent=batch_per_agent), path)
+    pack = build_pack(weights, form=form, batch_per_agent=batch_per_agent, selectable=selectable)
+    return save_pack(pack, path)
 
 
 def save_pack(model: onnx.ModelProto, path: str | Path) -> Path:

@@ -38,7 +38,8 @@ def read_results(path: Path, benchmark: str) -> Any:
 
 
 @pytest.mark.parametrize(
-    "module", ["inference", "plot", "end_to_end", "startup", "soak", "markets", "scale_out"]
+    "module",
+    ["inference", "plot", "end_to_end", "startup", "soak", "markets", "scale_out", "selected_models"],
 )
 def test_help_describes_the_script(module: str) -> None:
     out = run_script(module, "--help").stdout
@@ -287,3 +288,19 @@ def test_scale_out_plays_every_deployment_and_prices_the_carried_matrices(tmp_pa
     wire = results["wire"]  # 4 agents x 5 x 5 float32 more, plus the key and array header
     assert 400 < wire["extra_bytes_per_tick"] == wire["tick_bytes_carried"] - wire["tick_bytes"] < 450
     assert "capacity" in done.stdout and "cpu_flags" in out.read_text()
+
+
+def test_selected_models_times_the_whole_pack_against_a_few_models(tmp_path: Path) -> None:
+    out = tmp_path / "selected.json"
+    run_script(
+        "selected_models", "--models", "40", "--fractions", "0.05,0.5", "--repeats", "2", "--out", str(out)
+    )
+    rows = read_results(out, "selected_models")
+    assert [(r["weights"], r["selected"]) for r in rows] == [
+        ("fp32", 2),
+        ("fp32", 20),
+        ("int8", 2),
+        ("int8", 20),
+    ]
+    assert all(r["whole_ms"] > 0 and r["selected_ms"] > 0 for r in rows)
+    assert all(r["ratio"] == pytest.approx(r["selected_ms"] / r["whole_ms"]) for r in rows)

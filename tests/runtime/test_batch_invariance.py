@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from blockmarket.core.state import realistic_states
-from runtime.units import InferenceUnit
+from runtime.inference import InferenceUnit
 from tests.support.serving import ITEMS, trading_model, trading_weights
 
 

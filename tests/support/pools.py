@@ -20,11 +20,12 @@ class CountingFactory:
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.created: list[Path] = []
+        self.fed: list[tuple[str, dict[str, tuple[int, ...]]]] = []  # (file, input -> shape) per run
 
     def __call__(self, path: Path, prefer_npu: bool) -> tuple[Any, str]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.created.append(path)
-        counts, name = self.calls, path.name
+        counts, fed, name = self.calls, self.fed, path.name
 
         class Counted:
             def get_inputs(self) -> Any:
@@ -35,6 +36,7 @@ class CountingFactory:
 
             def run(self, *args: Any) -> Any:
                 counts[name] = counts.get(name, 0) + 1
+                fed.append((name, {k: np.shape(v) for k, v in args[1].items()}))
                 return session.run(*args)
 
         return Counted(), "CPUExecutionProvider"
