@@ -10,8 +10,8 @@ For each form (fp32 ``matmul``, ``matmul_int8``) one selectable pack of ``--mode
 (n = 5, H = ``--hidden``, ``--rows`` rows per model, the last one padding as the runtime's batch-invariant
 packs have) is timed on one intra-op thread: the whole pack (all N models) and a selected run of K models
 for each fraction in ``--fractions``, the two interleaved call by call (``--repeats`` pairs, median).
-Reported: ms per call, the ratio selected / whole, and the crossover (the smallest fraction measured at
-which selecting stops being faster) beside the runtime's threshold.
+Reported: ms per call, the ratio selected / whole, where a selected run costs at most half the whole pack
+and where it stops being faster (the crossover), beside the runtime's threshold.
 """
 
 from __future__ import annotations
@@ -84,10 +84,20 @@ def time_form(weights: str, sets: Sequence[Sequence[np.ndarray]], args: argparse
     return results
 
 
+def half_cost(rows: Sequence[dict]) -> float | None:
+    """The largest fraction measured at which a selected run costs at most half the whole pack."""
+    cheap = [r["fraction"] for r in rows if r["ratio"] <= 0.5]
+    return max(cheap) if cheap else None
+
+
 def crossover(rows: Sequence[dict]) -> float | None:
     """The smallest fraction measured (below all N) at which a selected run is no faster than the whole."""
     slower = [r["fraction"] for r in rows if r["ratio"] >= 1.0 and r["selected"] < r["models"]]
     return min(slower) if slower else None
+
+
+def _fraction(value: float | None) -> str:
+    return "none of the fractions run" if value is None else f"{value:g}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -121,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"... {weights} pack of {args.models} models", file=sys.stderr, flush=True)
         measured = time_form(weights, sets, args)
         rows += measured
-        summary[weights] = {"crossover_fraction": crossover(measured), "gather_below": GATHER_BELOW[weights]}
+        summary[weights] = {
+            "half_cost_fraction": half_cost(measured),
+            "crossover_fraction": crossover(measured),
+            "gather_below": GATHER_BELOW[weights],
+        }
     print_table(
         "one session.run on one thread: the whole pack vs the K selected models (median)",
         HEADERS,
@@ -129,11 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           r["ratio"]] for r in rows],
     )  # fmt: skip
     for weights, found in summary.items():
-        where = found["crossover_fraction"]
+        half, where = found["half_cost_fraction"], found["crossover_fraction"]
         print(
-            f"{weights}: selecting stops paying at "
-            + (f"{where:g} of the models" if where is not None else "none of the fractions run")
-            + f"; the runtime selects below {found['gather_below']:g}"
+            f"{weights}: selecting costs at most half the whole pack up to {_fraction(half)} of the models "
+            f"and stops paying at {_fraction(where)}; the runtime selects below {found['gather_below']:g}"
         )
     settings = {
         "items": ITEMS,

@@ -20,10 +20,12 @@ INPUT_NAME = "state_vector"  # [B, D] float32, D = state_dim(n)
 MATRIX_OUTPUT = "trading_matrix"  # [B, n^2]: the proposed trading matrix, row-major
 MODELS_INPUT = "models"  # a selectable population pack's second input: the weight sets to run, int64 [K]
 # A selectable pack runs the K models whose agents ticked (gathering their weights first) while K is below
-# this fraction of its N models, else all N. Gathering copies the weight sets it picks, so it stops paying
-# at ~0.5 N with fp32 weights and ~0.75 N with int8 (`python -m benchmarks.selected_models`, 1,020 models,
-# Intel Xeon avx512_vnni); the thresholds keep a margin for CPUs whose copy costs more against compute.
-GATHER_BELOW = {"int8": 0.6, "fp32": 0.35}
+# this fraction of its N models, else all N. Gathering copies the weight sets it picks: on 1,020 models it
+# costs half the whole pack at ~0.3 N (int8) and ~0.2 N (fp32), and as much at ~0.75 N and ~0.5 N
+# (`python -m benchmarks.selected_models`, Intel Xeon avx512_vnni). Selecting only where it saves half
+# keeps a loaded machine, whose batches grow, on the whole pack rather than on gathers that cost as much
+# (with 0.6 the 50-market benchmark fell into large gathered batches, p99 ~290 ms against ~120).
+GATHER_BELOW = {"int8": 0.3, "fp32": 0.2}
 VALUE_OUTPUT = "state_value"  # [B, 1]
 OUTPUT_FLOOR = 0.1  # the policy output is softplus(head) + 0.1, so every rate is >= 0.1
 OPSET = 17

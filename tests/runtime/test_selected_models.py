@@ -12,6 +12,7 @@ import pytest
 from blockmarket.core.contract import INPUT_NAME, MODELS_INPUT
 from blockmarket.core.state import realistic_states
 from blockmarket.models.pack import PackError, build_pack
+from runtime import inference
 from tests.runtime.test_int8_pack import population
 from tests.support.pools import CountingFactory, make_pool
 from tests.support.serving import ITEMS
@@ -72,7 +73,10 @@ async def test_a_batch_runs_only_the_units_of_its_agents(model_dir: Path) -> Non
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-async def test_a_pack_runs_only_the_models_of_the_ticked_agents(model_dir: Path, precision: str) -> None:
+async def test_a_pack_runs_only_the_models_of_the_ticked_agents(
+    model_dir: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "GATHER_BELOW", {"int8": 0.5, "fp32": 0.5})  # 1 of these 3 models
     pool = await make_pool(model_dir, agents=10, max_sessions=2, cpu_pack_precision=precision)
     (unit,) = pool.current.units
     assert unit.per_model == 4 and unit.model_path.name.startswith(
@@ -92,3 +96,7 @@ async def test_a_pack_runs_only_the_models_of_the_ticked_agents(model_dir: Path,
     factory.fed.clear()
     await pool.infer(states, rows=np.arange(len(states)))
     assert [shapes[MODELS_INPUT] for _, shapes in factory.fed] == [(3,)]  # every model: the whole pack
+    monkeypatch.setattr(inference, "GATHER_BELOW", {"int8": 0.3, "fp32": 0.3})
+    factory.fed.clear()
+    np.testing.assert_allclose((await pool.infer(states, rows=ticked))[ticked], whole[ticked], rtol=1e-6)
+    assert [shapes[MODELS_INPUT] for _, shapes in factory.fed] == [(3,)]  # 1 of 3 is not below 0.3
