@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo
@@ -113,7 +114,8 @@ class SessionPool:
             rows = None  # every agent
         if rows is None and len(units) == 1 and len(units[0].rows) == len(states):
             return await loop.run_in_executor(self.executor, self._run, units[0], states, None)
-        work = [(unit, take) for unit in units if (take := _taken(unit.rows, rows)) is None or len(take)]
+        wanted = _wanted(len(states), rows)
+        work = [(unit, take) for unit in units if (take := _taken(unit.rows, wanted)) is None or len(take)]
         outputs = await asyncio.gather(
             *(loop.run_in_executor(self.executor, self._run, unit, _of(states, unit.rows, take), take)
               for unit, take in work)
@@ -237,11 +239,18 @@ class SessionPool:
         self.builder.close()
 
 
-def _taken(unit_rows: IntArray, rows: IntArray | None) -> IntArray | None:
-    """Positions in ``unit_rows`` (ascending) of the wanted ``rows`` (ascending; None: all of them)."""
+def _wanted(count: int, rows: IntArray | None) -> npt.NDArray[np.bool_] | None:
+    """A mask of the ``count`` arena rows: True where ``rows`` asks for a proposal (None: every row)."""
     if rows is None:
         return None
-    return np.flatnonzero(np.isin(unit_rows, rows, assume_unique=True))
+    wanted = np.zeros(count, dtype=bool)
+    wanted[rows] = True
+    return wanted
+
+
+def _taken(unit_rows: IntArray, wanted: npt.NDArray[np.bool_] | None) -> IntArray | None:
+    """Positions in ``unit_rows`` (ascending) of the wanted rows (None: all of them)."""
+    return None if wanted is None else np.flatnonzero(wanted[unit_rows])
 
 
 def _of(states: FloatArray, unit_rows: IntArray, take: IntArray | None) -> FloatArray:

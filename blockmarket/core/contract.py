@@ -21,7 +21,7 @@ MATRIX_OUTPUT = "trading_matrix"  # [B, n^2]: the proposed trading matrix, row-m
 MODELS_INPUT = "models"  # a selectable population pack's second input: the weight sets to run, int64 [K]
 # A selectable pack runs the K models whose agents ticked (gathering their weights first) while K is below
 # this fraction of its N models, else all N. Gathering copies the weight sets it picks: on 1,020 models it
-# costs half the whole pack at ~0.3 N (int8) and ~0.2 N (fp32), and as much at ~0.75 N and ~0.5 N
+# costs half the whole pack at ~0.35 N (int8) and ~0.2 N (fp32), and as much at ~0.85 N and ~0.6 N
 # (`python -m benchmarks.selected_models`, Intel Xeon avx512_vnni). Selecting only where it saves half
 # keeps a loaded machine, whose batches grow, on the whole pack rather than on gathers that cost as much
 # (with 0.6 the 50-market benchmark fell into large gathered batches, p99 ~290 ms against ~120).
