@@ -15,7 +15,9 @@ Each runtime run then plays, one after the other on the same runtime process:
 Both are run with cross-market batching on (the shipped default: the ticks of every market waiting
 together share one ``session.run`` per unit) and off (``runtime.markets.cross_market_batching: false``:
 one inference per market tick). Reported: game-side p50/p99 over all ticks and the worst market's p99,
-ticks answered, and ``session.run`` calls per second (from the runtime's status: inferences x units).
+ticks answered, ``session.run`` calls per second (from the runtime's status: inferences x units, at most:
+a unit none of whose agents ticked is not run; these runs serve one pack), and the runtime's own receive ->
+publish p50/p99 over its last 1,024 answered ticks.
 Target (issue 12): p99 <= 30 ms for every market with 50 x 20 agents at 20 Hz, on the 2-core machine.
 """
 
