@@ -216,6 +216,9 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         help="runtime.cpu_pack_precision (default: config.yaml's)",
     )
     parser.add_argument("--no-reload", action="store_true", help="runtime.hot_reload: false")
+    parser.add_argument(
+        "--no-select-models", action="store_true", help="runtime.select_models: false (the whole pack always)"
+    )
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +237,8 @@ def runtime_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["cpu_pack_precision"] = args.cpu_pack_precision
     if args.no_reload:
         settings["hot_reload"] = False
+    if args.no_select_models:
+        settings["select_models"] = False
     return settings
 
 

@@ -258,6 +258,7 @@ class RuntimeServer:
             cpu_pack_precision=cfg.runtime.cpu_pack_precision,
         )
         pool.builder.batch_invariant = cfg.runtime.batch_invariant or cfg.mqtt.shared_group is not None
+        pool.builder.select_models = cfg.runtime.select_models
         await pool.start()
         self.markets = open_markets(cfg, population, default_rows)
         log.info(

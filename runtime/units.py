@@ -125,6 +125,7 @@ class UnitBuilder:
         # full SIMD register, in scalar code. So every run ends in padding: a dynamic batch gets a zero row
         # appended, a pack one slot more per model.
         self.batch_invariant = False
+        self.select_models = True  # CPU packs selectable: a run computes only the ticked agents' models
         self._builder: ProcessPoolExecutor | None = None
         self._builder_lock = threading.Lock()
 
@@ -270,7 +271,7 @@ class UnitBuilder:
         from blockmarket.models.pack import PackForm, write_pack
 
         form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
-        selectable = not self.use_npu  # CPU packs run only the models that ticked (InferenceUnit.run)
+        selectable = self.select_models and not self.use_npu  # runs only the models that ticked
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
         kind = f"{form}-selectable" if selectable else form
         digest = hashlib.sha256("|".join([kind, str(per_model), *versions]).encode()).hexdigest()[:16]

@@ -193,6 +193,9 @@ class RuntimeConfig(_Section):
     # every answer independent of the other agents in its session run, bit for bit (one padding row per
     # run; a pack one slot more per model). Always on in replica mode (mqtt.shared_group): docs/deploy.md
     batch_invariant: bool = False
+    # CPU packs run only the models whose agents ticked (selectable packs, docs/runtime.md); false: every
+    # inference runs the whole pack
+    select_models: bool = True
     intra_op_threads: int = Field(1, ge=0)
     allow_spinning: bool = False  # ORT intra-op threads busy-wait between calls: a core burnt between ticks
     convert_on_startup: bool = True

@@ -11,8 +11,11 @@ import pytest
 
 from blockmarket.core.contract import INPUT_NAME, MODELS_INPUT
 from blockmarket.core.state import realistic_states
+from blockmarket.models.files import discover_models
 from blockmarket.models.pack import PackError, build_pack
 from runtime import inference
+from runtime.agents import create_population
+from runtime.sessions import SessionPool
 from tests.runtime.test_int8_pack import population
 from tests.support.pools import CountingFactory, make_pool
 from tests.support.serving import ITEMS
@@ -100,3 +103,21 @@ async def test_a_pack_runs_only_the_models_of_the_ticked_agents(
     factory.fed.clear()
     np.testing.assert_allclose((await pool.infer(states, rows=ticked))[ticked], whole[ticked], rtol=1e-6)
     assert [shapes[MODELS_INPUT] for _, shapes in factory.fed] == [(3,)]  # 1 of 3 is not below 0.3
+
+
+async def test_select_models_off_builds_and_runs_the_whole_pack(model_dir: Path) -> None:
+    models, _ = discover_models(model_dir, ITEMS)
+    population = create_population(models, ITEMS, num_agents=10, assignment="round_robin", seed=3)
+    factory = CountingFactory()
+    pool = SessionPool(
+        population, {m.key: m for m in models}, factory=factory, max_sessions=2, model_dir=model_dir,
+        cpu_pack_precision="fp32",
+    )  # fmt: skip
+    pool.builder.select_models = False  # runtime.select_models: false
+    await pool.start()
+    (unit,) = pool.current.units
+    assert unit.per_model == 0 and "-sel-" not in unit.model_path.name
+    states = realistic_states(np.random.default_rng(9), 10, len(ITEMS))
+    factory.fed.clear()
+    await pool.infer(states, rows=np.flatnonzero(np.asarray(population.model_keys) == "m2")[:1])
+    assert [fed for _, fed in factory.fed] == [{INPUT_NAME: (12, 61)}]  # every model's rows, no selection
