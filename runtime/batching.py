@@ -41,10 +41,10 @@ def observe(population: AgentPopulation, batch: Batch) -> None:
 
 
 def ticked_rows(batch: Batch) -> IntArray:
-    """The arena rows of the batch's ticked agents, ascending: the only proposals the update reads."""
+    """The arena rows of the batch's ticked agents (each once): the only proposals the update reads."""
     if len(batch) == 1:
-        return np.sort(batch[0][1].rows)
-    return np.sort(np.concatenate([accepted.rows for _, accepted in batch]))
+        return batch[0][1].rows
+    return np.concatenate([accepted.rows for _, accepted in batch])
 
 
 def states(population: AgentPopulation, batch: Batch, out: FloatArray) -> None:

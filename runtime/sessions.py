@@ -103,7 +103,7 @@ class SessionPool:
         self, states: FloatArray, generation: PoolGeneration | None = None, rows: IntArray | None = None
     ) -> FloatArray:
         """Proposals [N, n^2] for the agents' states [N, D]: one call per unit, units concurrently, off the
-        loop thread. ``rows`` (ascending; default: all): only these agents' proposals are computed, the
+        loop thread. ``rows`` (distinct; default: all): only these agents' proposals are computed, the
         others' are left undefined, and a unit with none of them is not run.
 
         ``generation`` (default: the current one) is what the caller reports as having served the tick.

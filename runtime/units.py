@@ -273,9 +273,8 @@ class UnitBuilder:
         form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
         selectable = self.select_models and not self.use_npu  # runs only the models that ticked
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
-        kind = f"{form}-selectable" if selectable else form
-        digest = hashlib.sha256("|".join([kind, str(per_model), *versions]).encode()).hexdigest()[:16]
         mark = "sel-" if selectable else ""
+        digest = hashlib.sha256("|".join([form, mark, str(per_model), *versions]).encode()).hexdigest()[:16]
         path = self.model_dir / PACK_DIR / f"pack-{form}-{len(versions)}x{per_model}-{mark}{digest}.onnx"
         if path.is_file():
             touch(path)
