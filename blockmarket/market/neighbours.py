@@ -23,12 +23,18 @@ import numpy.typing as npt
 from blockmarket.core.state import FloatArray, IntArray
 
 BoolArray = npt.NDArray[np.bool_]
+FloatArray64 = npt.NDArray[np.float64]
 Method = Literal["auto", "grid", "dense"]
 
 CELLS_PER_DISTANCE = 3  # k: cells of side d/k, runs of 2k+1 cells: scans ((2k+1)/k)² d² around each agent
+SAMPLER_CELLS_PER_DISTANCE = 2  # the sampler's k: (2k+1)² cells of proposal mass per requester (25, not 49)
 DENSE_MAX_AGENTS = 96  # per market, at or below which the dense mask is faster (benchmarks/market_step.py)
 _MAX_CELLS_PER_AXIS = 1 << 20  # keeps the (market, row, column) key far inside int64 for any spread
 _CELL_SLACK = 1.0 + 1e-4  # cells a hair wider than d/k: float32 distance rounding never skips a cell
+_TABLE_CELLS_PER_AGENT, _TABLE_MIN_CELLS = (
+    8,
+    1 << 16,
+)  # up to this many cells, a table of each one's first rank
 
 
 @dataclass(frozen=True)
@@ -111,64 +117,79 @@ def scanned_per_requester(
 
 @dataclass(frozen=True)
 class _Grid:
-    """Agents sorted by (market, row, column): ``order[rank]`` = agent, ``keys`` ascending."""
+    """Agents sorted by (market, row, column): ``order[rank]`` = agent, ``keys`` ascending.
+
+    Cell keys count a border of ``reach`` empty cells around each market's grid, so the cells near a
+    requester always have keys (those off the grid hold nobody) and no lookup needs a mask.
+    """
 
     order: IntArray  # [N] agent at each rank
     keys: IntArray  # [N] sorted cell keys
-    row: IntArray  # [N] cell row per rank
-    column: IntArray  # [N] cell column per rank
+    row: IntArray  # [N] cell row per rank, counting the border (0 .. rows + 2 reach)
+    column: IntArray  # [N] cell column per rank, counting the border
     market: IntArray  # [N] market per rank
-    rows: int
-    columns: int
+    rows: int  # cell rows of a market, with the border
+    columns: int  # cell columns, with the border
     reach: int  # cells to scan on each side
     market_size: int
     sorted_xy: tuple[FloatArray, FloatArray]  # float32 x, y per rank
     limit2: np.float32
-    low: tuple[float, float]  # world corner of cell (0, 0)
+    low: tuple[float, float]  # world corner of cell (0, 0) (the border's corner)
     side: float  # cell side
+    first: IntArray | None  # [cells + 1] first rank of every cell key (None: too many cells for a table)
 
     @classmethod
-    def build(cls, pos: FloatArray, market_size: int, max_distance: float) -> _Grid:
-        low = pos.min(axis=0).astype(np.float64)
-        extent = float((pos.max(axis=0) - low).max())
-        side = max(max_distance / CELLS_PER_DISTANCE * _CELL_SLACK, extent / _MAX_CELLS_PER_AXIS)
+    def build(
+        cls, pos: FloatArray, market_size: int, max_distance: float, per_distance: int = CELLS_PER_DISTANCE
+    ) -> _Grid:
+        side = max(
+            max_distance / per_distance * _CELL_SLACK,
+            float(np.ptp(pos, axis=0).max()) / _MAX_CELLS_PER_AXIS,
+        )
+        reach = int(np.ceil(max_distance / side))
+        low = pos.min(axis=0).astype(np.float64) - reach * side
         cells = np.floor((pos - low) / side).astype(np.int64)
-        columns, rows = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+        columns, rows = int(cells[:, 0].max()) + 1 + reach, int(cells[:, 1].max()) + 1 + reach
         market = np.arange(pos.shape[0], dtype=np.int64) // market_size
         key = (market * rows + cells[:, 1]) * columns + cells[:, 0]
         order = np.argsort(key, kind="stable")
         spos = pos[order]
+        sorted_keys = key[order]
+        cell_keys = (int(market[-1]) + 1) * rows * columns
+        first = None
+        if cell_keys <= _TABLE_CELLS_PER_AGENT * pos.shape[0] + _TABLE_MIN_CELLS:
+            first = np.searchsorted(sorted_keys, np.arange(cell_keys + 1), side="left")
         return cls(
             order=order,
-            keys=key[order],
+            keys=sorted_keys,
             row=cells[order, 1],
             column=cells[order, 0],
             market=market[order],
             rows=rows,
             columns=columns,
-            reach=int(np.ceil(max_distance / side)),
+            reach=reach,
             market_size=market_size,
             sorted_xy=(np.ascontiguousarray(spos[:, 0]), np.ascontiguousarray(spos[:, 1])),
             limit2=np.float32(max_distance) ** 2,
             low=(float(low[0]), float(low[1])),
             side=side,
+            first=first,
         )
 
-    def cells(self, keys: IntArray) -> tuple[IntArray, IntArray]:
-        """(first rank, agent count) of the cells with these keys (0 agents for an empty cell)."""
-        start = np.searchsorted(self.keys, keys, side="left")
-        return start, np.searchsorted(self.keys, keys, side="right") - start
+    def starts(self, keys: IntArray) -> IntArray:
+        """First rank of the cells with these keys (one past the end for the key after the last cell): a
+        gather from the cell table where there is one, else a binary search."""
+        if self.first is None:
+            return np.searchsorted(self.keys, keys, side="left")
+        return self.first[keys]
 
     def runs(self, ranks: IntArray) -> tuple[IntArray, IntArray]:
         """[R, 2k+1] first rank and length of the run of ranks in each nearby row of requesters ``ranks``."""
         offsets = np.arange(-self.reach, self.reach + 1)
-        row = self.row[ranks, None] + offsets  # [R, 2k+1]
-        base = (self.market[ranks, None] * self.rows + row) * self.columns
-        first = base + np.maximum(self.column[ranks, None] - self.reach, 0)
-        last = base + np.minimum(self.column[ranks, None] + self.reach, self.columns - 1)
-        start = np.searchsorted(self.keys, first, side="left")
-        stop = np.searchsorted(self.keys, last, side="right")
-        return start, np.where((row >= 0) & (row < self.rows), stop - start, 0)
+        base = (self.market[ranks, None] * self.rows + self.row[ranks, None] + offsets) * self.columns
+        first = base + (self.column[ranks] - self.reach)[:, None]
+        start = self.starts(first)
+        return start, self.starts(first + 2 * self.reach + 1) - start
 
     def run_pairs(self, active: BoolArray) -> tuple[IntArray, IntArray, IntArray]:
         """(requester rank, target rank) of every agent in the (2k+1)² cells around each active
@@ -199,6 +220,11 @@ class _Grid:
 _BOUND_SLACK = 1e-5  # nearest-distance bounds shrunk by this (relative, and x cell side): float32 safety
 
 
+def _gap(position: npt.NDArray[np.floating], low: npt.NDArray[np.floating], side: float) -> FloatArray64:
+    """Distance along one axis from ``position`` [R, 1] to the cells starting at ``low`` [R, S] (0 inside)."""
+    return np.maximum(np.maximum(low - position, position - (low + side)), 0.0)
+
+
 @dataclass(frozen=True)
 class InRangeSampler:
     """Exact draws of a target t != r in range of requester r with probability ∝ 1/(1 + |p_r - p_t|),
@@ -218,7 +244,8 @@ class InRangeSampler:
     cell_start: IntArray  # [R, C] first rank of each nearby cell
     cell_count: IntArray  # [R, C] agents in it (without the requester itself)
     bound: npt.NDArray[np.float64]  # [R, C] 1/(1 + nearest distance): >= w of any agent in the cell
-    cumulative: npt.NDArray[np.float64]  # [R, C] cumulative proposal mass, divided by the total
+    cumulative: npt.NDArray[np.float64]  # [R, C] proposal mass summed over all cells of rows 0..r up to c
+    before: npt.NDArray[np.float64]  # [R] the sum before row r's first cell
     total: npt.NDArray[np.float64]  # [R] proposal mass; 0: nobody else within the nearby cells
     own_cell: int  # column of the requester's own cell in the [R, C] tables
 
@@ -228,39 +255,47 @@ class InRangeSampler:
     ) -> InRangeSampler:
         """The sampler for the requesters where ``requesters`` (per agent) is True."""
         pos = np.asarray(positions, dtype=np.float32)
-        grid = _Grid.build(pos, market_size, max_distance)
+        grid = _Grid.build(pos, market_size, max_distance, SAMPLER_CELLS_PER_DISTANCE)
         ranks = np.flatnonzero(np.asarray(requesters, dtype=bool)[grid.order])
-        steps = np.arange(-grid.reach, grid.reach + 1)
-        d_row, d_col = np.repeat(steps, steps.size), np.tile(steps, steps.size)  # [C]
-        row = grid.row[ranks, None] + d_row
-        col = grid.column[ranks, None] + d_col
-        inside = (row >= 0) & (row < grid.rows) & (col >= 0) & (col < grid.columns)
-        keys = (grid.market[ranks, None] * grid.rows + row) * grid.columns + col
-        start, count = grid.cells(np.where(inside, keys, -1))
-        count = np.where(inside, count, 0)
+        steps = np.arange(-grid.reach, grid.reach + 1)  # cell c = (row step, column step) row-major: [S²]
+        row, col = grid.row[ranks, None] + steps, grid.column[ranks, None] + steps  # [R, S] each
+        # a row's S cells have consecutive keys: S + 1 table entries give their starts and ends
+        row_key = (grid.market[ranks, None] * grid.rows + row) * grid.columns + col[:, :1]
+        keys = row_key[:, :, None] + np.arange(steps.size + 1)  # [R, S, S + 1]
+        edges = grid.starts(keys)
+        start = edges[:, :, :-1].reshape(ranks.size, -1)
+        count = (edges[:, :, 1:] - edges[:, :, :-1]).reshape(ranks.size, -1)
         own_cell = int(grid.reach * steps.size + grid.reach)
         count[:, own_cell] -= 1  # the requester is in its own cell and never its own target
-        x = grid.sorted_xy[0][ranks, None].astype(np.float64)
-        y = grid.sorted_xy[1][ranks, None].astype(np.float64)
-        left, bottom = grid.low[0] + col * grid.side, grid.low[1] + row * grid.side
-        dx = np.maximum(np.maximum(left - x, x - (left + grid.side)), 0.0)
-        dy = np.maximum(np.maximum(bottom - y, y - (bottom + grid.side)), 0.0)
-        nearest = np.maximum(np.hypot(dx, dy) * (1.0 - _BOUND_SLACK) - _BOUND_SLACK * grid.side, 0.0)
+        # nearest distance to each cell: separable, from the gaps along each axis ([R, S] each)
+        sx, sy = (grid.sorted_xy[axis][ranks, None].astype(np.float64) for axis in (0, 1))
+        gap_x = _gap(sx, grid.low[0] + col * grid.side, grid.side)
+        gap_y = _gap(sy, grid.low[1] + row * grid.side, grid.side)
+        nearest = np.sqrt((gap_y * gap_y)[:, :, None] + (gap_x * gap_x)[:, None, :]).reshape(ranks.size, -1)
+        nearest *= 1.0 - _BOUND_SLACK
+        nearest -= _BOUND_SLACK * grid.side
+        np.maximum(nearest, 0.0, out=nearest)
         bound = 1.0 / (1.0 + nearest)
-        mass = np.where(nearest <= max_distance, count * bound, 0.0)
-        cumulative = np.cumsum(mass, axis=1)
-        total = cumulative[:, -1].copy()
-        cumulative /= np.where(total > 0, total, 1.0)[:, None]
-        return cls(grid, ranks, start, count, bound, cumulative, total, own_cell)
+        mass = count * bound
+        mass[nearest > max_distance] = 0.0
+        # one running sum over all rows (rows stacked in ascending order: one search draws for all rows)
+        cumulative = np.cumsum(mass.ravel()).reshape(mass.shape)
+        before = np.concatenate([[0.0], cumulative[:-1, -1]])
+        total = cumulative[:, -1] - before
+        return cls(grid, ranks, start, count, bound, cumulative, before, total, own_cell)
 
     def draw(self, rows: IntArray, per_row: int, rng: np.random.Generator) -> tuple[IntArray, FloatArray]:
         """``per_row`` independent proposals for each requester ``rows`` (indices into ``ranks``):
         (target rank, float32 squared distance), target -1 where the proposal was rejected. Kept targets
         are exact draws ∝ 1/(1 + distance) over the agents in range (rows of total 0 never keep one)."""
         rows = np.repeat(rows, per_row)
-        pick = rng.random(rows.size)
-        cell = (self.cumulative[rows] <= pick[:, None]).sum(axis=1)
-        cell = np.minimum(cell, self.cumulative.shape[1] - 1)
+        cells = self.cumulative.shape[1]
+        # the cell of row r whose running sum first passes before[r] + u * total[r], found for all rows by
+        # one search (float64 rounding can move a pick across a cell edge: ~1e-16 of the sum, far below
+        # any cell's mass)
+        pick = rng.random(rows.size) * self.total[rows] + self.before[rows]
+        cell = np.searchsorted(self.cumulative.ravel(), pick, side="right") - rows * cells
+        cell = np.clip(cell, 0, cells - 1)
         count = self.cell_count[rows, cell]
         seat = np.floor(rng.random(rows.size) * count).astype(np.int64)
         me = self.ranks[rows]

@@ -49,7 +49,7 @@ def race_costs(rng: np.random.Generator, squared_distance: FloatArray) -> FloatA
 
 
 Choice = Literal["auto", "sample", "enumerate", "grid", "dense"]
-ENUMERATE_MAX_SCANNED = 400.0  # agents in the nearby cells per requester up to which enumerating is cheaper
+ENUMERATE_MAX_SCANNED = 80.0  # nearby agents per requester up to which enumerating is cheaper (62: yes, 93: no)
 SAMPLE_ROUNDS = 4  # rounds of proposals per requester before it falls back to enumerating its pairs
 SAMPLE_PER_ROUND = 8  # proposals per requester per round (each kept one is an exact 1/(1+d) draw)
 
@@ -95,7 +95,8 @@ def choose_enumerated(
     # accept iff u * ask * M_t < 1: always when the quote pays t's price, else with probability f
     draw = rng.random(req.size, dtype=np.float32)
     draw *= ask[order][req]
-    draw *= quote
+    with np.errstate(invalid="ignore"):  # a draw of exactly 0 times a non-holder's inf quote: NaN, refused
+        draw *= quote
     accepts = np.flatnonzero(draw < 1.0)
     req, tgt, squared = req[accepts], tgt[accepts], squared[accepts]
     chosen = race_winners(req, race_costs(rng, squared))  # each requester asks one accepting target
@@ -186,7 +187,8 @@ class _Sampling:
         holds = quote < np.inf
         draw = rng.random(t.shape, dtype=np.float32)
         draw *= ask[r]
-        draw *= quote
+        with np.errstate(invalid="ignore"):  # 0 x inf (a non-holder) is NaN: never a success
+            draw *= quote
         success = holds & (draw < 1.0)
         won = success.any(axis=1)
         first = success.argmax(axis=1)[won]
