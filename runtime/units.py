@@ -25,11 +25,11 @@ from blockmarket.core.contract import PACK_TOLERANCE, VALIDATION_SEED, ModelCont
 from blockmarket.core.files import atomic_target
 from blockmarket.core.state import FloatArray, IntArray
 from blockmarket.models.files import ModelInfo, sha256_file
-from blockmarket.models.packcheck import each_alone_on_cpu, kernel_fingerprint, row_errors
+from blockmarket.models.packcheck import ReferenceMismatch, kernel_fingerprint, references, row_errors
 from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.housekeeping import lower_priority, touch
 from runtime.inference import InferenceUnit, PackPrecision
-from runtime.planning import PackPlan, PoolError, UnitPlan, pack_slots
+from runtime.planning import PackPlan, PoolError, UnitPlan, model_index, pack_slots
 
 log = logging.getLogger(__name__)
 
@@ -234,23 +234,28 @@ class UnitBuilder:
             log.debug("pack cache: cannot record %s as checked (%s)", unit.model_path.name, exc)
 
     def _check_pack(self, unit: InferenceUnit, states: FloatArray, out: FloatArray) -> None:
-        """Each agent row of a pack must match its fp32 model run alone on CPU (docs/npu.md tolerances),
-        that reference computed by the builder process (a large model's session would stall the loop)."""
+        """Each agent row of a pack must match its model's fp32 forward (docs/npu.md tolerances), that
+        reference computed by the builder process from the model files (packcheck.references)."""
         on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
         tolerance = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
-        keys = np.asarray(unit.row_keys)
-        rows_of = {key: np.flatnonzero(keys == key) for key in unit.models}
-        references = self._in_builder(
-            each_alone_on_cpu, [(info.onnx_path, states[rows_of[key]]) for key, info in unit.models.items()]
-        )
-        for (key, info), reference in zip(unit.models.items(), references, strict=True):
+        index = model_index(unit.row_keys, list(unit.models))
+        order = np.argsort(index, kind="stable")
+        bounds = np.cumsum(np.bincount(index, minlength=len(unit.models)))
+        rows_of = dict(zip(unit.models, np.split(order, bounds[:-1]), strict=True))
+        try:
+            expected = self._in_builder(
+                references, [(info.onnx_path, states[rows_of[key]]) for key, info in unit.models.items()]
+            )
+        except ReferenceMismatch as exc:
+            raise PoolError(f"{unit.model_path}: {exc}") from None
+        for (key, info), reference in zip(unit.models.items(), expected, strict=True):
             rows = rows_of[key]
             error, excess = row_errors(out[rows], reference, tolerance)
             atol, rtol = tolerance
             if (excess > 0).any():
                 raise PoolError(
-                    f"{unit.model_path}: pack rows of {info.onnx_path.name} differ from the model run alone "
-                    f"(max abs error {float(error.max()):.3g} > atol {atol} + rtol {rtol})"
+                    f"{unit.model_path}: pack rows of {info.onnx_path.name} differ from the model's fp32 "
+                    f"forward (max abs error {float(error.max()):.3g} > atol {atol} + rtol {rtol})"
                 )
 
     def _model_file(self, info: ModelInfo, agents: int) -> tuple[Path, bool]:
@@ -268,9 +273,7 @@ class UnitBuilder:
     def _pack_file(self, plan: PackPlan, per_model: int, precision: PackPrecision, watch: Stopwatch) -> Path:
         """Build (or reuse) the pack of the plan's models, ``per_model`` rows each, named by versions
         (content hashes, so a replaced model never reuses a pack of its old weights)."""
-        from blockmarket.models.pack import PackForm, write_pack
-
-        form: PackForm = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
+        form = "conv" if self.use_npu else "matmul_int8" if precision == "int8" else "matmul"
         selectable = self.select_models and not self.use_npu  # runs only the models that ticked
         versions = [f"{k}@{info.version}" for k, info in plan.models.items()]
         mark = "sel-" if selectable else ""
@@ -279,6 +282,8 @@ class UnitBuilder:
         if path.is_file():
             touch(path)
             return path
+        from blockmarket.models.pack import write_pack  # onnx (~1 s to import): only to write a pack
+
         sources = [(info.onnx_path, info.version) for info in plan.models.values()]
         with watch.phase(f"{form} pack written"):
             self._in_builder(write_pack, sources, path, form, per_model, selectable)

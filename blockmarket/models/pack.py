@@ -184,16 +184,25 @@ def _stacked(
 
 
 def _quantized(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked [N, out, in] fp32 weights (overwritten) -> int8 [N, in, out] in -63..63 and scales [N, 1, out].
+    """Stacked [N, out, in] fp32 weights -> int8 [N, in, out] in -63..63 and scales [N, 1, out].
 
     Symmetric, one scale per agent and output channel: an agent's weights never share a scale with
-    another agent's, so a small-weight agent keeps its full 8 bits.
+    another agent's, so a small-valued agent keeps its full 8 bits. Done _QUANTIZE_CHUNK agents at a
+    time, so that the temporaries stay in the CPU's cache (at 10,000 agents 4.9 s whole, against 1.2 s).
     """
-    scale = np.abs(weight).max(axis=2) / WEIGHT_LEVELS
-    scale[scale == 0] = 1.0  # an all-zero channel stays all zero
-    np.divide(weight, scale[:, :, None], out=weight)
-    np.rint(weight, out=weight)
-    return weight.astype(np.int8).transpose(0, 2, 1), scale[:, None, :]
+    agents, out_dim, in_dim = weight.shape
+    levels = np.empty((agents, in_dim, out_dim), dtype=np.int8)
+    scales = np.empty((agents, out_dim), dtype=np.float32)
+    for start in range(0, agents, _QUANTIZE_CHUNK):
+        chunk = weight[start : start + _QUANTIZE_CHUNK]
+        scale = np.abs(chunk).max(axis=2) / WEIGHT_LEVELS
+        scale[scale == 0] = 1.0  # an all-zero channel stays all zero
+        levels[start : start + _QUANTIZE_CHUNK] = np.rint(chunk / scale[:, :, None]).transpose(0, 2, 1)
+        scales[start : start + _QUANTIZE_CHUNK] = scale
+    return levels, scales[:, None, :]
+
+
+_QUANTIZE_CHUNK = 64  # agents quantized at a time: 64 x 128 x 128 fp32 is 4 MB
 
 
 def _matmul_graph(

@@ -1,9 +1,9 @@
 """The one pack check: a population pack's rows against their reference, allclose-style.
 
-The runtime compares every model's rows with that model run alone on CPU before a pack serves
-(runtime/units.py); the converter compares every agent's rows with its own PyTorch network
-(conversion/pack_validation.py). Both judge with :func:`row_errors`, under the contract's tolerances
-(blockmarket/core/contract.py).
+The runtime compares every model's rows with that model's fp32 forward before a pack serves
+(runtime/units.py, :func:`references`); the converter compares every agent's rows with its own PyTorch
+network (conversion/pack_validation.py). Both judge with :func:`row_errors`, under the contract's
+tolerances (blockmarket/core/contract.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from blockmarket.core.contract import Tolerance
+from blockmarket.core.contract import OUTPUT_FLOOR, TOLERANCES, Tolerance
 
 Errors = npt.NDArray[np.float64]
 
@@ -34,9 +34,10 @@ def row_errors(
 
 
 def alone_on_cpu(model: Path, states: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """The model's outputs run alone on one CPU thread: a pack's reference. The runtime has its pack
-    builder process compute it, since creating a session for a large model takes the serving process's
-    GIL for tens of milliseconds at a time (seen as 50-190 ms event-loop stalls with a 200 MB model)."""
+    """The model's outputs run alone on one CPU thread (:func:`references` checks its numpy forward with
+    it). The runtime has its pack builder process compute it, since creating a session for a large model
+    takes the serving process's GIL for tens of milliseconds at a time (seen as 50-190 ms event-loop
+    stalls with a 200 MB model)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -45,13 +46,51 @@ def alone_on_cpu(model: Path, states: npt.NDArray[np.float32]) -> npt.NDArray[np
     return np.asarray(session.run(None, {session.get_inputs()[0].name: states})[0])
 
 
-def each_alone_on_cpu(
-    models: Sequence[tuple[Path, npt.NDArray[np.float32]]],
+class ReferenceMismatch(ValueError):
+    """The numpy forward of a model disagrees with ONNX Runtime running that model: no pack check on it."""
+
+
+ALONE_SAMPLE = 32  # models of a pack also run alone in ONNX Runtime: the check of the numpy forward itself
+
+
+def forward_fp32(
+    weights: Sequence[npt.NDArray[np.float32]], states: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """The TradingNetwork's forward in numpy fp32: ReLU hidden layers, then softplus(head) + OUTPUT_FLOOR
+    (``weights`` in nn.Linear layout, as :func:`extract_trading_weights` gives them)."""
+    hidden = np.asarray(states, dtype=np.float32)
+    for layer in range(0, len(weights) - 2, 2):
+        hidden = np.maximum(hidden @ weights[layer].T + weights[layer + 1], np.float32(0))
+    head = hidden @ weights[-2].T + weights[-1]
+    return (np.logaddexp(np.float32(0), head) + np.float32(OUTPUT_FLOOR)).astype(np.float32)
+
+
+def references(
+    models: Sequence[tuple[Path, npt.NDArray[np.float32]]], sample: int = ALONE_SAMPLE
 ) -> list[npt.NDArray[np.float32]]:
-    """:func:`alone_on_cpu` for each (model, states): one call for a whole pack, so that the builder
-    process is asked once rather than once per model (at 10,000 models: 19.8 s for the whole check,
-    against 25.3 s with a round trip per model)."""
-    return [alone_on_cpu(model, states) for model, states in models]
+    """Each (model, states)'s reference outputs: :func:`forward_fp32` of the weights in the model's file.
+
+    A pack only holds TradingNetwork graphs, which :func:`extract_trading_weights` checks op by op, so
+    that forward computes what the file computes. ``sample`` of the models, spread evenly over the list,
+    are also run alone in ONNX Runtime and must agree with it within fp32 tolerance: a check of the numpy
+    forward on this machine. One session per model was the reference before; at 10,000 models creating
+    them took 14-20 s of a start, reading the weights takes a few.
+    """
+    from blockmarket.models.pack import extract_trading_weights  # onnx: only in the builder process
+
+    picked = set(np.linspace(0, len(models) - 1, min(sample, len(models))).round().astype(int).tolist())
+    out = []
+    for index, (model, states) in enumerate(models):
+        reference = forward_fp32(extract_trading_weights(model), states)
+        if index in picked:
+            error, excess = row_errors(reference, alone_on_cpu(model, states), TOLERANCES["fp32"])
+            if (excess > 0).any():
+                raise ReferenceMismatch(
+                    f"{model}: its numpy fp32 forward differs from the model run alone in ONNX Runtime "
+                    f"(max abs error {float(error.max()):.3g}); the pack check cannot trust it"
+                )
+        out.append(reference)
+    return out
 
 
 def cpu_features() -> set[str]:

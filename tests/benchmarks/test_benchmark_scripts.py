@@ -127,6 +127,7 @@ def test_end_to_end_serves_every_tick_over_the_broker(tmp_path: Path) -> None:
         assert row["runtime_ticks_served"] >= row["answered"]
         assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
         assert row["runtime_peak_rss_mb"] > 0 and row["runtime_cpu_percent"] > 0
+    assert on["runtime_ready_again_s"] > 0 and off["runtime_ready_again_s"] is None  # restarted once per N
     # every setting changed from config.yaml is printed before the run and recorded with it
     assert document["settings"]["overrides"] == {**SCENARIO, "runtime.intra_op_threads": 2}
     assert on["overrides"] == document["settings"]["overrides"]

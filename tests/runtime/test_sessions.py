@@ -137,7 +137,7 @@ async def test_a_pack_that_disagrees_with_its_models_is_refused(model_dir: Path)
                 session.run = lambda *args: [run(*args)[0] * 1.001]  # a 0.1% error: beyond fp32 tolerance
             return session, provider
 
-    with pytest.raises(PoolError, match="differ from the model run alone"):
+    with pytest.raises(PoolError, match=r"differ from the model's fp32"):
         await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks(), cpu_pack_precision="fp32")
 
 
@@ -218,6 +218,31 @@ async def test_no_record_is_written_for_a_pack_that_fails_its_check(model_dir: P
             session.run = lambda *args: [run(*args)[0] * 1.001]
             return session, provider
 
-    with pytest.raises(PoolError, match="differ from the model run alone"):
+    with pytest.raises(PoolError, match=r"differ from the model's fp32"):
         await make_pool(model_dir, agents=6, max_sessions=1, factory=SkewedPacks(), cpu_pack_precision="fp32")
     assert not list((model_dir / PACK_DIR).glob(f"*{CHECKED_SUFFIX}"))
+
+
+async def test_a_pack_wrong_for_one_model_only_is_refused_naming_it(model_dir: Path) -> None:
+    """Every model's rows are compared with its own reference, not a sample: a pack off for m1 alone (a
+    0.1% error on its rows only) is refused, and the message names m1."""
+
+    class OneModelSkewed(CountingFactory):
+        def __call__(self, path: Path, prefer_npu: bool) -> tuple[Any, str]:
+            session, provider = super().__call__(path, prefer_npu)
+            if path.name.startswith("pack-"):
+                run = session.run
+
+                def skewed(*args: Any) -> list[np.ndarray]:
+                    out = run(*args)[0].copy()
+                    if len(out) == 6:  # the whole pack: 2 slots per model, m1's are rows 2 and 3
+                        out[2:4] *= 1.001
+                    return [out]
+
+                session.run = skewed
+            return session, provider
+
+    with pytest.raises(PoolError, match=r"pack rows of m1\.onnx differ from the model's fp32 forward"):
+        await make_pool(
+            model_dir, agents=6, max_sessions=1, factory=OneModelSkewed(), cpu_pack_precision="fp32"
+        )
