@@ -10,6 +10,7 @@ ticks of that market, as bots leave and join a Minecraft server. All markets sha
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -159,6 +160,8 @@ class MarketsSimulation:
             await asyncio.gather(*(game.open(link) for game in self.games.values()))
             logger.info("%d markets open under %s/v2/%s", len(self.games), prefix, self.owner)
             period = 1.0 / (rate_hz or self.config.simulator.tick_rate_hz)
+            gc.collect()  # what setting up left alive is kept out of later collections: a full collection
+            gc.freeze()  # of it held the loop for tens of ms, and answers waiting behind it were timed late
             self._started = time.perf_counter()
             reporting = asyncio.create_task(self._report(on_report)) if on_report else None
             await self._play(link, ticks, period)
@@ -184,8 +187,8 @@ class MarketsSimulation:
         tick = 0
         while not self._stop.is_set() and (ticks == 0 or tick < ticks):
             period_at = start + tick * period
-            if tick:
-                step_together(games, rng, self.config.environment)
+            if tick:  # in a thread: answers keep being received (and timed) during the step
+                await asyncio.to_thread(step_together, games, rng, self.config.environment)
             for k, game in enumerate(games):
                 await asyncio.sleep(max(0.0, period_at + period * k / len(games) - time.perf_counter()))
                 if tick and self.churn_s > 0 and game.rng.random() < period / self.churn_s:

@@ -39,7 +39,17 @@ def read_results(path: Path, benchmark: str) -> Any:
 
 @pytest.mark.parametrize(
     "module",
-    ["inference", "plot", "end_to_end", "startup", "soak", "markets", "scale_out", "selected_models"],
+    [
+        "inference",
+        "plot",
+        "end_to_end",
+        "startup",
+        "soak",
+        "markets",
+        "scale_out",
+        "selected_models",
+        "pack_ops",
+    ],
 )
 def test_help_describes_the_script(module: str) -> None:
     out = run_script(module, "--help").stdout
@@ -305,3 +315,19 @@ def test_selected_models_times_the_whole_pack_against_a_few_models(tmp_path: Pat
     ]
     assert all(r["whole_ms"] > 0 and r["selected_ms"] > 0 for r in rows)
     assert all(r["ratio"] == pytest.approx(r["selected_ms"] / r["whole_ms"]) for r in rows)
+
+
+def test_pack_ops_splits_an_int8_pack_run_by_op_against_the_streaming_limit(tmp_path: Path) -> None:
+    out = tmp_path / "pack_ops.json"
+    done = run_script("pack_ops", "--models", "60", "--hidden", "32", "--repeats", "2", "--out", str(out))
+    result = read_results(out, "pack_ops")
+    assert result["models"] == 60 and result["weight_mb"] > 0
+    assert (
+        "MatMulInteger" in result["ops_ms"] and "If" not in result["ops_ms"]
+    )  # the branch's ops, not the If
+    assert sum(result["ops_ms"].values()) <= result["run_ms"] * 1.5  # kernel times within the run's time
+    assert result["streaming_limit_gb_per_s"] > 0
+    assert result["matmul_to_limit"] == pytest.approx(
+        result["matmul_gb_per_s"] / result["streaming_limit_gb_per_s"], rel=0.05
+    )
+    assert "MatMulInteger reads the weights at" in done.stdout
