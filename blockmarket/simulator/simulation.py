@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -233,6 +234,8 @@ class MarketSimulator:
         link_task = asyncio.create_task(link.run())
         try:
             await _connected(link, link_task, self.config.mqtt, self.connect_timeout_s)
+            gc.collect()  # setup's heap out of later collections: a full one would delay the answers' timing
+            gc.freeze()
             self._started = next_at = next_report = time.perf_counter()
             tick = 0
             while not self._stop.is_set() and (ticks == 0 or tick < ticks) and not link_task.done():
