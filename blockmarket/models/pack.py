@@ -183,18 +183,21 @@ def _stacked(
     return out
 
 
-def _quantized(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked [N, out, in] fp32 weights -> int8 [N, in, out] in -63..63 and scales [N, 1, out].
+def _quantized(weight_sets: Sequence[Weights], index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parameter ``index`` ([out, in] fp32) of every agent -> int8 [N, in, out] in -63..63 and scales
+    [N, 1, out].
 
     Symmetric, one scale per agent and output channel: an agent's weights never share a scale with
     another agent's, so a small-valued agent keeps its full 8 bits. Done _QUANTIZE_CHUNK agents at a
-    time, so that the temporaries stay in the CPU's cache (at 10,000 agents 4.9 s whole, against 1.2 s).
+    time, so that the temporaries stay in the CPU's cache and no fp32 copy of all agents' weights is
+    made (at 10,000 agents, under cProfile: 4.9 s quantizing the stacked whole, 2.5 s in chunks).
     """
-    agents, out_dim, in_dim = weight.shape
+    agents = len(weight_sets)
+    out_dim, in_dim = np.shape(weight_sets[0][index])
     levels = np.empty((agents, in_dim, out_dim), dtype=np.int8)
     scales = np.empty((agents, out_dim), dtype=np.float32)
     for start in range(0, agents, _QUANTIZE_CHUNK):
-        chunk = weight[start : start + _QUANTIZE_CHUNK]
+        chunk = _stacked(weight_sets[start : start + _QUANTIZE_CHUNK], index, np.dtype(np.float32))
         scale = np.abs(chunk).max(axis=2) / WEIGHT_LEVELS
         scale[scale == 0] = 1.0  # an all-zero channel stays all zero
         levels[start : start + _QUANTIZE_CHUNK] = np.rint(chunk / scale[:, :, None]).transpose(0, 2, 1)
@@ -246,7 +249,7 @@ def _layer_params(
     its scales [N, 1, out], bias)."""
     bias = _stacked(weight_sets, 2 * layer + 1, builder.dtype)[:, None, :]
     if int8:
-        weight, scale = _quantized(_stacked(weight_sets, 2 * layer, np.dtype(np.float32)))
+        weight, scale = _quantized(weight_sets, 2 * layer)
         return (
             builder.const(f"w{layer}", weight, weight.dtype),
             builder.const(f"s{layer}", scale),
