@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks._report import add_output_argument, command_line, machine_info, print_table, write_results
+from benchmarks._report import (
+    add_output_argument,
+    command_line,
+    machine_info,
+    print_table,
+    time_calls,
+    write_results,
+)
 from benchmarks.int8_accuracy import population
 from blockmarket.core.contract import INPUT_NAME, MODELS_INPUT
 from blockmarket.core.state import realistic_states
@@ -44,13 +50,8 @@ def session(model: bytes, profile: bool = False) -> ort.InferenceSession:
 
 
 def median_ms(run: Any, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    """Median ms of ``repeats`` calls after one unmeasured call (``repeats`` + 1 runs in all)."""
+    return float(np.median(time_calls(run, repeats, warmup=1))) * 1e3
 
 
 def op_times(profile: Path, runs: int) -> dict[str, float]:
