@@ -29,7 +29,7 @@ from blockmarket.models.packcheck import ReferenceMismatch, kernel_fingerprint, 
 from blockmarket.models.providers import ProviderError, qnn_available, qnn_unavailable_reason
 from runtime.housekeeping import lower_priority, touch
 from runtime.inference import InferenceUnit, PackPrecision
-from runtime.planning import PackPlan, PoolError, UnitPlan, model_index, pack_slots
+from runtime.planning import PackPlan, PoolError, UnitPlan, model_groups, pack_slots
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +238,7 @@ class UnitBuilder:
         reference computed by the builder process from the model files (packcheck.references)."""
         on_cpu = "cpu_int8" if unit.pack_weights == "int8" else "cpu"
         tolerance = PACK_TOLERANCE["npu" if "QNN" in unit.provider else on_cpu]
-        index = model_index(unit.row_keys, list(unit.models))
-        order = np.argsort(index, kind="stable")
-        bounds = np.cumsum(np.bincount(index, minlength=len(unit.models)))
-        rows_of = dict(zip(unit.models, np.split(order, bounds[:-1]), strict=True))
+        rows_of = dict(zip(unit.models, model_groups(unit.row_keys, list(unit.models)), strict=True))
         try:
             expected = self._in_builder(
                 references, [(info.onnx_path, states[rows_of[key]]) for key, info in unit.models.items()]

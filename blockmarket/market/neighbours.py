@@ -15,6 +15,7 @@ one target ∝ 1/(1 + distance) per requester, at a cost per draw independent of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -31,10 +32,9 @@ SAMPLER_CELLS_PER_DISTANCE = 2  # the sampler's k: (2k+1)² cells of proposal ma
 DENSE_MAX_AGENTS = 96  # per market, at or below which the dense mask is faster (benchmarks/market_step.py)
 _MAX_CELLS_PER_AXIS = 1 << 20  # keeps the (market, row, column) key far inside int64 for any spread
 _CELL_SLACK = 1.0 + 1e-4  # cells a hair wider than d/k: float32 distance rounding never skips a cell
-_TABLE_CELLS_PER_AGENT, _TABLE_MIN_CELLS = (
-    8,
-    1 << 16,
-)  # up to this many cells, a table of each one's first rank
+# a grid of at most 8 cells per agent (or 65,536 cells) gets a table of each cell's first rank
+_TABLE_CELLS_PER_AGENT = 8
+_TABLE_MIN_CELLS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class _Grid:
     limit2: np.float32
     low: tuple[float, float]  # world corner of cell (0, 0) (the border's corner)
     side: float  # cell side
-    first: IntArray | None  # [cells + 1] first rank of every cell key (None: too many cells for a table)
+    cells: int  # cell keys in all: markets x rows x columns
 
     @classmethod
     def build(
@@ -155,10 +155,6 @@ class _Grid:
         order = np.argsort(key, kind="stable")
         spos = pos[order]
         sorted_keys = key[order]
-        cell_keys = (int(market[-1]) + 1) * rows * columns
-        first = None
-        if cell_keys <= _TABLE_CELLS_PER_AGENT * pos.shape[0] + _TABLE_MIN_CELLS:
-            first = np.searchsorted(sorted_keys, np.arange(cell_keys + 1), side="left")
         return cls(
             order=order,
             keys=sorted_keys,
@@ -173,7 +169,7 @@ class _Grid:
             limit2=np.float32(max_distance) ** 2,
             low=(float(low[0]), float(low[1])),
             side=side,
-            first=first,
+            cells=(int(market[-1]) + 1) * rows * columns,
         )
 
     def starts(self, keys: IntArray) -> IntArray:
@@ -182,6 +178,13 @@ class _Grid:
         if self.first is None:
             return np.searchsorted(self.keys, keys, side="left")
         return self.first[keys]
+
+    @cached_property
+    def first(self) -> IntArray | None:
+        """[cells + 1] first rank of every cell key, made on first use (None: too many cells for a table)."""
+        if self.cells > _TABLE_CELLS_PER_AGENT * self.keys.size + _TABLE_MIN_CELLS:
+            return None
+        return np.searchsorted(self.keys, np.arange(self.cells + 1), side="left")
 
     def runs(self, ranks: IntArray) -> tuple[IntArray, IntArray]:
         """[R, 2k+1] first rank and length of the run of ranks in each nearby row of requesters ``ranks``."""

@@ -49,7 +49,8 @@ def race_costs(rng: np.random.Generator, squared_distance: FloatArray) -> FloatA
 
 
 Choice = Literal["auto", "sample", "enumerate", "grid", "dense"]
-ENUMERATE_MAX_SCANNED = 80.0  # nearby agents per requester up to which enumerating is cheaper (62 / 93)
+# nearby agents per requester up to which enumerating is cheaper (measured: 62 yes, 93 no; docs/market.md)
+ENUMERATE_MAX_SCANNED = 80.0
 SAMPLE_ROUNDS = 4  # rounds of proposals per requester before it falls back to enumerating its pairs
 SAMPLE_PER_ROUND = 8  # proposals per requester per round (each kept one is an exact 1/(1+d) draw)
 
